@@ -1,0 +1,234 @@
+"""featsync.toml (+ environment) -> one frozen Settings, checked key by key.
+
+Relative paths resolve against the config file's folder, so a unit file or a cron
+line can point at a config from anywhere. Unknown keys are errors: a typo must not
+silently fall back to a default. Every error names the key and the bad value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+from featsync.errors import ConfigError
+
+DEFAULT_CONFIG = "featsync.toml"
+ENV_CONFIG = "FEATSYNC_CONFIG"
+
+
+@dataclass(frozen=True, slots=True)
+class SyncSettings:
+    folder: str
+    extensions: tuple[str, ...]
+    ignore: tuple[str, ...]
+    id_prefix: str
+    concurrency: int
+    follow_symlinks: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerSettings:
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class ContextSettings:
+    kind: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class SafetySettings:
+    max_delete_fraction: float
+    max_delete_count: int
+    marker: str
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    format: str
+    level: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    config_path: str
+    sync: SyncSettings
+    ledger: LedgerSettings
+    context: ContextSettings
+    safety: SafetySettings
+    log: LogSettings
+
+
+# -- value checks: each returns the clean value or raises ValueError(reason) -------------
+
+Check = Callable[[Any], Any]
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError("must be a string")
+    return v
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("must be true or false")
+    return v
+
+
+def _int_range(lo: int, hi: int) -> Check:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ValueError(f"must be a whole number from {lo} to {hi}")
+        return v
+
+    return check
+
+
+def _fraction(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= v <= 1.0:
+        raise ValueError("must be a number from 0 to 1")
+    if math.isnan(v):
+        raise ValueError("must be a number from 0 to 1")
+    return float(v)
+
+
+def _choice(*options: str) -> Check:
+    def check(v: Any) -> str:
+        if v not in options:
+            raise ValueError("must be one of " + ", ".join(repr(o) for o in options))
+        return str(v)
+
+    return check
+
+
+def _str_list(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        raise ValueError("must be a list of non-empty strings")
+    return tuple(v)
+
+
+def _extensions(v: Any) -> tuple[str, ...]:
+    items = _str_list(v)
+    if not items:
+        raise ValueError("must name at least one extension")
+    return tuple(x.lower().lstrip(".") for x in items)
+
+
+def _non_empty(v: Any) -> str:
+    s = _str(v)
+    if not s.strip():
+        raise ValueError("must not be empty")
+    return s
+
+
+def _marker(v: Any) -> str:
+    s = _str(v)
+    if s and (os.path.isabs(s) or ".." in s.split("/")):
+        raise ValueError("must be a file name relative to the folder root")
+    return s
+
+
+SCHEMA: dict[str, dict[str, tuple[Check, Any]]] = {
+    "sync": {
+        "folder": (_non_empty, "images"),
+        "extensions": (_extensions, ["jpg", "jpeg", "png", "gif", "bmp", "tif", "tiff", "webp"]),
+        "ignore": (_str_list, [".*", "*.tmp", "*~"]),
+        "id_prefix": (_str, ""),
+        "concurrency": (_int_range(1, 64), 4),
+        "follow_symlinks": (_bool, False),
+    },
+    "ledger": {"url": (_non_empty, "sqlite:///featsync-ledger.db")},
+    "context": {
+        "kind": (_choice("local"), "local"),
+        "path": (_non_empty, "featsync-context.db"),
+    },
+    "safety": {
+        "max_delete_fraction": (_fraction, 0.5),
+        "max_delete_count": (_int_range(0, 10**9), 10_000),
+        "marker": (_marker, ""),
+    },
+    "log": {
+        "format": (_choice("auto", "json", "console"), "auto"),
+        "level": (_choice("debug", "info", "warning", "error"), "info"),
+    },
+}
+
+
+def resolve_url(url: str, base_dir: str) -> str:
+    """Make a relative SQLite file path absolute against `base_dir` (the config's folder)."""
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
+        if not os.path.isabs(u.database) and not u.database.startswith("file:"):
+            u = u.set(database=os.path.join(base_dir, u.database))
+    return u.render_as_string(hide_password=False)
+
+
+def config_path(cli_value: str | None, environ: Mapping[str, str] = os.environ) -> str:
+    """--config, else $FEATSYNC_CONFIG, else ./featsync.toml."""
+    return cli_value or environ.get(ENV_CONFIG) or DEFAULT_CONFIG
+
+
+def load(path: str) -> Settings:
+    """Read and check a config file; raise ConfigError naming the key and value."""
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("config", path, "file not found") from None
+    except OSError as exc:
+        raise ConfigError("config", path, f"cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", path, f"not valid TOML: {exc}") from None
+    return parse(raw, os.path.dirname(os.path.abspath(path)), os.path.abspath(path))
+
+
+def parse(raw: Mapping[str, Any], base_dir: str, source: str = "<memory>") -> Settings:
+    """Check a parsed TOML document against SCHEMA."""
+    for section in raw:
+        if section not in SCHEMA:
+            raise ConfigError(section, raw[section], "unknown section; known: " + ", ".join(SCHEMA))
+    values: dict[str, dict[str, Any]] = {}
+    for section, keys in SCHEMA.items():
+        given = raw.get(section, {})
+        if not isinstance(given, dict):
+            raise ConfigError(section, given, "must be a table")
+        for key in given:
+            if key not in keys:
+                raise ConfigError(
+                    f"{section}.{key}", given[key], "unknown key; known: " + ", ".join(keys)
+                )
+        out: dict[str, Any] = {}
+        for key, (check, default) in keys.items():
+            value = given.get(key, default)
+            try:
+                out[key] = check(value)
+            except ValueError as exc:
+                raise ConfigError(f"{section}.{key}", value, str(exc)) from None
+        values[section] = out
+
+    def here(p: str) -> str:
+        return os.path.normpath(os.path.join(base_dir, os.path.expanduser(p)))
+
+    sync = values["sync"]
+    sync["folder"] = here(sync["folder"])
+    try:
+        ledger_url = resolve_url(values["ledger"]["url"], base_dir)
+    except Exception as exc:  # SQLAlchemy raises ArgumentError and friends for a bad URL
+        raise ConfigError("ledger.url", values["ledger"]["url"], f"not a database URL: {exc}") from None
+    values["context"]["path"] = here(values["context"]["path"])
+    return Settings(
+        config_path=source,
+        sync=SyncSettings(**sync),
+        ledger=LedgerSettings(url=ledger_url),
+        context=ContextSettings(**values["context"]),
+        safety=SafetySettings(**values["safety"]),
+        log=LogSettings(**values["log"]),
+    )

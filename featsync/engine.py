@@ -1,0 +1,151 @@
+"""One cycle: scan -> plan -> apply -> record -> one summary line.
+
+Every trigger goes through here: ``featsync reconcile``, its ``--dry-run`` (which
+stops after the plan), and later the daemon. A lock makes sure cycles never overlap.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from featsync.apply import ApplyResult, apply_plan
+from featsync.config import Settings
+from featsync.errors import Fatal
+from featsync.ledger import SqlLedger
+from featsync.model import Kind, Plan, Policy, RootState, SearchContext, Snapshot
+from featsync.plan import plan
+from featsync.scan import ScanRules, scan
+
+
+@dataclass(frozen=True, slots=True)
+class CycleReport:
+    snapshot: Snapshot
+    plan: Plan
+    applied: ApplyResult | None  # None for a dry run
+    duration_ms: float
+
+    @property
+    def in_step(self) -> bool:
+        """Everything in the folder is in the context and nothing is held back."""
+        p = self.plan
+        if p.withheld or p.waiting or p.unreadable or p.unsettled or not self.snapshot.complete:
+            return False
+        if self.applied is None:
+            return p.empty
+        return not (self.applied.failed or self.applied.deferred or self.applied.fatal)
+
+
+def scan_rules(settings: Settings) -> ScanRules:
+    s = settings.sync
+    return ScanRules(
+        root=s.folder,
+        extensions=frozenset(s.extensions),
+        ignore=s.ignore,
+        id_prefix=s.id_prefix,
+        follow_symlinks=s.follow_symlinks,
+        marker=settings.safety.marker,
+    )
+
+
+def open_context(settings: Settings) -> SearchContext:
+    if settings.context.kind == "local":
+        from featsync.localcontext import LocalContext
+
+        return LocalContext(settings.context.path)
+    raise Fatal(f"context kind {settings.context.kind!r} is not supported")
+
+
+class Engine:
+    """Runs cycles for one configuration, one at a time."""
+
+    def __init__(self, settings: Settings, ledger: SqlLedger, context: SearchContext,
+                 log: Any) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.context = context
+        self.log = log
+        self.lock = threading.Lock()
+
+    def policy(self, confirm_deletes: bool = False) -> Policy:
+        s = self.settings.safety
+        return Policy(
+            max_delete_count=s.max_delete_count,
+            max_delete_fraction=s.max_delete_fraction,
+            marker=s.marker,
+            expected_device=self.ledger.device(),
+            confirm_deletes=confirm_deletes,
+        )
+
+    def cycle(self, *, dry_run: bool = False, confirm_deletes: bool = False) -> CycleReport:
+        with self.lock:
+            return self._cycle(dry_run, confirm_deletes)
+
+    def _cycle(self, dry_run: bool, confirm_deletes: bool) -> CycleReport:
+        started_wall = time.time()
+        started = time.perf_counter()
+        log = self.log
+        rows = self.ledger.load()
+        snapshot = scan(scan_rules(self.settings), rows, log.warning)
+        policy = self.policy(confirm_deletes)
+        p = plan(snapshot, rows, policy, started_wall)
+        if snapshot.root_state is not RootState.OK:
+            log.error("folder_unavailable", folder=snapshot.root, state=snapshot.root_state.value)
+        if p.withheld:
+            log.warning("deletes_withheld", count=len(p.withheld), reason=p.withheld_reason)
+        if dry_run:
+            return CycleReport(snapshot, p, None, _ms(started))
+
+        if snapshot.root_state is RootState.OK and snapshot.device is not None and (
+            policy.expected_device is None or confirm_deletes
+        ):
+            # First sight of the root (or an operator confirming a new mount): remember
+            # its device, so an unmounted folder is recognised later.
+            if policy.expected_device != snapshot.device:
+                self.ledger.set_device(snapshot.device)
+        applied = apply_plan(
+            p, snapshot.root, self.context, self.ledger, policy,
+            self.settings.sync.concurrency, log,
+        )
+        report = CycleReport(snapshot, p, applied, _ms(started))
+        counts = {
+            "added": applied.added,
+            "updated": applied.updated,
+            "deleted": applied.deleted,
+            "unchanged": p.unchanged,
+            "failed": applied.failed + len(p.waiting),
+            "withheld_deletes": len(p.withheld),
+        }
+        self.ledger.record_cycle(
+            started_at=started_wall, finished_at=time.time(), complete=snapshot.complete,
+            duration_ms=report.duration_ms, **counts,
+        )
+        log.info(
+            "cycle_finished", **counts, deferred=applied.deferred, complete=snapshot.complete,
+            duration_ms=report.duration_ms,
+        )
+        if applied.fatal is not None:
+            raise applied.fatal
+        return report
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)
+
+
+def describe(p: Plan) -> list[str]:
+    """The plan as lines a person reads (what --dry-run prints)."""
+    lines = [f"{a.kind.value:<7} {a.image_id}" for a in p.actions]
+    lines += [f"forget  {i}" for i in p.forget]
+    lines += [f"withheld delete {a.image_id}" for a in p.withheld]
+    lines += [f"waiting {i}" for i in p.waiting]
+    lines += [f"unreadable {i}: {why}" for i, why in p.unreadable]
+    summary = (
+        f"plan: {p.count(Kind.ADD)} add, {p.count(Kind.UPDATE)} update, "
+        f"{p.count(Kind.DELETE)} delete, {p.unchanged} unchanged, {len(p.withheld)} withheld"
+    )
+    if p.withheld_reason:
+        summary += f" ({p.withheld_reason})"
+    return [*lines, summary]

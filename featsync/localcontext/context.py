@@ -1,0 +1,181 @@
+"""LocalContext: the embedded search context over its own SQLite store.
+
+Implements the ``SearchContext`` port with the Aspose semantics featsync relies on:
+add refuses an ID that is there (``AlreadyExists``), update and delete refuse one that
+is not (``NotFound``), an image that cannot be decoded is ``ItemRejected``. Feature
+extraction runs outside the store's lock, so a worker pool extracts in parallel.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from featsync.errors import AlreadyExists, Fatal, ItemRejected, NotFound
+from featsync.localcontext import features, matching
+from featsync.model import ImageFeatures, SearchResult
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS features (
+    image_id TEXT PRIMARY KEY,
+    count INTEGER NOT NULL,
+    descriptors BLOB NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+SCHEMA_VERSION = 1
+
+
+class LocalContext:
+    """An embedded search context stored in one SQLite file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        try:
+            parent = os.path.dirname(os.path.abspath(path))
+            os.makedirs(parent, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA busy_timeout = 10000")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None:
+                self._db.execute(
+                    "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                )
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise Fatal(
+                    f"search context store {path!r} has schema version {row[0]}, newer than "
+                    f"this featsync understands ({SCHEMA_VERSION})"
+                )
+        except (sqlite3.Error, OSError) as exc:
+            raise Fatal(f"cannot open search context store {path!r}: {exc}") from exc
+        # Descriptors of every entry, loaded on the first search and kept in step after.
+        self._cache: dict[str, matching.Descriptors] | None = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- features by image ID -------------------------------------------------
+
+    def _exists(self, image_id: str) -> bool:
+        return (
+            self._db.execute("SELECT 1 FROM features WHERE image_id = ?", (image_id,)).fetchone()
+            is not None
+        )
+
+    def _store(self, image_id: str, desc: matching.Descriptors, must_exist: bool) -> int:
+        with self._lock:
+            try:
+                exists = self._exists(image_id)
+                if must_exist and not exists:
+                    raise NotFound(f"features for image {image_id!r} not found")
+                if not must_exist and exists:
+                    raise AlreadyExists(f"features for image {image_id!r} already exist")
+                self._db.execute(
+                    "INSERT OR REPLACE INTO features VALUES (?, ?, ?, ?)",
+                    (image_id, len(desc), desc.tobytes(), time.time()),
+                )
+            except sqlite3.Error as exc:
+                raise Fatal(f"search context store {self.path!r}: {exc}") from exc
+            if self._cache is not None:
+                self._cache[image_id] = desc
+        return len(desc)
+
+    def add_features(self, image_id: str, image: bytes) -> int:
+        _check_id(image_id)
+        return self._store(image_id, features.extract(image, image_id), must_exist=False)
+
+    def update_features(self, image_id: str, image: bytes) -> int:
+        _check_id(image_id)
+        return self._store(image_id, features.extract(image, image_id), must_exist=True)
+
+    def delete_features(self, image_id: str) -> None:
+        with self._lock:
+            try:
+                gone = self._db.execute("DELETE FROM features WHERE image_id = ?", (image_id,))
+            except sqlite3.Error as exc:
+                raise Fatal(f"search context store {self.path!r}: {exc}") from exc
+            if self._cache is not None:
+                self._cache.pop(image_id, None)
+        if gone.rowcount == 0:
+            raise NotFound(f"features for image {image_id!r} not found")
+
+    def get_features(self, image_id: str) -> ImageFeatures:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT count, descriptors FROM features WHERE image_id = ?", (image_id,)
+            ).fetchone()
+        if row is None:
+            raise NotFound(f"features for image {image_id!r} not found")
+        return ImageFeatures(image_id, int(row[0]), features.FEATURE_LENGTH_BITS, bytes(row[1]))
+
+    def image_ids(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT image_id FROM features ORDER BY 1")]
+
+    # -- searches -------------------------------------------------------------
+
+    def _entries(self) -> dict[str, matching.Descriptors]:
+        with self._lock:
+            if self._cache is None:
+                cache: dict[str, matching.Descriptors] = {}
+                for image_id, blob in self._db.execute("SELECT image_id, descriptors FROM features"):
+                    cache[image_id] = _descriptors(blob)
+                self._cache = cache
+            return dict(self._cache)
+
+    def find_similar(
+        self,
+        *,
+        image: bytes | None = None,
+        image_id: str | None = None,
+        threshold: float,
+        max_count: int,
+    ) -> list[SearchResult]:
+        entries = self._entries()
+        if image is not None:
+            query = features.extract(image, image_id or "<uploaded image>")
+        elif image_id is not None:
+            if image_id not in entries:
+                raise NotFound(f"features for image {image_id!r} not found")
+            query = entries[image_id]
+        else:
+            raise ItemRejected("find_similar needs an image or an image ID")
+        hits = matching.rank(query, entries, threshold, max_count)
+        return [SearchResult(i, s) for i, s in hits]
+
+    def find_duplicates(self, threshold: float) -> list[list[SearchResult]]:
+        groups = matching.duplicate_groups(self._entries(), threshold)
+        return [[SearchResult(i, s) for i, s in g] for g in groups]
+
+    def compare(self, image_id: str, other: str | None = None, image: bytes | None = None) -> float:
+        """Similarity of a stored image to another stored one or to uploaded bytes."""
+        entries = self._entries()
+        if image_id not in entries:
+            raise NotFound(f"features for image {image_id!r} not found")
+        if other is not None:
+            if other not in entries:
+                raise NotFound(f"features for image {other!r} not found")
+            return matching.similarity(entries[image_id], entries[other])
+        if image is None:
+            raise ItemRejected("compare needs a second image ID or image data")
+        return matching.similarity(entries[image_id], features.extract(image, "<uploaded image>"))
+
+
+def _descriptors(blob: Any) -> matching.Descriptors:
+    return np.frombuffer(bytes(blob), dtype=np.uint8).reshape(-1, features.DESCRIPTOR_BYTES)
+
+
+def _check_id(image_id: str) -> None:
+    if not image_id:
+        raise ItemRejected("an image ID must not be empty")

@@ -1,0 +1,222 @@
+"""Values that travel between the pieces, and the ports the adapters implement.
+
+Per-image values (``LocalFile``, ``LedgerRow``, ``Action``) are NamedTuples rather
+than frozen dataclasses: a rescan builds one per image, and at 100,000 images a
+frozen dataclass's ``object.__setattr__``-per-field constructor costs several times
+more than a tuple. They are just as immutable. Values made once per cycle are frozen
+slotted dataclasses.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+
+class State(enum.StrEnum):
+    """Where an image ID stands in the ledger."""
+
+    SYNCED = "synced"  # the context holds features of the file's current content
+    FAILED = "failed"  # the last attempt failed; see last_error and next_attempt_at
+    DELETED = "deleted"  # the file is gone and the context no longer holds its features
+
+
+class Kind(enum.StrEnum):
+    """What an action does to the search context."""
+
+    ADD = "add"
+    UPDATE = "update"
+    DELETE = "delete"
+    FORGET = "forget"  # drop ledger knowledge of an image the context never held
+
+
+class LocalFile(NamedTuple):
+    """One image file as the scanner saw it."""
+
+    image_id: str
+    relpath: str  # relative to the root, as the OS names it (may be NFD; the ID is NFC)
+    size: int
+    mtime_ns: int  # 0 when the file was modified too recently to trust (see scan)
+    inode: int
+    digest: str | None  # None: (size, mtime_ns, inode) equal the ledger's, content not read
+
+
+class LedgerRow(NamedTuple):
+    """What the ledger remembers of one image ID (the columns the planner needs)."""
+
+    image_id: str
+    size: int
+    mtime_ns: int
+    inode: int
+    digest: str
+    version: int
+    state: str
+    remote: bool  # the context acknowledged holding features for this ID
+    attempts: int
+    next_attempt_at: float | None
+
+
+class Action(NamedTuple):
+    """One change to make: the file for add/update, the ledger version it starts from."""
+
+    kind: Kind
+    image_id: str
+    file: LocalFile | None
+    version: int
+    attempts: int = 0  # failed tries so far (sets the wait after another failure)
+
+
+class RootState(enum.StrEnum):
+    OK = "ok"
+    MISSING = "missing"
+    NOT_A_DIRECTORY = "not_a_directory"
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The folder as one scan saw it."""
+
+    root: str
+    root_state: RootState
+    device: int | None
+    marker_present: bool
+    files: Mapping[str, LocalFile]
+    # Files that exist but could not be judged this time: they are neither synced nor deleted.
+    unsettled: frozenset[str] = frozenset()  # changed while being read
+    unreadable: Mapping[str, str] = field(default_factory=dict)  # image ID -> reason
+    problems: tuple[str, ...] = ()  # what made the scan incomplete
+
+    @property
+    def complete(self) -> bool:
+        return self.root_state is RootState.OK and not self.problems
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The rules a plan follows, and the one piece of remembered state it checks."""
+
+    max_delete_count: int = 10_000
+    max_delete_fraction: float = 0.5
+    marker: str = ""
+    expected_device: int | None = None  # the root's st_dev recorded in the ledger
+    confirm_deletes: bool = False  # an operator confirmed deletes over the limits
+    retry_base_s: float = 30.0
+    retry_factor: float = 5.0
+    retry_cap_s: float = 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What one cycle will do, and what it holds back and why."""
+
+    actions: tuple[Action, ...] = ()  # adds and updates first, then deletes
+    forget: tuple[str, ...] = ()
+    restat: tuple[LocalFile, ...] = ()  # content unchanged, stat changed: refresh the ledger
+    withheld: tuple[Action, ...] = ()
+    withheld_reason: str | None = None
+    unchanged: int = 0
+    waiting: tuple[str, ...] = ()  # failed images whose next try is not due yet
+    unreadable: tuple[tuple[str, str], ...] = ()
+    unsettled: tuple[str, ...] = ()
+
+    def count(self, kind: Kind) -> int:
+        return sum(1 for a in self.actions if a.kind is kind)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.actions or self.forget or self.restat or self.unreadable)
+
+
+class Outcome(NamedTuple):
+    """The result of one action, as apply records it."""
+
+    action: Action
+    done: Kind | None  # what actually happened (an add may become an update); None = failed
+    digest: str | None
+    size: int
+    mtime_ns: int
+    inode: int
+    features_count: int | None
+    error: str | None
+    error_kind: str | None  # "rejected" | "transient" | "fatal"
+    duration_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class ImageFeatures:
+    """A features record in the shape Aspose's GET .../features answers."""
+
+    image_id: str
+    features_count: int
+    feature_length_in_bits: int
+    features: bytes
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "imageId": self.image_id,
+            "featuresCount": self.features_count,
+            "featureLengthInBits": self.feature_length_in_bits,
+            "features": base64.b64encode(self.features).decode("ascii"),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    image_id: str
+    similarity: float  # percent, 0-100
+
+    def as_json(self) -> dict[str, object]:
+        return {"imageId": self.image_id, "similarity": self.similarity}
+
+
+class SearchContext(Protocol):
+    """A search context: the embedded one, or Aspose's over HTTP.
+
+    Errors: ``AlreadyExists`` / ``NotFound`` for surprises the caller can act on,
+    ``ItemRejected`` for an image the context will not take, ``Transient`` and
+    ``Fatal`` as their names say.
+    """
+
+    def add_features(self, image_id: str, image: bytes) -> int | None:
+        """Extract and store features; returns the features count when known."""
+
+    def update_features(self, image_id: str, image: bytes) -> int | None:
+        """Replace the stored features of an existing image ID."""
+
+    def delete_features(self, image_id: str) -> None: ...
+
+    def get_features(self, image_id: str) -> ImageFeatures: ...
+
+    def find_similar(
+        self,
+        *,
+        image: bytes | None = None,
+        image_id: str | None = None,
+        threshold: float,
+        max_count: int,
+    ) -> list[SearchResult]: ...
+
+    def find_duplicates(self, threshold: float) -> list[list[SearchResult]]: ...
+
+    def close(self) -> None: ...
+
+
+class Ledger(Protocol):
+    """The store of what the context has acknowledged, image by image."""
+
+    def load(self) -> dict[str, LedgerRow]: ...
+
+    def device(self) -> int | None: ...
+
+    def set_device(self, device: int) -> None: ...
+
+    def record(self, outcome: Outcome, now: float, next_attempt_at: float | None) -> None: ...
+
+    def record_restat(self, files: Sequence[LocalFile], now: float) -> None: ...
+
+    def record_unreadable(self, problems: Sequence[tuple[str, str]], now: float) -> None: ...
+
+    def forget(self, image_ids: Sequence[str], now: float) -> None: ...

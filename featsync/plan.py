@@ -1,0 +1,152 @@
+"""The planner: a pure function from (snapshot, ledger rows, policy, now) to a Plan.
+
+It sorts every image ID into rclone's three piles — only in the folder (add), only
+in the ledger (delete), in both (maybe update) — and then applies the delete guard
+to the whole plan before anything is sent. No disk, clock or network here: time is a
+parameter, so every rule can be tested with plain values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from featsync.model import Action, Kind, LedgerRow, LocalFile, Plan, Policy, RootState, Snapshot, State
+
+
+def retry_delay(attempts: int, policy: Policy) -> float:
+    """Seconds to wait before the next try of an image that failed `attempts` times."""
+    if attempts <= 0:
+        return 0.0
+    # The exponent is capped first so that huge attempt counts cannot overflow a float.
+    return min(policy.retry_cap_s, policy.retry_base_s * policy.retry_factor ** min(attempts - 1, 64))
+
+
+def is_due(row: LedgerRow, now: float) -> bool:
+    return row.next_attempt_at is None or now >= row.next_attempt_at
+
+
+def plan(
+    snapshot: Snapshot, rows: Mapping[str, LedgerRow], policy: Policy, now: float
+) -> Plan:
+    """Decide what to send so that the context matches the snapshot."""
+    sends: list[Action] = []
+    restat: list[LocalFile] = []
+    waiting: list[str] = []
+    unchanged = 0
+    for image_id, f in snapshot.files.items():
+        row = rows.get(image_id)
+        if row is None or row.state == State.DELETED:
+            sends.append(Action(Kind.ADD, image_id, f, row.version if row else 0))  # fresh start
+            continue
+        same = f.digest is None or f.digest == row.digest
+        if same and f.digest is not None:
+            restat.append(f)
+        if row.state == State.SYNCED and same:
+            unchanged += 1
+        elif same and not is_due(row, now):
+            waiting.append(image_id)
+        else:
+            kind = Kind.UPDATE if row.remote else Kind.ADD
+            sends.append(Action(kind, image_id, f, row.version, row.attempts))
+
+    deletes: list[Action] = []
+    forget: list[str] = []
+    for image_id, row in rows.items():
+        if row.state == State.DELETED or image_id in snapshot.files:
+            continue
+        if image_id in snapshot.unsettled or image_id in snapshot.unreadable:
+            continue  # it exists; we just could not judge it this time
+        if not row.remote:
+            forget.append(image_id)
+        elif row.state == State.FAILED and not is_due(row, now):
+            waiting.append(image_id)
+        else:
+            deletes.append(Action(Kind.DELETE, image_id, None, row.version, row.attempts))
+
+    sends.sort(key=lambda a: a.image_id)
+    deletes.sort(key=lambda a: a.image_id)
+    forget.sort()
+    doubtful = doubt(snapshot, policy)
+    reason = doubtful
+    if reason is None and deletes and not policy.confirm_deletes:
+        reason = over_limits(deletes, sends, rows, policy)
+    withheld: tuple[Action, ...] = ()
+    if reason is not None:
+        withheld, deletes = tuple(deletes), []
+    if doubtful is not None:
+        forget = []  # keep the failure records until the folder can be trusted again
+    return Plan(
+        actions=(*sends, *deletes),
+        forget=tuple(forget),
+        restat=tuple(restat),
+        withheld=withheld,
+        withheld_reason=reason if withheld else None,
+        unchanged=unchanged,
+        waiting=tuple(sorted(waiting)),
+        unreadable=tuple(sorted(snapshot.unreadable.items())),
+        unsettled=tuple(sorted(snapshot.unsettled)),
+    )
+
+
+def doubt(snapshot: Snapshot, policy: Policy) -> str | None:
+    """Why the snapshot is no evidence that anything is gone, or None if it is."""
+    if snapshot.root_state is RootState.MISSING:
+        return f"folder {snapshot.root!r} is missing"
+    if snapshot.root_state is RootState.NOT_A_DIRECTORY:
+        return f"folder {snapshot.root!r} is not a directory"
+    if policy.expected_device is not None and snapshot.device != policy.expected_device:
+        return (
+            f"folder {snapshot.root!r} is on device {snapshot.device}, not the recorded "
+            f"{policy.expected_device} (not mounted?)"
+        )
+    if policy.marker and not snapshot.marker_present:
+        return f"marker file {policy.marker!r} is missing from {snapshot.root!r}"
+    if snapshot.problems:
+        return f"scan incomplete: {len(snapshot.problems)} problem(s), first: {snapshot.problems[0]}"
+    return None
+
+
+def over_limits(
+    deletes: list[Action], sends: list[Action], rows: Mapping[str, LedgerRow], policy: Policy
+) -> str | None:
+    """Check the whole plan's deletes against the limits, before the first one is sent.
+
+    A delete whose content reappears under a new ID in the same plan is a move, not a
+    loss, and does not count: renaming a large folder is not a reason to stop.
+    """
+    added = {a.file.digest for a in sends if a.file is not None and a.file.digest is not None}
+    added |= {rows[a.image_id].digest for a in sends if a.image_id in rows}
+    lost = sum(1 for a in deletes if rows[a.image_id].digest not in added)
+    if lost > policy.max_delete_count:
+        return f"{lost} deletes exceed safety.max_delete_count = {policy.max_delete_count}"
+    held = sum(1 for r in rows.values() if r.remote)
+    if held and lost / held > policy.max_delete_fraction:
+        return (
+            f"{lost} deletes of {held} images ({lost / held:.0%}) exceed "
+            f"safety.max_delete_fraction = {policy.max_delete_fraction}"
+        )
+    return None
+
+
+def assume_applied(rows: Mapping[str, LedgerRow], p: Plan, now: float) -> dict[str, LedgerRow]:
+    """The ledger as it would be if every action in `p` succeeded (apply's model)."""
+    out = dict(rows)
+    for f in p.restat:
+        out[f.image_id] = out[f.image_id]._replace(size=f.size, mtime_ns=f.mtime_ns, inode=f.inode)
+    for image_id in p.forget:
+        out[image_id] = out[image_id]._replace(state=State.DELETED)
+    for a in p.actions:
+        if a.kind is Kind.DELETE:
+            out[a.image_id] = out[a.image_id]._replace(
+                state=State.DELETED, remote=False, version=a.version + 1, attempts=0,
+                next_attempt_at=None,
+            )
+            continue
+        f = a.file
+        assert f is not None
+        digest = f.digest if f.digest is not None else rows[a.image_id].digest
+        out[a.image_id] = LedgerRow(
+            a.image_id, f.size, f.mtime_ns, f.inode, digest, a.version + 1,
+            State.SYNCED, True, 0, None,
+        )
+    return out
