@@ -9,6 +9,7 @@ the calls in flight finish and is raised once they are recorded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -44,17 +45,19 @@ def _send(action: Action, root: str, ctx: SearchContext, racy_cutoff_ns: int) ->
     digest: str | None = None
     size = mtime = inode = 0
 
-    def result(done: Kind | None, count: int | None = None, error: str | None = None,
-               kind: str | None = None) -> Outcome:
+    def result(
+        done: Kind | None,
+        count: int | None = None,
+        error: str | None = None,
+        kind: str | None = None,
+    ) -> Outcome:
         ms = round((time.perf_counter() - started) * 1000, 1)
         return Outcome(action, done, digest, size, mtime, inode, count, error, kind, ms)
 
     try:
         if action.kind is Kind.DELETE:
-            try:
+            with contextlib.suppress(NotFound):  # not there: the goal is reached
                 ctx.delete_features(action.image_id)
-            except NotFound:
-                pass  # not there: the goal is reached
             return result(Kind.DELETE)
         assert action.file is not None
         try:
@@ -111,8 +114,19 @@ def apply_plan(
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="featsync-apply") as pool:
         for phase in (sends, deletes):
             if res.fatal is None:
-                _run_phase(phase, pool, concurrency, root, ctx, ledger, policy, log, clock,
-                           racy_cutoff_ns, res)
+                _run_phase(
+                    phase,
+                    pool,
+                    concurrency,
+                    root,
+                    ctx,
+                    ledger,
+                    policy,
+                    log,
+                    clock,
+                    racy_cutoff_ns,
+                    res,
+                )
     return res
 
 
@@ -166,8 +180,13 @@ def _record(
         res.failed += 1
         res.failures.append((a.image_id, out.error or ""))
         log.warning(
-            "image_failed", image_id=a.image_id, action=a.kind.value, version=a.version,
-            error=out.error, error_kind=out.error_kind, duration_ms=out.duration_ms,
+            "image_failed",
+            image_id=a.image_id,
+            action=a.kind.value,
+            version=a.version,
+            error=out.error,
+            error_kind=out.error_kind,
+            duration_ms=out.duration_ms,
         )
         if out.error_kind == "fatal" and res.fatal is None:
             res.fatal = Fatal(out.error or "fatal error")
@@ -180,7 +199,9 @@ def _record(
     else:
         res.deleted += 1
     log.info(
-        _EVENTS[out.done], image_id=a.image_id, version=a.version + 1,
-        features_count=out.features_count, duration_ms=out.duration_ms,
+        _EVENTS[out.done],
+        image_id=a.image_id,
+        version=a.version + 1,
+        features_count=out.features_count,
+        duration_ms=out.duration_ms,
     )
-

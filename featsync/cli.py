@@ -23,11 +23,14 @@ EXIT_OK, EXIT_NOT_IN_STEP, EXIT_FATAL = 0, 1, 2
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--config", metavar="PATH", default=argparse.SUPPRESS,
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
         help="config file (default: $FEATSYNC_CONFIG, else ./featsync.toml)",
     )
     parser = argparse.ArgumentParser(
-        prog="featsync", parents=[common],
+        prog="featsync",
+        parents=[common],
         description="Keep a reverse-image-search context in step with a folder of images.",
     )
     parser.add_argument("--version", action="version", version=f"featsync {__version__}")
@@ -35,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     rec = sub.add_parser("reconcile", parents=[common], help="run one sync cycle and exit")
     rec.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     rec.add_argument(
-        "--confirm-deletes", action="store_true",
+        "--confirm-deletes",
+        action="store_true",
         help="send deletes even past safety.max_delete_count / max_delete_fraction, "
         "and adopt the folder's current device as the expected one",
     )
@@ -109,8 +113,10 @@ def _when(ts: float | None) -> str:
 
 def _status_lines(data: dict[str, Any]) -> list[str]:
     counts = data["counts"]
-    lines = [f"folder: {data['folder']}",
-             "images: " + ", ".join(f"{n} {state}" for state, n in counts.items())]
+    lines = [
+        f"folder: {data['folder']}",
+        "images: " + ", ".join(f"{n} {state}" for state, n in counts.items()),
+    ]
     c = data["last_cycle"]
     if c is None:
         lines.append("last cycle: never")

@@ -165,9 +165,9 @@ SCHEMA: dict[str, dict[str, tuple[Check, Any]]] = {
 def resolve_url(url: str, base_dir: str) -> str:
     """Make a relative SQLite file path absolute against `base_dir` (the config's folder)."""
     u = make_url(url)
-    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
-        if not os.path.isabs(u.database) and not u.database.startswith("file:"):
-            u = u.set(database=os.path.join(base_dir, u.database))
+    db = u.database
+    if u.get_backend_name() == "sqlite" and db and db != ":memory:" and not os.path.isabs(db):
+        u = u.set(database=os.path.join(base_dir, db))
     return u.render_as_string(hide_password=False)
 
 
@@ -222,7 +222,8 @@ def parse(raw: Mapping[str, Any], base_dir: str, source: str = "<memory>") -> Se
     try:
         ledger_url = resolve_url(values["ledger"]["url"], base_dir)
     except Exception as exc:  # SQLAlchemy raises ArgumentError and friends for a bad URL
-        raise ConfigError("ledger.url", values["ledger"]["url"], f"not a database URL: {exc}") from None
+        url = values["ledger"]["url"]
+        raise ConfigError("ledger.url", url, f"not a database URL: {exc}") from None
     values["context"]["path"] = here(values["context"]["path"])
     return Settings(
         config_path=source,

@@ -61,8 +61,9 @@ def open_context(settings: Settings) -> SearchContext:
 class Engine:
     """Runs cycles for one configuration, one at a time."""
 
-    def __init__(self, settings: Settings, ledger: SqlLedger, context: SearchContext,
-                 log: Any) -> None:
+    def __init__(
+        self, settings: Settings, ledger: SqlLedger, context: SearchContext, log: Any
+    ) -> None:
         self.settings = settings
         self.ledger = ledger
         self.context = context
@@ -98,16 +99,23 @@ class Engine:
         if dry_run:
             return CycleReport(snapshot, p, None, _ms(started))
 
-        if snapshot.root_state is RootState.OK and snapshot.device is not None and (
-            policy.expected_device is None or confirm_deletes
+        # First sight of the root (or an operator confirming a new mount): remember its
+        # device, so that an unmounted folder is recognised later.
+        if (
+            snapshot.root_state is RootState.OK
+            and snapshot.device is not None
+            and (policy.expected_device is None or confirm_deletes)
+            and policy.expected_device != snapshot.device
         ):
-            # First sight of the root (or an operator confirming a new mount): remember
-            # its device, so an unmounted folder is recognised later.
-            if policy.expected_device != snapshot.device:
-                self.ledger.set_device(snapshot.device)
+            self.ledger.set_device(snapshot.device)
         applied = apply_plan(
-            p, snapshot.root, self.context, self.ledger, policy,
-            self.settings.sync.concurrency, log,
+            p,
+            snapshot.root,
+            self.context,
+            self.ledger,
+            policy,
+            self.settings.sync.concurrency,
+            log,
         )
         report = CycleReport(snapshot, p, applied, _ms(started))
         counts = {
@@ -119,11 +127,17 @@ class Engine:
             "withheld_deletes": len(p.withheld),
         }
         self.ledger.record_cycle(
-            started_at=started_wall, finished_at=time.time(), complete=snapshot.complete,
-            duration_ms=report.duration_ms, **counts,
+            started_at=started_wall,
+            finished_at=time.time(),
+            complete=snapshot.complete,
+            duration_ms=report.duration_ms,
+            **counts,
         )
         log.info(
-            "cycle_finished", **counts, deferred=applied.deferred, complete=snapshot.complete,
+            "cycle_finished",
+            **counts,
+            deferred=applied.deferred,
+            complete=snapshot.complete,
             duration_ms=report.duration_ms,
         )
         if applied.fatal is not None:

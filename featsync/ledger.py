@@ -83,8 +83,15 @@ meta = sa.Table(
 )
 
 _ROW_COLUMNS = (
-    images.c.image_id, images.c.size, images.c.mtime_ns, images.c.inode, images.c.digest,
-    images.c.version, images.c.state, images.c.remote, images.c.attempts,
+    images.c.image_id,
+    images.c.size,
+    images.c.mtime_ns,
+    images.c.inode,
+    images.c.digest,
+    images.c.version,
+    images.c.state,
+    images.c.remote,
+    images.c.attempts,
     images.c.next_attempt_at,
 )
 
@@ -113,14 +120,16 @@ class SqlLedger:
                     sa.select(meta.c.value).where(meta.c.key == "schema_version")
                 ).scalar()
                 if found is None:
-                    conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+                    conn.execute(
+                        meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION))
+                    )
                 elif int(found) > SCHEMA_VERSION:
                     raise Fatal(
                         f"ledger {self._where()} has schema version {found}, newer than this "
                         f"featsync understands ({SCHEMA_VERSION}); upgrade featsync"
                     )
         except sa.exc.SQLAlchemyError as exc:
-            raise Fatal(f"cannot open ledger {self._where()}: {exc.__class__.__name__}: {exc.orig if hasattr(exc, 'orig') else exc}") from exc
+            raise Fatal(f"cannot open ledger {self._where()}: {_reason(exc)}") from exc
 
     def _where(self) -> str:
         return make_url(self.url).render_as_string(hide_password=True)
@@ -131,7 +140,7 @@ class SqlLedger:
             with self.engine.begin() as conn:
                 yield conn
         except sa.exc.SQLAlchemyError as exc:
-            raise Fatal(f"ledger {self._where()}: {exc}") from exc
+            raise Fatal(f"ledger {self._where()}: {_reason(exc)}") from exc
 
     def close(self) -> None:
         self.engine.dispose()
@@ -178,8 +187,12 @@ class SqlLedger:
 
     def failures(self) -> list[dict[str, Any]]:
         cols = (
-            images.c.image_id, images.c.last_error, images.c.error_kind, images.c.attempts,
-            images.c.next_attempt_at, images.c.remote,
+            images.c.image_id,
+            images.c.last_error,
+            images.c.error_kind,
+            images.c.attempts,
+            images.c.next_attempt_at,
+            images.c.remote,
         )
         with self._tx() as conn:
             rows = conn.execute(
@@ -187,24 +200,33 @@ class SqlLedger:
             ).all()
         return [
             {
-                "image_id": r.image_id, "error": r.last_error, "error_kind": r.error_kind,
-                "attempts": r.attempts, "next_attempt_at": r.next_attempt_at,
+                "image_id": r.image_id,
+                "error": r.last_error,
+                "error_kind": r.error_kind,
+                "attempts": r.attempts,
+                "next_attempt_at": r.next_attempt_at,
             }
             for r in rows
         ]
 
     def history_of(self, image_id: str) -> list[dict[str, Any]]:
         with self._tx() as conn:
-            rows = conn.execute(
-                sa.select(history).where(history.c.image_id == image_id).order_by(history.c.id)
-            ).mappings().all()
+            rows = (
+                conn.execute(
+                    sa.select(history).where(history.c.image_id == image_id).order_by(history.c.id)
+                )
+                .mappings()
+                .all()
+            )
         return [dict(r) for r in rows]
 
     def last_cycle(self) -> dict[str, Any] | None:
         with self._tx() as conn:
-            row = conn.execute(
-                sa.select(cycles).order_by(cycles.c.id.desc()).limit(1)
-            ).mappings().first()
+            row = (
+                conn.execute(sa.select(cycles).order_by(cycles.c.id.desc()).limit(1))
+                .mappings()
+                .first()
+            )
         return dict(row) if row is not None else None
 
     # -- writes ----------------------------------------------------------------
@@ -219,25 +241,44 @@ class SqlLedger:
             version = a.version + 1
             if outcome.done is Kind.DELETE:
                 values: dict[str, Any] = {
-                    "state": State.DELETED, "remote": False, "version": version, "attempts": 0,
-                    "next_attempt_at": None, "last_error": None, "error_kind": None,
-                    "features_count": None, "updated_at": now,
+                    "state": State.DELETED,
+                    "remote": False,
+                    "version": version,
+                    "attempts": 0,
+                    "next_attempt_at": None,
+                    "last_error": None,
+                    "error_kind": None,
+                    "features_count": None,
+                    "updated_at": now,
                 }
                 conn.execute(images.update().where(images.c.image_id == a.image_id).values(values))
             else:
                 assert outcome.digest is not None
                 values = {
-                    "size": outcome.size, "mtime_ns": outcome.mtime_ns, "inode": outcome.inode,
-                    "digest": outcome.digest, "version": version, "state": State.SYNCED,
-                    "remote": True, "attempts": 0, "next_attempt_at": None, "last_error": None,
-                    "error_kind": None, "features_count": outcome.features_count,
-                    "updated_at": now, "synced_at": now,
+                    "size": outcome.size,
+                    "mtime_ns": outcome.mtime_ns,
+                    "inode": outcome.inode,
+                    "digest": outcome.digest,
+                    "version": version,
+                    "state": State.SYNCED,
+                    "remote": True,
+                    "attempts": 0,
+                    "next_attempt_at": None,
+                    "last_error": None,
+                    "error_kind": None,
+                    "features_count": outcome.features_count,
+                    "updated_at": now,
+                    "synced_at": now,
                 }
                 self._upsert(conn, a.image_id, values, now)
             conn.execute(
                 history.insert().values(
-                    image_id=a.image_id, version=version, digest=outcome.digest,
-                    action=outcome.done.value, features_count=outcome.features_count, at=now,
+                    image_id=a.image_id,
+                    version=version,
+                    digest=outcome.digest,
+                    action=outcome.done.value,
+                    features_count=outcome.features_count,
+                    at=now,
                 )
             )
 
@@ -246,28 +287,45 @@ class SqlLedger:
     ) -> None:
         a = outcome.action
         values: dict[str, Any] = {
-            "state": State.FAILED, "attempts": images.c.attempts + 1,
-            "next_attempt_at": next_attempt_at, "last_error": outcome.error,
-            "error_kind": outcome.error_kind, "updated_at": now,
+            "state": State.FAILED,
+            "attempts": images.c.attempts + 1,
+            "next_attempt_at": next_attempt_at,
+            "last_error": outcome.error,
+            "error_kind": outcome.error_kind,
+            "updated_at": now,
         }
         if outcome.digest is not None:  # remember what was tried, so an unchanged file waits
             values.update(
-                size=outcome.size, mtime_ns=outcome.mtime_ns, inode=outcome.inode,
+                size=outcome.size,
+                mtime_ns=outcome.mtime_ns,
+                inode=outcome.inode,
                 digest=outcome.digest,
             )
         self._upsert(conn, a.image_id, values, now, new_remote=False)
 
     def _upsert(
-        self, conn: Connection, image_id: str, values: dict[str, Any], now: float,
+        self,
+        conn: Connection,
+        image_id: str,
+        values: dict[str, Any],
+        now: float,
         new_remote: bool = True,
     ) -> None:
         done = conn.execute(images.update().where(images.c.image_id == image_id).values(values))
         if done.rowcount:
             return
         fresh: dict[str, Any] = {
-            "image_id": image_id, "size": 0, "mtime_ns": 0, "inode": 0, "digest": "",
-            "version": 0, "state": State.FAILED, "remote": new_remote, "attempts": 0,
-            "created_at": now, "updated_at": now,
+            "image_id": image_id,
+            "size": 0,
+            "mtime_ns": 0,
+            "inode": 0,
+            "digest": "",
+            "version": 0,
+            "state": State.FAILED,
+            "remote": new_remote,
+            "attempts": 0,
+            "created_at": now,
+            "updated_at": now,
         }
         for key, value in values.items():
             # an expression like attempts + 1 has no row to work on yet
@@ -282,8 +340,10 @@ class SqlLedger:
             images.update()
             .where(images.c.image_id == sa.bindparam("b_id"))
             .values(
-                size=sa.bindparam("b_size"), mtime_ns=sa.bindparam("b_mtime"),
-                inode=sa.bindparam("b_inode"), updated_at=now,
+                size=sa.bindparam("b_size"),
+                mtime_ns=sa.bindparam("b_mtime"),
+                inode=sa.bindparam("b_inode"),
+                updated_at=now,
             )
         )
         params = [
@@ -298,8 +358,11 @@ class SqlLedger:
         with self._tx() as conn:
             for image_id, why in problems:
                 values: dict[str, Any] = {
-                    "state": State.FAILED, "attempts": images.c.attempts + 1,
-                    "last_error": why, "error_kind": "unreadable", "updated_at": now,
+                    "state": State.FAILED,
+                    "attempts": images.c.attempts + 1,
+                    "last_error": why,
+                    "error_kind": "unreadable",
+                    "updated_at": now,
                     "next_attempt_at": None,
                 }
                 self._upsert(conn, image_id, values, now, new_remote=False)
@@ -312,10 +375,23 @@ class SqlLedger:
             conn.execute(
                 images.update()
                 .where(images.c.image_id.in_(list(image_ids)))
-                .values(state=State.DELETED, remote=False, attempts=0, next_attempt_at=None,
-                        last_error=None, error_kind=None, updated_at=now)
+                .values(
+                    state=State.DELETED,
+                    remote=False,
+                    attempts=0,
+                    next_attempt_at=None,
+                    last_error=None,
+                    error_kind=None,
+                    updated_at=now,
+                )
             )
 
     def record_cycle(self, **fields: Any) -> None:
         with self._tx() as conn:
             conn.execute(cycles.insert().values(**fields))
+
+
+def _reason(exc: sa.exc.SQLAlchemyError) -> str:
+    """The driver's own message, without SQLAlchemy's SQL text and parameters."""
+    orig = getattr(exc, "orig", None)
+    return f"{type(orig or exc).__name__}: {orig or exc}"

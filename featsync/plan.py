@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from featsync.model import Action, Kind, LedgerRow, LocalFile, Plan, Policy, RootState, Snapshot, State
+from featsync.model import (
+    Action,
+    Kind,
+    LedgerRow,
+    LocalFile,
+    Plan,
+    Policy,
+    RootState,
+    Snapshot,
+    State,
+)
 
 
 def retry_delay(attempts: int, policy: Policy) -> float:
@@ -18,16 +28,15 @@ def retry_delay(attempts: int, policy: Policy) -> float:
     if attempts <= 0:
         return 0.0
     # The exponent is capped first so that huge attempt counts cannot overflow a float.
-    return min(policy.retry_cap_s, policy.retry_base_s * policy.retry_factor ** min(attempts - 1, 64))
+    growth = policy.retry_factor ** min(attempts - 1, 64)
+    return min(policy.retry_cap_s, policy.retry_base_s * growth)
 
 
 def is_due(row: LedgerRow, now: float) -> bool:
     return row.next_attempt_at is None or now >= row.next_attempt_at
 
 
-def plan(
-    snapshot: Snapshot, rows: Mapping[str, LedgerRow], policy: Policy, now: float
-) -> Plan:
+def plan(snapshot: Snapshot, rows: Mapping[str, LedgerRow], policy: Policy, now: float) -> Plan:
     """Decide what to send so that the context matches the snapshot."""
     sends: list[Action] = []
     restat: list[LocalFile] = []
@@ -102,7 +111,8 @@ def doubt(snapshot: Snapshot, policy: Policy) -> str | None:
     if policy.marker and not snapshot.marker_present:
         return f"marker file {policy.marker!r} is missing from {snapshot.root!r}"
     if snapshot.problems:
-        return f"scan incomplete: {len(snapshot.problems)} problem(s), first: {snapshot.problems[0]}"
+        n, first = len(snapshot.problems), snapshot.problems[0]
+        return f"scan incomplete: {n} problem(s), first: {first}"
     return None
 
 
@@ -138,15 +148,26 @@ def assume_applied(rows: Mapping[str, LedgerRow], p: Plan, now: float) -> dict[s
     for a in p.actions:
         if a.kind is Kind.DELETE:
             out[a.image_id] = out[a.image_id]._replace(
-                state=State.DELETED, remote=False, version=a.version + 1, attempts=0,
+                state=State.DELETED,
+                remote=False,
+                version=a.version + 1,
+                attempts=0,
                 next_attempt_at=None,
             )
             continue
-        f = a.file
-        assert f is not None
-        digest = f.digest if f.digest is not None else rows[a.image_id].digest
+        sent = a.file
+        assert sent is not None
+        digest = sent.digest if sent.digest is not None else rows[a.image_id].digest
         out[a.image_id] = LedgerRow(
-            a.image_id, f.size, f.mtime_ns, f.inode, digest, a.version + 1,
-            State.SYNCED, True, 0, None,
+            a.image_id,
+            sent.size,
+            sent.mtime_ns,
+            sent.inode,
+            digest,
+            a.version + 1,
+            State.SYNCED,
+            True,
+            0,
+            None,
         )
     return out

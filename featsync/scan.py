@@ -63,7 +63,7 @@ def stat_key(st: os.stat_result, racy_cutoff_ns: int) -> tuple[int, int, int]:
     return st.st_size, mtime, st.st_ino
 
 
-class Unsettled(Exception):  # noqa: N818 - a state, not a failure
+class Unsettled(Exception):
     """The file changed while it was being read."""
 
 
@@ -86,7 +86,9 @@ def hash_settled(path: str, seen: os.stat_result) -> str | None:
         digest = hashlib.file_digest(fh, "sha256").hexdigest()
         after = os.fstat(fh.fileno())
     if (seen.st_size, seen.st_mtime_ns, seen.st_ino) != (
-        after.st_size, after.st_mtime_ns, after.st_ino,
+        after.st_size,
+        after.st_mtime_ns,
+        after.st_ino,
     ):
         return None
     return digest

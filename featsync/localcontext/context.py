@@ -129,7 +129,8 @@ class LocalContext:
         with self._lock:
             if self._cache is None:
                 cache: dict[str, matching.Descriptors] = {}
-                for image_id, blob in self._db.execute("SELECT image_id, descriptors FROM features"):
+                rows = self._db.execute("SELECT image_id, descriptors FROM features")
+                for image_id, blob in rows:
                     cache[image_id] = _descriptors(blob)
                 self._cache = cache
             return dict(self._cache)

@@ -34,7 +34,7 @@ def _akaze() -> Any:
         import cv2
 
         cv2.setNumThreads(1)  # the worker pool is the parallelism
-        detector = cv2.AKAZE_create()
+        detector = cv2.AKAZE_create()  # type: ignore[attr-defined]
         _local.akaze = detector
     return detector
 
