@@ -152,7 +152,7 @@ class SqlLedger:
         make = LedgerRow._make
         with self._tx() as conn:
             result = conn.execute(sa.select(*_ROW_COLUMNS))
-            return {r[0]: make(r) for r in result.tuples()}
+            return {r[0]: make(r) for r in result}
 
     def _meta(self, key: str) -> str | None:
         with self._tx() as conn:

@@ -1,0 +1,182 @@
+"""Shared fixtures: a real folder, a real SQLite ledger and a real embedded context."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from featsync import config
+from featsync.engine import CycleReport, Engine
+from featsync.ledger import SqlLedger
+from featsync.localcontext import LocalContext
+from featsync.model import ImageFeatures, SearchResult
+from featsync.samples import textured_bytes
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """A test must not leave threads running behind it."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        extra = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not extra or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert not extra, f"leaked threads: {extra}"
+
+
+@pytest.fixture(autouse=True)
+def quiet_logs() -> Iterator[None]:
+    """Logs from in-process runs go nowhere unless a test captures them."""
+    structlog.configure(
+        processors=[structlog.processors.KeyValueRenderer()],
+        logger_factory=structlog.ReturnLoggerFactory(),
+    )
+    yield
+    structlog.reset_defaults()
+
+
+class CountingContext:
+    """The real embedded context, with each call it receives counted (a spy, not a fake)."""
+
+    def __init__(self, inner: LocalContext) -> None:
+        self.inner = inner
+        self.calls: Counter[str] = Counter()
+
+    def add_features(self, image_id: str, image: bytes) -> int | None:
+        self.calls["add"] += 1
+        return self.inner.add_features(image_id, image)
+
+    def update_features(self, image_id: str, image: bytes) -> int | None:
+        self.calls["update"] += 1
+        return self.inner.update_features(image_id, image)
+
+    def delete_features(self, image_id: str) -> None:
+        self.calls["delete"] += 1
+        self.inner.delete_features(image_id)
+
+    def get_features(self, image_id: str) -> ImageFeatures:
+        return self.inner.get_features(image_id)
+
+    def find_similar(self, **kw: Any) -> list[SearchResult]:
+        return self.inner.find_similar(**kw)
+
+    def find_duplicates(self, threshold: float) -> list[list[SearchResult]]:
+        return self.inner.find_duplicates(threshold)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@dataclass
+class Cycle:
+    report: CycleReport
+    calls: Counter[str]
+    logs: list[dict[str, Any]]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.logs if e["event"] == name]
+
+
+@dataclass
+class Workspace:
+    """A config file, its image folder, ledger and embedded context, all in a temp dir."""
+
+    base: Path
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def images(self) -> Path:
+        return self.base / "images"
+
+    @property
+    def config_path(self) -> Path:
+        return self.base / "featsync.toml"
+
+    def write_config(self, **sections: dict[str, Any]) -> None:
+        self.overrides = sections
+        lines: list[str] = []
+        for name, values in sections.items():
+            lines.append(f"[{name}]")
+            lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+        self.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def settings(self) -> config.Settings:
+        return config.load(str(self.config_path))
+
+    def image(self, rel: str, seed: int, fmt: str = "JPEG") -> Path:
+        path = self.images / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(textured_bytes(seed, fmt))
+        return path
+
+    def ledger(self) -> SqlLedger:
+        return SqlLedger(self.settings().ledger.url)
+
+    def context(self) -> LocalContext:
+        return LocalContext(self.settings().context.path)
+
+    def remote_ids(self) -> set[str]:
+        ctx = self.context()
+        try:
+            return set(ctx.image_ids())
+        finally:
+            ctx.close()
+
+    def cycle(self, *, dry_run: bool = False, confirm_deletes: bool = False) -> Cycle:
+        settings = self.settings()
+        ledger = SqlLedger(settings.ledger.url)
+        ctx = CountingContext(LocalContext(settings.context.path))
+        try:
+            with capture_logs() as logs:
+                engine = Engine(settings, ledger, ctx, structlog.get_logger())
+                report = engine.cycle(dry_run=dry_run, confirm_deletes=confirm_deletes)
+        finally:
+            ctx.close()
+            ledger.close()
+        return Cycle(report, ctx.calls, logs)
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return repr(v)
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Workspace:
+    w = Workspace(tmp_path)
+    w.images.mkdir()
+    w.write_config(sync={"folder": "images"})
+    return w
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll `cond` until it holds or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def set_mtime_past(path: Path, seconds: float = 60.0) -> None:
+    """Age a file so its stat is trusted (files modified within 2 s are always re-read)."""
+    t = time.time() - seconds
+    os.utime(path, (t, t))
