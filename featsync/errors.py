@@ -38,4 +38,6 @@ class ConfigError(Fatal):
         self.key = key
         self.value = value
         self.reason = reason
-        super().__init__(f"config key {key!r}: {reason} (got {value!r})")
+        where = f"config file {value!r}" if key == "config" else f"config key {key!r}"
+        tail = "" if key == "config" else f" (got {value!r})"
+        super().__init__(f"{where}: {reason}{tail}")

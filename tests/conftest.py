@@ -6,7 +6,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,9 +84,9 @@ class CountingContext:
 class Cycle:
     report: CycleReport
     calls: Counter[str]
-    logs: list[dict[str, Any]]
+    logs: list[MutableMapping[str, Any]]
 
-    def events(self, name: str) -> list[dict[str, Any]]:
+    def events(self, name: str) -> list[MutableMapping[str, Any]]:
         return [e for e in self.logs if e["event"] == name]
 
 

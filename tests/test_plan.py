@@ -15,15 +15,28 @@ def f(image_id: str, digest: str | None = "h1", size: int = 10, mtime: int = 5) 
     return LocalFile(image_id, image_id, size, mtime, 7, digest)
 
 
-def row(image_id: str, digest: str = "h1", state: str = State.SYNCED, remote: bool = True,
-        version: int = 1, attempts: int = 0, next_at: float | None = None) -> LedgerRow:
+def row(
+    image_id: str,
+    digest: str = "h1",
+    state: str = State.SYNCED,
+    remote: bool = True,
+    version: int = 1,
+    attempts: int = 0,
+    next_at: float | None = None,
+) -> LedgerRow:
     return LedgerRow(image_id, 10, 5, 7, digest, version, state, remote, attempts, next_at)
 
 
-def snap(*files: LocalFile, problems: tuple[str, ...] = (), device: int = 1,
-         root_state: RootState = RootState.OK, marker: bool = True) -> Snapshot:
-    return Snapshot("/r", root_state, device, marker, {x.image_id: x for x in files},
-                    problems=problems)
+def snap(
+    *files: LocalFile,
+    problems: tuple[str, ...] = (),
+    device: int = 1,
+    root_state: RootState = RootState.OK,
+    marker: bool = True,
+) -> Snapshot:
+    return Snapshot(
+        "/r", root_state, device, marker, {x.image_id: x for x in files}, problems=problems
+    )
 
 
 def kinds(p: object) -> list[tuple[str, str]]:
@@ -36,8 +49,9 @@ def rows_of(*rs: LedgerRow) -> dict[str, LedgerRow]:
 
 def test_new_changed_gone_files_become_add_update_delete() -> None:
     rows = rows_of(row("same"), row("changed"), row("gone"), row("a"), row("b"), row("c"))
-    s = snap(f("same", None), f("changed", "h2"), f("new"), f("a", None), f("b", None),
-             f("c", None))
+    s = snap(
+        f("same", None), f("changed", "h2"), f("new"), f("a", None), f("b", None), f("c", None)
+    )
     p = plan(s, rows, Policy(), NOW)
     assert kinds(p) == [("update", "changed"), ("add", "new"), ("delete", "gone")]
     assert p.unchanged == 4
@@ -64,8 +78,9 @@ def test_gone_image_the_context_never_held_is_forgotten_without_a_call() -> None
 
 
 def test_deleted_row_coming_back_is_added_with_the_next_version() -> None:
-    p = plan(snap(f("x")), rows_of(row("x", state=State.DELETED, remote=False, version=3)),
-             Policy(), NOW)
+    p = plan(
+        snap(f("x")), rows_of(row("x", state=State.DELETED, remote=False, version=3)), Policy(), NOW
+    )
     assert kinds(p) == [("add", "x")] and p.actions[0].version == 3
 
 
@@ -130,8 +145,13 @@ def worlds(draw: st.DrawFn) -> tuple[Snapshot, dict[str, LedgerRow]]:
         state = draw(st.sampled_from(list(State)))
         remote = state == State.SYNCED or (state == State.FAILED and draw(st.booleans()))
         rows[image_id] = row(
-            image_id, draw(digests), state, remote, draw(st.integers(0, 5)),
-            draw(st.integers(0, 3)), draw(st.none() | st.just(NOW + 5)),
+            image_id,
+            draw(digests),
+            state,
+            remote,
+            draw(st.integers(0, 5)),
+            draw(st.integers(0, 3)),
+            draw(st.none() | st.just(NOW + 5)),
         )
     snapshot = snap(
         *(f(i, d) for i, d in files.items()),

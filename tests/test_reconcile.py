@@ -64,9 +64,15 @@ def test_cycle_finished_line_counts_what_happened(ws: Workspace) -> None:
     (ws.images / "bad.jpg").write_bytes(b"not an image")
     c = ws.cycle()
     [done] = c.events("cycle_finished")
-    assert {k: done[k] for k in ("added", "updated", "deleted", "unchanged", "failed",
-                                 "withheld_deletes")} == {
-        "added": 1, "updated": 0, "deleted": 0, "unchanged": 0, "failed": 1,
+    assert {
+        k: done[k]
+        for k in ("added", "updated", "deleted", "unchanged", "failed", "withheld_deletes")
+    } == {
+        "added": 1,
+        "updated": 0,
+        "deleted": 0,
+        "unchanged": 0,
+        "failed": 1,
         "withheld_deletes": 0,
     }
     assert done["duration_ms"] >= 0
@@ -75,11 +81,22 @@ def test_cycle_finished_line_counts_what_happened(ws: Workspace) -> None:
 
 
 ODD_NAMES = [
-    "with space.jpg", "hash#tag.jpg", "question?.jpg", "100%.jpg", "a&b.jpg", "a+b=c.jpg",
-    "quote'single.jpg", 'quote"double.jpg', "caf\u00e9-nfc.jpg",
-    unicodedata.normalize("NFD", "na\u00efve-nfd.jpg"), "\u65e5\u672c\u8a9e.jpg",
-    "emoji-\U0001f600.jpg", "x" * 240 + ".jpg", "/".join(f"d{n}" for n in range(30)) + "/deep.jpg",
-    "semi;colon,comma.jpg", "back\\slash.jpg",
+    "with space.jpg",
+    "hash#tag.jpg",
+    "question?.jpg",
+    "100%.jpg",
+    "a&b.jpg",
+    "a+b=c.jpg",
+    "quote'single.jpg",
+    'quote"double.jpg',
+    "caf\u00e9-nfc.jpg",
+    unicodedata.normalize("NFD", "na\u00efve-nfd.jpg"),
+    "\u65e5\u672c\u8a9e.jpg",
+    "emoji-\U0001f600.jpg",
+    "x" * 240 + ".jpg",
+    "/".join(f"d{n}" for n in range(30)) + "/deep.jpg",
+    "semi;colon,comma.jpg",
+    "back\\slash.jpg",
 ]
 
 
@@ -221,8 +238,9 @@ def test_a_missing_marker_deletes_nothing(ws: Workspace) -> None:
 
 
 def test_deletes_over_the_count_limit_are_all_withheld(ws: Workspace) -> None:
-    ws.write_config(sync={"folder": "images"}, safety={"max_delete_count": 1,
-                                                        "max_delete_fraction": 1.0})
+    ws.write_config(
+        sync={"folder": "images"}, safety={"max_delete_count": 1, "max_delete_fraction": 1.0}
+    )
     _synced_four(ws)
     (ws.images / "i0.jpg").unlink()
     (ws.images / "i1.jpg").unlink()

@@ -18,8 +18,11 @@ EXTS = frozenset({"jpg", "png"})
 
 
 def rules(root: Path, **kw: object) -> ScanRules:
-    base: dict[str, object] = {"root": str(root), "extensions": EXTS,
-                               "ignore": (".*", "*.tmp", "*~")}
+    base: dict[str, object] = {
+        "root": str(root),
+        "extensions": EXTS,
+        "ignore": (".*", "*.tmp", "*~"),
+    }
     base.update(kw)
     return ScanRules(**base)  # type: ignore[arg-type]
 
@@ -30,8 +33,18 @@ class Problems(list[tuple[str, dict[str, object]]]):
 
 
 def test_extensions_and_ignore_globs_filter_names_and_folders(tmp_path: Path) -> None:
-    for rel in ["a.jpg", "B.JPG", "c.png", "d.txt", "e.jpg.tmp", "f.jpg~", ".hidden.jpg",
-                ".git/x.jpg", "sub/g.jpg", "noext"]:
+    for rel in [
+        "a.jpg",
+        "B.JPG",
+        "c.png",
+        "d.txt",
+        "e.jpg.tmp",
+        "f.jpg~",
+        ".hidden.jpg",
+        ".git/x.jpg",
+        "sub/g.jpg",
+        "noext",
+    ]:
         p = tmp_path / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"x")
@@ -45,8 +58,9 @@ def test_unchanged_stat_is_not_read_and_changed_content_is_hashed(tmp_path: Path
     p.write_bytes(b"one")
     os.utime(p, (1_000_000, 1_000_000))
     st = p.stat()
-    row = LedgerRow("a.jpg", st.st_size, st.st_mtime_ns, st.st_ino, "old", 1, State.SYNCED,
-                    True, 0, None)
+    row = LedgerRow(
+        "a.jpg", st.st_size, st.st_mtime_ns, st.st_ino, "old", 1, State.SYNCED, True, 0, None
+    )
     assert scan(rules(tmp_path), {"a.jpg": row}, Problems()).files["a.jpg"].digest is None
     p.write_bytes(b"three")
     os.utime(p, (1_000_000, 1_000_000))  # same mtime, other size: still caught

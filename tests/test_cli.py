@@ -1,0 +1,158 @@
+"""The featsync command as a user runs it: a real subprocess, real exit codes and output."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Workspace
+
+
+def featsync(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k != "FEATSYNC_CONFIG"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "featsync", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_reconcile_exits_0_when_in_step_and_logs_json_lines_off_a_tty(ws: Workspace) -> None:
+    ws.image("a.jpg", 1)
+    ws.image("b.png", 2, "PNG")
+    r = featsync("reconcile", cwd=ws.base)
+    assert r.returncode == 0, r.stderr
+    events = json_lines(r.stderr)
+    assert sorted(e["image_id"] for e in events if e["event"] == "image_added") == [
+        "a.jpg",
+        "b.png",
+    ]
+    [done] = [e for e in events if e["event"] == "cycle_finished"]
+    assert done["added"] == 2 and done["failed"] == 0 and done["level"] == "info"
+    assert "timestamp" in done
+    again = featsync("reconcile", cwd=ws.base)
+    assert again.returncode == 0
+    assert [e["event"] for e in json_lines(again.stderr)] == ["cycle_finished"]
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(ws: Workspace) -> None:
+    ws.image("new one.jpg", 1)
+    r = featsync("reconcile", "--dry-run", cwd=ws.base)
+    assert r.returncode == 1  # not in step: there is something to do
+    assert "add     new one.jpg" in r.stdout and "plan: 1 add" in r.stdout
+    assert ws.remote_ids() == set()
+
+
+def test_failures_exit_1_and_status_lists_them(ws: Workspace) -> None:
+    ws.image("good.jpg", 1)
+    (ws.images / "broken.jpg").write_bytes(b"\x00" * 64)
+    r = featsync("reconcile", cwd=ws.base)
+    assert r.returncode == 1
+    st = featsync("status", "--json", cwd=ws.base)
+    data = json.loads(st.stdout)
+    assert data["counts"]["synced"] == 1 and data["counts"]["failed"] == 1
+    [failure] = data["failures"]
+    assert failure["image_id"] == "broken.jpg" and "cannot decode" in failure["error"]
+    assert data["last_cycle"]["added"] == 1 and data["last_cycle"]["failed"] == 1
+    text = featsync("status", cwd=ws.base).stdout
+    assert "failed: broken.jpg: cannot decode image" in text and "1 synced" in text
+
+
+def test_a_removed_folder_exits_1_and_deletes_nothing(ws: Workspace) -> None:
+    ws.image("a.jpg", 1)
+    assert featsync("reconcile", cwd=ws.base).returncode == 0
+    shutil.rmtree(ws.images)
+    r = featsync("reconcile", cwd=ws.base)
+    assert r.returncode == 1
+    events = {e["event"]: e for e in json_lines(r.stderr)}
+    assert "missing" in events["deletes_withheld"]["reason"]
+    assert events["cycle_finished"]["withheld_deletes"] == 1
+    assert ws.remote_ids() == {"a.jpg"}
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[sync]\nconcurrency = 'x'\n", "'sync.concurrency'"),
+        ("[sync]\nfolderr = 'images'\n", "'sync.folderr'"),
+        ("[sync\n", "not valid TOML"),
+    ],
+)
+def test_a_bad_config_exits_2_naming_the_key(ws: Workspace, text: str, needle: str) -> None:
+    ws.config_path.write_text(text)
+    r = featsync("reconcile", cwd=ws.base)
+    assert r.returncode == 2 and needle in r.stderr and "config" in r.stderr
+
+
+def test_the_config_comes_from_the_option_or_the_environment(ws: Workspace, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ws.image("a.jpg", 1)
+    assert featsync("--config", str(ws.config_path), "reconcile", cwd=elsewhere).returncode == 0
+    assert featsync("status", "--config", str(ws.config_path), cwd=elsewhere).returncode == 0
+    via_env = featsync(
+        "status", "--json", cwd=elsewhere, env={"FEATSYNC_CONFIG": str(ws.config_path)}
+    )
+    assert json.loads(via_env.stdout)["counts"]["synced"] == 1
+    missing = featsync("status", cwd=elsewhere)
+    assert missing.returncode == 2 and "featsync.toml" in missing.stderr
+
+
+def test_a_newer_ledger_exits_2_with_a_clear_message(ws: Workspace) -> None:
+    import sqlite3
+
+    assert featsync("reconcile", cwd=ws.base).returncode == 0
+    db = sqlite3.connect(ws.base / "featsync-ledger.db")
+    db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    r = featsync("reconcile", cwd=ws.base)
+    assert r.returncode == 2 and "newer than this featsync understands" in r.stderr
+
+
+def test_an_unreadable_file_is_failed_and_an_unlistable_folder_deletes_nothing(
+    ws: Workspace,
+) -> None:
+    """As root, the command runs without CAP_DAC_* so permissions bite as for any user."""
+    prefix: tuple[str, ...] = ()
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root and util-linux setpriv is not installed")
+        prefix = (setpriv, "--bounding-set=-dac_override,-dac_read_search")
+    ws.image("top.jpg", 1)
+    ws.image("sub/inner.jpg", 2)
+    assert featsync("reconcile", cwd=ws.base, prefix=prefix).returncode == 0
+    secret = ws.image("secret.jpg", 3)
+    secret.chmod(0o000)
+    (ws.images / "sub").chmod(0o000)
+    try:
+        r = featsync("reconcile", cwd=ws.base, prefix=prefix)
+    finally:
+        (ws.images / "sub").chmod(0o755)
+    assert r.returncode == 1
+    assert ws.remote_ids() == {"top.jpg", "sub/inner.jpg"}  # nothing deleted
+    data = json.loads(featsync("status", "--json", cwd=ws.base).stdout)
+    [failure] = data["failures"]
+    assert failure["image_id"] == "secret.jpg" and "cannot read" in failure["error"]
+    secret.chmod(0o644)
+    assert featsync("reconcile", cwd=ws.base, prefix=prefix).returncode == 0
+    assert ws.remote_ids() == {"top.jpg", "sub/inner.jpg", "secret.jpg"}

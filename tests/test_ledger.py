@@ -1,0 +1,103 @@
+"""The ledger on a real SQLite file: WAL, schema version, outcomes and history."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from featsync.errors import Fatal
+from featsync.ledger import SqlLedger
+from featsync.model import Action, Kind, LocalFile, Outcome, State
+
+
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'ledger.db'}"
+
+
+def outcome(
+    kind: Kind,
+    done: Kind | None,
+    version: int = 0,
+    error: str | None = None,
+    digest: str | None = "h1",
+) -> Outcome:
+    f = LocalFile("a.jpg", "a.jpg", 3, 4, 5, digest)
+    return Outcome(
+        Action(kind, "a.jpg", f, version),
+        done,
+        digest,
+        3,
+        4,
+        5,
+        10 if done else None,
+        error,
+        "rejected" if error else None,
+        1.0,
+    )
+
+
+def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(tmp_path: Path) -> None:
+    ledger = SqlLedger(url(tmp_path))
+    try:
+        with ledger.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 10000
+    finally:
+        ledger.close()
+
+
+def test_a_newer_schema_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    SqlLedger(url(tmp_path)).close()
+    db = sqlite3.connect(tmp_path / "ledger.db")
+    db.execute("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(Fatal, match="schema version 7, newer than this featsync understands"):
+        SqlLedger(url(tmp_path))
+
+
+def test_a_file_that_is_not_a_database_is_a_fatal_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "ledger.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(Fatal, match=r"ledger\.db"):
+        SqlLedger(url(tmp_path))
+
+
+def test_outcomes_move_the_version_and_write_history(tmp_path: Path) -> None:
+    ledger = SqlLedger(url(tmp_path))
+    try:
+        ledger.record(outcome(Kind.ADD, None, error="bad pixels"), 100.0, 130.0)
+        row = ledger.load()["a.jpg"]
+        assert (row.state, row.version, row.attempts, row.remote) == (State.FAILED, 0, 1, False)
+        assert row.next_attempt_at == 130.0 and row.digest == "h1"
+        assert ledger.failures()[0]["error"] == "bad pixels"
+        ledger.record(outcome(Kind.ADD, None, error="bad pixels"), 140.0, 290.0)
+        assert ledger.load()["a.jpg"].attempts == 2
+
+        ledger.record(outcome(Kind.ADD, Kind.ADD), 200.0, None)
+        ledger.record(outcome(Kind.UPDATE, Kind.UPDATE, version=1, digest="h2"), 300.0, None)
+        ledger.record(outcome(Kind.DELETE, Kind.DELETE, version=2), 400.0, None)
+        row = ledger.load()["a.jpg"]
+        assert (row.state, row.version, row.remote, row.attempts) == (State.DELETED, 3, False, 0)
+        hist = ledger.history_of("a.jpg")
+        assert [(h["action"], h["version"], h["digest"]) for h in hist] == [
+            ("add", 1, "h1"),
+            ("update", 2, "h2"),
+            ("delete", 3, "h1"),
+        ]
+        assert ledger.failures() == []
+        assert ledger.counts() == {"synced": 0, "failed": 0, "deleted": 1}
+    finally:
+        ledger.close()
+
+
+def test_the_root_device_is_remembered(tmp_path: Path) -> None:
+    ledger = SqlLedger(url(tmp_path))
+    try:
+        assert ledger.device() is None
+        ledger.set_device(2049)
+        ledger.set_device(2050)
+        assert ledger.device() == 2050
+    finally:
+        ledger.close()
