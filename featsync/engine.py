@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from featsync.apply import ApplyResult, apply_plan
@@ -88,8 +89,17 @@ class Engine:
         started_wall = time.time()
         started = time.perf_counter()
         log = self.log
-        rows = self.ledger.load()
-        snapshot = scan(scan_rules(self.settings), rows, log.warning)
+        # Only quick-check keys for the scan; whole rows only for what it did not
+        # find unchanged (and every failed row): a no-change rescan of a large
+        # folder never builds a row object per image.
+        quick = self.ledger.quick_keys()
+        snapshot = scan(scan_rules(self.settings), quick, log.warning)
+        if len(snapshot.unchanged) == len(quick):  # every synced image seen unchanged
+            rows = self.ledger.rows_for(snapshot.files)
+        else:
+            synced = set(map(itemgetter(0), quick))
+            rows = self.ledger.rows_for(synced.difference(snapshot.unchanged).union(snapshot.files))
+        del quick  # a large set, not needed from here on
         policy = self.policy(confirm_deletes)
         p = plan(snapshot, rows, policy, started_wall)
         if snapshot.root_state is not RootState.OK:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -41,7 +41,13 @@ class LocalFile(NamedTuple):
     size: int
     mtime_ns: int  # 0 when the file was modified too recently to trust (see scan)
     inode: int
-    digest: str | None  # None: (size, mtime_ns, inode) equal the ledger's, content not read
+    digest: str  # SHA-256 of the content, hex
+
+
+# (image ID, size, mtime_ns, inode) of a synced image: a file whose stat gives the same
+# key is unchanged and is not read (the stat quick check). The mtime is None when it
+# was recorded as 0 (too fresh to trust): no stat equals such a key.
+QuickKey = tuple[str, int, int | None, int]
 
 
 class LedgerRow(NamedTuple):
@@ -83,7 +89,8 @@ class Snapshot:
     root_state: RootState
     device: int | None
     marker_present: bool
-    files: Mapping[str, LocalFile]
+    files: Mapping[str, LocalFile]  # files that were read (new, or their stat changed)
+    unchanged: frozenset[str] = frozenset()  # IDs whose stat matched the ledger: not read
     # Files that exist but could not be judged this time: they are neither synced nor deleted.
     unsettled: frozenset[str] = frozenset()  # changed while being read
     unreadable: Mapping[str, str] = field(default_factory=dict)  # image ID -> reason
@@ -208,6 +215,10 @@ class Ledger(Protocol):
     """The store of what the context has acknowledged, image by image."""
 
     def load(self) -> dict[str, LedgerRow]: ...
+
+    def quick_keys(self) -> set[QuickKey]: ...
+
+    def rows_for(self, image_ids: Iterable[str]) -> dict[str, LedgerRow]: ...
 
     def device(self) -> int | None: ...
 

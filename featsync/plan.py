@@ -37,22 +37,29 @@ def is_due(row: LedgerRow, now: float) -> bool:
 
 
 def plan(snapshot: Snapshot, rows: Mapping[str, LedgerRow], policy: Policy, now: float) -> Plan:
-    """Decide what to send so that the context matches the snapshot."""
+    """Decide what to send so that the context matches the snapshot.
+
+    `rows` must hold the ledger row of every image ID that is not in
+    ``snapshot.unchanged`` (rows of unchanged images may be there too, or not: the
+    engine leaves them out, so that a no-change rescan loads only their quick-check keys).
+    """
     sends: list[Action] = []
     restat: list[LocalFile] = []
     waiting: list[str] = []
-    unchanged = 0
+    read_but_same = 0  # read (stat changed, or never trusted) and found synced as it is
+    deleted, synced = State.DELETED.value, State.SYNCED.value  # plain str: cheaper compares
     for image_id, f in snapshot.files.items():
         row = rows.get(image_id)
-        if row is None or row.state == State.DELETED:
+        if row is None or row.state == deleted:
             sends.append(Action(Kind.ADD, image_id, f, row.version if row else 0))  # fresh start
             continue
-        same = f.digest is None or f.digest == row.digest
-        if same and f.digest is not None:
+        same = f.digest == row.digest
+        if same and (f.size, f.mtime_ns, f.inode) != (row.size, row.mtime_ns, row.inode):
             restat.append(f)
-        if row.state == State.SYNCED and same:
-            unchanged += 1
-        elif same and not is_due(row, now):
+        if same and row.state == synced:
+            read_but_same += 1
+            continue
+        if same and not is_due(row, now):
             waiting.append(image_id)
         else:
             kind = Kind.UPDATE if row.remote else Kind.ADD
@@ -60,8 +67,9 @@ def plan(snapshot: Snapshot, rows: Mapping[str, LedgerRow], policy: Policy, now:
 
     deletes: list[Action] = []
     forget: list[str] = []
+    files, unchanged = snapshot.files, snapshot.unchanged
     for image_id, row in rows.items():
-        if row.state == State.DELETED or image_id in snapshot.files:
+        if row.state == deleted or image_id in files or image_id in unchanged:
             continue
         if image_id in snapshot.unsettled or image_id in snapshot.unreadable:
             continue  # it exists; we just could not judge it this time
@@ -78,7 +86,7 @@ def plan(snapshot: Snapshot, rows: Mapping[str, LedgerRow], policy: Policy, now:
     doubtful = doubt(snapshot, policy)
     reason = doubtful
     if reason is None and deletes and not policy.confirm_deletes:
-        reason = over_limits(deletes, sends, rows, policy)
+        reason = over_limits(deletes, sends, rows, unchanged, policy)
     withheld: tuple[Action, ...] = ()
     if reason is not None:
         withheld, deletes = tuple(deletes), []
@@ -90,7 +98,7 @@ def plan(snapshot: Snapshot, rows: Mapping[str, LedgerRow], policy: Policy, now:
         restat=tuple(restat),
         withheld=withheld,
         withheld_reason=reason if withheld else None,
-        unchanged=unchanged,
+        unchanged=len(unchanged) + read_but_same,
         waiting=tuple(sorted(waiting)),
         unreadable=tuple(sorted(snapshot.unreadable.items())),
         unsettled=tuple(sorted(snapshot.unsettled)),
@@ -117,19 +125,24 @@ def doubt(snapshot: Snapshot, policy: Policy) -> str | None:
 
 
 def over_limits(
-    deletes: list[Action], sends: list[Action], rows: Mapping[str, LedgerRow], policy: Policy
+    deletes: list[Action],
+    sends: list[Action],
+    rows: Mapping[str, LedgerRow],
+    unchanged: frozenset[str],
+    policy: Policy,
 ) -> str | None:
     """Check the whole plan's deletes against the limits, before the first one is sent.
 
     A delete whose content reappears under a new ID in the same plan is a move, not a
     loss, and does not count: renaming a large folder is not a reason to stop.
     """
-    added = {a.file.digest for a in sends if a.file is not None and a.file.digest is not None}
+    added = {a.file.digest for a in sends if a.file is not None}
     added |= {rows[a.image_id].digest for a in sends if a.image_id in rows}
     lost = sum(1 for a in deletes if rows[a.image_id].digest not in added)
     if lost > policy.max_delete_count:
         return f"{lost} deletes exceed safety.max_delete_count = {policy.max_delete_count}"
-    held = sum(1 for r in rows.values() if r.remote)
+    held = sum(1 for r in rows.values() if r.remote and r.image_id not in unchanged)
+    held += len(unchanged)  # unchanged images are synced, so held, whether in rows or not
     if held and lost / held > policy.max_delete_fraction:
         return (
             f"{lost} deletes of {held} images ({lost / held:.0%}) exceed "
@@ -157,13 +170,12 @@ def assume_applied(rows: Mapping[str, LedgerRow], p: Plan, now: float) -> dict[s
             continue
         sent = a.file
         assert sent is not None
-        digest = sent.digest if sent.digest is not None else rows[a.image_id].digest
         out[a.image_id] = LedgerRow(
             a.image_id,
             sent.size,
             sent.mtime_ns,
             sent.inode,
-            digest,
+            sent.digest,
             a.version + 1,
             State.SYNCED,
             True,

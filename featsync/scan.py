@@ -16,10 +16,11 @@ import re
 import stat
 import time
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container
 from dataclasses import dataclass
+from stat import S_ISREG
 
-from featsync.model import LedgerRow, LocalFile, RootState, Snapshot, State
+from featsync.model import LocalFile, QuickKey, RootState, Snapshot
 
 # A file modified this recently may change again within the same mtime tick without
 # its stat changing (git's "racy clean" problem); its mtime is recorded as 0 so the
@@ -49,12 +50,26 @@ def image_id_for(relpath: str, prefix: str = "") -> str:
     return prefix + relpath
 
 
-def ignore_matcher(patterns: tuple[str, ...]) -> Callable[[str], bool]:
+def _glob_alternatives(patterns: tuple[str, ...]) -> str:
+    return "|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)
+
+
+def ignore_regex(patterns: tuple[str, ...]) -> re.Pattern[str]:
     """One compiled regex for all ignore globs (fnmatch per name per pattern is slow)."""
     if not patterns:
-        return lambda name: False
-    rx = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
-    return lambda name: rx.match(name) is not None
+        return re.compile(r"(?!)")  # matches nothing
+    return re.compile(_glob_alternatives(patterns))
+
+
+def wanted_regex(extensions: frozenset[str], ignore: tuple[str, ...]) -> re.Pattern[str]:
+    """Matches the names of files to sync: not ignored, with one of the extensions.
+
+    One regex call per file instead of an ignore check plus an extension check: this
+    runs once per file on every rescan.
+    """
+    exts = "|".join(sorted(re.escape(e) for e in extensions)) or "(?!)"
+    not_ignored = f"(?!{_glob_alternatives(ignore)})" if ignore else ""
+    return re.compile(rf"{not_ignored}.*\.(?i:{exts})\Z", re.DOTALL)
 
 
 def stat_key(st: os.stat_result, racy_cutoff_ns: int) -> tuple[int, int, int]:
@@ -96,11 +111,16 @@ def hash_settled(path: str, seen: os.stat_result) -> str | None:
 
 def scan(
     rules: ScanRules,
-    known: Mapping[str, LedgerRow],
+    known: Container[QuickKey],
     problem: Problem,
     now_ns: int | None = None,
 ) -> Snapshot:
-    """Walk `rules.root` and return what is there, hashing only what may have changed."""
+    """Walk `rules.root` and return what is there, hashing only what may have changed.
+
+    `known` holds the quick-check keys of the ledger's synced images (Ledger.quick_keys):
+    a file whose (image ID, size, mtime_ns, inode) is among them is listed in
+    ``Snapshot.unchanged`` without being read; every other file is hashed.
+    """
     root = rules.root
     try:
         root_st = os.stat(root)
@@ -114,81 +134,89 @@ def scan(
     marker_present = bool(rules.marker) and os.path.exists(os.path.join(root, rules.marker))
 
     racy_cutoff = (now_ns if now_ns is not None else time.time_ns()) - RACY_WINDOW_NS
-    ignored = ignore_matcher(rules.ignore)
-    exts = rules.extensions
+    ignored_dir = ignore_regex(rules.ignore).match
+    wanted = wanted_regex(rules.extensions, rules.ignore).match
+    posix = os.sep == "/"
     prefix = rules.id_prefix
     follow = rules.follow_symlinks
+    unchanged: list[str] = []
     files: dict[str, LocalFile] = {}
-    relpaths: dict[str, str] = {}
+    relpaths: dict[str, str] = {}  # image ID -> path, for files that are not unchanged
     unsettled: set[str] = set()
     unreadable: dict[str, str] = {}
     problems: list[str] = []
     visited = {(root_st.st_dev, root_st.st_ino)}
-    deleted = State.DELETED
 
     def fail(path: str, why: str) -> None:
         problems.append(f"{path}: {why}")
         problem("scan_problem", path=path, error=why)
 
+    def decodable(path: str, name: str) -> bool:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = os.fsencode(name)
+            fail(os.path.join(path, repr(raw)[2:-1]), "name is not valid UTF-8; rename it")
+            return False
+        return True
+
+    def first_visit(entry: os.DirEntry[str]) -> bool:
+        """False for a symlink loop or a second way into one folder."""
+        st = entry.stat()
+        key = (st.st_dev, st.st_ino)
+        if key in visited:
+            return False
+        visited.add(key)
+        return True
+
     stack: list[tuple[str, str]] = [("", root)]
     while stack:
         rel, path = stack.pop()
+        # IDs of ASCII names in here are base + name (no normalising needed)
+        base = prefix + rel if posix and rel.isascii() else None
         try:
             with os.scandir(path) as it:
                 entries = list(it)
         except OSError as exc:
             fail(path, f"cannot list folder: {exc.strerror or exc}")
             continue
+        # This loop runs once per file on every rescan, so it is kept flat: an
+        # unchanged file costs one regex match, one stat and one set lookup.
         for entry in entries:
             name = entry.name
-            if ignored(name):
-                continue
-            if not name.isascii():
-                try:
-                    name.encode("utf-8")
-                except UnicodeEncodeError:
-                    raw = os.fsencode(name)
-                    fail(os.path.join(path, repr(raw)[2:-1]), "name is not valid UTF-8; rename it")
-                    continue
             try:
                 if entry.is_dir(follow_symlinks=follow):
-                    if follow:
-                        dst = entry.stat()
-                        key = (dst.st_dev, dst.st_ino)
-                        if key in visited:
-                            continue  # a symlink loop or a second way into one folder
-                        visited.add(key)
-                    stack.append((rel + name + "/", entry.path))
+                    if (
+                        ignored_dir(name) is None
+                        and (name.isascii() or decodable(path, name))
+                        and (not follow or first_visit(entry))
+                    ):
+                        stack.append((rel + name + "/", entry.path))
                     continue
-                dot = name.rfind(".")
-                if dot < 0 or name[dot + 1 :].lower() not in exts:
+                if wanted(name) is None:
                     continue
-                if not entry.is_file(follow_symlinks=follow):
-                    continue  # a symlink we do not follow, a socket, a fifo
+                if base is not None and name.isascii():
+                    image_id = base + name
+                elif decodable(path, name):
+                    image_id = image_id_for(rel + name, prefix)
+                else:
+                    continue
                 st = entry.stat(follow_symlinks=follow)
             except OSError as exc:
                 fail(entry.path, f"cannot stat: {exc.strerror or exc}")
                 continue
+            # A key in `known` is that of a regular file when it was synced; the same
+            # inode with the same size and mtime cannot be anything else now.
+            if (image_id, st.st_size, st.st_mtime_ns, st.st_ino) in known:
+                unchanged.append(image_id)
+                continue
+            if not S_ISREG(st.st_mode):
+                continue  # a symlink we do not follow, a socket, a fifo
             relpath = rel + name
-            image_id = image_id_for(relpath, prefix)
             if image_id in relpaths:
                 fail(entry.path, f"same image ID {image_id!r} as {relpaths[image_id]!r}")
                 continue
             relpaths[image_id] = relpath
-            size, mtime, ino = st.st_size, st.st_mtime_ns, st.st_ino
-            if mtime >= racy_cutoff:
-                mtime = 0
-            row = known.get(image_id)
-            if (
-                row is not None
-                and row.mtime_ns == mtime
-                and row.size == size
-                and row.inode == ino
-                and mtime != 0
-                and row.state != deleted
-            ):
-                files[image_id] = LocalFile(image_id, relpath, size, mtime, ino, None)
-                continue
             try:
                 digest = hash_settled(entry.path, st)
             except OSError as exc:
@@ -200,13 +228,28 @@ def scan(
                 unsettled.add(image_id)
                 problem("file_unsettled", image_id=image_id)
                 continue
-            files[image_id] = LocalFile(image_id, relpath, size, mtime, ino, digest)
+            mtime = st.st_mtime_ns if st.st_mtime_ns < racy_cutoff else 0
+            files[image_id] = LocalFile(image_id, relpath, st.st_size, mtime, st.st_ino, digest)
+
+    same = frozenset(unchanged)
+    # Two names with one image ID (NFC and NFD spellings of one name), one of them
+    # unchanged: keep that one, report the other. (Rare, so looked for once here
+    # rather than with a dict insert per unchanged file.)
+    for image_id in same.intersection(relpaths):
+        fail(
+            os.path.join(root, relpaths[image_id]),
+            f"same image ID {image_id!r} as another name in the folder",
+        )
+        files.pop(image_id, None)
+        unsettled.discard(image_id)
+        unreadable.pop(image_id, None)
     return Snapshot(
         root=root,
         root_state=RootState.OK,
         device=root_st.st_dev,
         marker_present=marker_present,
         files=files,
+        unchanged=same,
         unsettled=frozenset(unsettled),
         unreadable=unreadable,
         problems=tuple(problems),

@@ -23,7 +23,7 @@ def outcome(
     error: str | None = None,
     digest: str | None = "h1",
 ) -> Outcome:
-    f = LocalFile("a.jpg", "a.jpg", 3, 4, 5, digest)
+    f = LocalFile("a.jpg", "a.jpg", 3, 4, 5, digest or "h1")
     return Outcome(
         Action(kind, "a.jpg", f, version),
         done,
@@ -99,5 +99,29 @@ def test_the_root_device_is_remembered(tmp_path: Path) -> None:
         ledger.set_device(2049)
         ledger.set_device(2050)
         assert ledger.device() == 2050
+    finally:
+        ledger.close()
+
+
+def test_a_cycle_loads_quick_keys_and_only_the_rows_it_needs(tmp_path: Path) -> None:
+    ledger = SqlLedger(url(tmp_path))
+    try:
+        for n, (image_id, mtime) in enumerate([("a.jpg", 4), ("fresh.jpg", 0), ("b.jpg", 9)]):
+            f = LocalFile(image_id, image_id, 3, mtime, n, "h")
+            out = Outcome(
+                Action(Kind.ADD, image_id, f, 0), Kind.ADD, "h", 3, mtime, n, 1, None, None, 1
+            )
+            ledger.record(out, 100.0, None)
+        ledger.record(outcome(Kind.DELETE, Kind.DELETE, version=1), 110.0, None)  # a.jpg
+        failed = Outcome(
+            Action(Kind.ADD, "bad.jpg", None, 0), None, None, 0, 0, 0, None, "x", "rejected", 1
+        )
+        ledger.record(failed, 120.0, 150.0)
+        # a.jpg is deleted; an mtime of 0 (too fresh to trust) comes back as None
+        assert ledger.quick_keys() == {("fresh.jpg", 3, None, 1), ("b.jpg", 3, 9, 2)}
+        assert set(ledger.rows_for([])) == {"bad.jpg"}  # failed rows come along always
+        assert set(ledger.rows_for(["a.jpg", "nope.jpg"])) == {"a.jpg", "bad.jpg"}
+        many = ledger.rows_for([f"x{n}.jpg" for n in range(1200)] + ["b.jpg"])  # several chunks
+        assert set(many) == {"b.jpg", "bad.jpg"} and many["b.jpg"].mtime_ns == 9
     finally:
         ledger.close()

@@ -11,7 +11,7 @@ from featsync.plan import assume_applied, plan, retry_delay
 NOW = 1_000_000.0
 
 
-def f(image_id: str, digest: str | None = "h1", size: int = 10, mtime: int = 5) -> LocalFile:
+def f(image_id: str, digest: str = "h1", size: int = 10, mtime: int = 5) -> LocalFile:
     return LocalFile(image_id, image_id, size, mtime, 7, digest)
 
 
@@ -33,9 +33,16 @@ def snap(
     device: int = 1,
     root_state: RootState = RootState.OK,
     marker: bool = True,
+    unchanged: tuple[str, ...] = (),
 ) -> Snapshot:
     return Snapshot(
-        "/r", root_state, device, marker, {x.image_id: x for x in files}, problems=problems
+        "/r",
+        root_state,
+        device,
+        marker,
+        {x.image_id: x for x in files},
+        unchanged=frozenset(unchanged),
+        problems=problems,
     )
 
 
@@ -49,12 +56,19 @@ def rows_of(*rs: LedgerRow) -> dict[str, LedgerRow]:
 
 def test_new_changed_gone_files_become_add_update_delete() -> None:
     rows = rows_of(row("same"), row("changed"), row("gone"), row("a"), row("b"), row("c"))
-    s = snap(
-        f("same", None), f("changed", "h2"), f("new"), f("a", None), f("b", None), f("c", None)
-    )
+    s = snap(f("changed", "h2"), f("new"), f("a"), unchanged=("same", "b", "c"))
     p = plan(s, rows, Policy(), NOW)
     assert kinds(p) == [("update", "changed"), ("add", "new"), ("delete", "gone")]
-    assert p.unchanged == 4
+    assert p.unchanged == 4 and p.restat == ()  # "a" was read: same content, same stat
+
+
+def test_rows_of_unchanged_images_may_be_left_out() -> None:
+    rows = rows_of(row("same"), row("changed"), row("gone"), *(row(f"u{n}") for n in range(5)))
+    s = snap(f("changed", "h2"), f("new"), unchanged=("same", *(f"u{n}" for n in range(5))))
+    partial = {i: r for i, r in rows.items() if i not in s.unchanged}
+    policy = Policy(max_delete_fraction=0.1)  # 1 of 8 held: over only if 8 were not counted
+    assert plan(s, partial, policy, NOW) == plan(s, rows, policy, NOW)
+    assert kinds(plan(s, partial, policy, NOW))[-1] == ("delete", "gone")
 
 
 def test_touch_without_change_only_refreshes_the_stat() -> None:
@@ -65,8 +79,8 @@ def test_touch_without_change_only_refreshes_the_stat() -> None:
 
 def test_failed_image_waits_until_due_or_changed() -> None:
     failed = row("x", state=State.FAILED, remote=False, version=0, attempts=2, next_at=NOW + 10)
-    assert plan(snap(f("x", None)), rows_of(failed), Policy(), NOW).waiting == ("x",)
-    assert kinds(plan(snap(f("x", None)), rows_of(failed), Policy(), NOW + 10)) == [("add", "x")]
+    assert plan(snap(f("x")), rows_of(failed), Policy(), NOW).waiting == ("x",)
+    assert kinds(plan(snap(f("x")), rows_of(failed), Policy(), NOW + 10)) == [("add", "x")]
     changed = plan(snap(f("x", "h2")), rows_of(failed), Policy(), NOW)
     assert kinds(changed) == [("add", "x")] and changed.actions[0].attempts == 2
 
@@ -92,7 +106,7 @@ def test_moves_do_not_count_against_the_delete_limits() -> None:
 
 def test_count_limit_withholds_every_delete_before_any_is_sent() -> None:
     rows = rows_of(*(row(f"i{n}") for n in range(10)))
-    s = snap(*(f(f"i{n}", None) for n in range(7)))
+    s = snap(unchanged=tuple(f"i{n}" for n in range(7)))
     p = plan(s, rows, Policy(max_delete_count=2), NOW)
     assert p.actions == () and len(p.withheld) == 3
     assert "max_delete_count" in (p.withheld_reason or "")
@@ -102,9 +116,9 @@ def test_count_limit_withholds_every_delete_before_any_is_sent() -> None:
 
 def test_fraction_limit_counts_against_images_the_context_holds() -> None:
     rows = rows_of(*(row(f"i{n}") for n in range(4)))
-    half = plan(snap(f("i0", None), f("i1", None)), rows, Policy(max_delete_fraction=0.5), NOW)
+    half = plan(snap(unchanged=("i0", "i1")), rows, Policy(max_delete_fraction=0.5), NOW)
     assert len(half.actions) == 2
-    most = plan(snap(f("i0", None)), rows, Policy(max_delete_fraction=0.5), NOW)
+    most = plan(snap(unchanged=("i0",)), rows, Policy(max_delete_fraction=0.5), NOW)
     assert most.actions == () and "max_delete_fraction" in (most.withheld_reason or "")
 
 
@@ -153,11 +167,29 @@ def worlds(draw: st.DrawFn) -> tuple[Snapshot, dict[str, LedgerRow]]:
             draw(st.integers(0, 3)),
             draw(st.none() | st.just(NOW + 5)),
         )
+    # A file whose synced row has its content may have passed the stat quick check
+    # (the scanner then lists it as unchanged without reading it).
+    quick = {
+        i
+        for i, d in files.items()
+        if i in rows
+        and rows[i].state == State.SYNCED
+        and rows[i].digest == d
+        and draw(st.booleans())
+    }
     snapshot = snap(
-        *(f(i, d) for i, d in files.items()),
+        *(f(i, d) for i, d in files.items() if i not in quick),
+        unchanged=tuple(quick),
         problems=draw(st.sampled_from([(), ("boom",)])),
     )
     return snapshot, rows
+
+
+def present(snapshot: Snapshot, rows: dict[str, LedgerRow]) -> dict[str, str]:
+    """What the folder holds: image ID -> content."""
+    out = {i: x.digest for i, x in snapshot.files.items()}
+    out.update({i: rows[i].digest for i in snapshot.unchanged})
+    return out
 
 
 def synced(rows: dict[str, LedgerRow]) -> dict[str, str]:
@@ -174,7 +206,7 @@ def test_applying_a_plan_reproduces_the_snapshot_and_planning_again_is_empty(
     later = NOW + 10  # every wait is over
     p = plan(snapshot, rows, policy, later)
     after = assume_applied(rows, p, later)
-    want = {i: x.digest for i, x in snapshot.files.items()}
+    want = present(snapshot, rows)
     got = synced(after)
     if snapshot.complete:
         assert got == want
@@ -190,7 +222,21 @@ def test_an_incomplete_scan_never_plans_a_delete(
     world: tuple[Snapshot, dict[str, LedgerRow]],
 ) -> None:
     snapshot, rows = world
-    incomplete = snap(*snapshot.files.values(), problems=("unreadable folder",))
+    incomplete = snap(
+        *snapshot.files.values(),
+        unchanged=tuple(snapshot.unchanged),
+        problems=("unreadable folder",),
+    )
     p = plan(incomplete, rows, Policy(max_delete_fraction=1.0, confirm_deletes=True), NOW)
     assert all(a.kind is not Kind.DELETE for a in p.actions)
     assert p.forget == ()
+
+
+@given(worlds(), st.floats(0.0, 1.0), st.integers(0, 5))
+def test_leaving_out_the_rows_of_unchanged_images_changes_nothing(
+    world: tuple[Snapshot, dict[str, LedgerRow]], fraction: float, count: int
+) -> None:
+    snapshot, rows = world
+    partial = {i: r for i, r in rows.items() if i not in snapshot.unchanged}
+    policy = Policy(max_delete_fraction=fraction, max_delete_count=count)
+    assert plan(snapshot, partial, policy, NOW) == plan(snapshot, rows, policy, NOW)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from featsync.model import LedgerRow, RootState, State
+from featsync.model import RootState
 from featsync.scan import ScanRules, hash_settled, read_settled, scan
 
 EXTS = frozenset({"jpg", "png"})
@@ -58,14 +59,16 @@ def test_unchanged_stat_is_not_read_and_changed_content_is_hashed(tmp_path: Path
     p.write_bytes(b"one")
     os.utime(p, (1_000_000, 1_000_000))
     st = p.stat()
-    row = LedgerRow(
-        "a.jpg", st.st_size, st.st_mtime_ns, st.st_ino, "old", 1, State.SYNCED, True, 0, None
-    )
-    assert scan(rules(tmp_path), {"a.jpg": row}, Problems()).files["a.jpg"].digest is None
+    known = {("a.jpg", st.st_size, st.st_mtime_ns, st.st_ino)}
+    s = scan(rules(tmp_path), known, Problems())
+    assert s.unchanged == {"a.jpg"} and s.files == {}
     p.write_bytes(b"three")
     os.utime(p, (1_000_000, 1_000_000))  # same mtime, other size: still caught
-    digest = scan(rules(tmp_path), {"a.jpg": row}, Problems()).files["a.jpg"].digest
-    assert digest is not None and digest != "old"
+    s = scan(rules(tmp_path), known, Problems())
+    assert (
+        s.unchanged == frozenset()
+        and s.files["a.jpg"].digest == hashlib.sha256(b"three").hexdigest()
+    )
 
 
 def test_a_file_modified_just_now_is_never_trusted_by_stat(tmp_path: Path) -> None:
@@ -99,6 +102,35 @@ def test_an_undecodable_name_is_reported_and_makes_the_scan_incomplete(tmp_path:
     [(event, fields)] = problems
     assert event == "scan_problem" and "UTF-8" in str(fields["error"])
     assert "bad-\\xff.jpg" in str(fields["path"])
+
+
+def test_a_twin_of_an_unchanged_file_is_reported_and_the_unchanged_one_kept(
+    tmp_path: Path,
+) -> None:
+    nfc = tmp_path / "caf\u00e9.jpg"
+    nfc.write_bytes(b"nfc")
+    os.utime(nfc, (1_000_000, 1_000_000))
+    st = nfc.stat()
+    known = {("caf\u00e9.jpg", st.st_size, st.st_mtime_ns, st.st_ino)}
+    (tmp_path / "cafe\u0301.jpg").write_bytes(b"nfd")
+    problems = Problems()
+    s = scan(rules(tmp_path), known, problems)
+    assert s.unchanged == {"caf\u00e9.jpg"} and s.files == {} and not s.complete
+    assert "same image ID" in str(problems[0][1]["error"])
+
+
+def test_a_copy_with_the_same_size_and_mtime_is_read_again(tmp_path: Path) -> None:
+    p = tmp_path / "a.jpg"
+    p.write_bytes(b"one")
+    os.utime(p, (1_000_000, 1_000_000))
+    st = p.stat()
+    known = {("a.jpg", st.st_size, st.st_mtime_ns, st.st_ino)}
+    q = tmp_path / "b.tmp"
+    q.write_bytes(b"two")  # same size
+    os.utime(q, (1_000_000, 1_000_000))  # same mtime, as cp -p or rsync -t leave it
+    q.replace(p)  # new inode
+    s = scan(rules(tmp_path), known, Problems())
+    assert s.files["a.jpg"].digest == hashlib.sha256(b"two").hexdigest()
 
 
 def test_nfc_and_nfd_twins_are_reported_not_merged(tmp_path: Path) -> None:
