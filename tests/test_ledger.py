@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from featsync import quickcache
 from featsync.errors import Fatal
 from featsync.ledger import SqlLedger
 from featsync.model import Action, Kind, LocalFile, Outcome, State
@@ -123,5 +124,45 @@ def test_a_cycle_loads_quick_keys_and_only_the_rows_it_needs(tmp_path: Path) -> 
         assert set(ledger.rows_for(["a.jpg", "nope.jpg"])) == {"a.jpg", "bad.jpg"}
         many = ledger.rows_for([f"x{n}.jpg" for n in range(1200)] + ["b.jpg"])  # several chunks
         assert set(many) == {"b.jpg", "bad.jpg"} and many["b.jpg"].mtime_ns == 9
+    finally:
+        ledger.close()
+
+
+def test_quick_keys_encoding_round_trips_and_refuses_damage() -> None:
+    keys = {
+        ("a.jpg", 3, 4, 5),
+        ("caf\u00e9/\u65e5\u672c.png", 2**40, None, 2**62),
+        ("b c", 0, -7, 1),
+    }
+    data = quickcache.encode(sorted(keys, key=str))
+    assert data is not None and quickcache.decode(data) == keys
+    assert quickcache.decode(quickcache.encode([]) or b"") == set()
+    assert quickcache.decode(data[:-1]) is None
+    assert quickcache.decode(b"XXXX" + data[4:]) is None
+    assert quickcache.decode(b"") is None
+    assert quickcache.encode([("big.jpg", 2**64, 1, 1)]) is None  # beyond int64: no cache
+
+
+def test_the_quick_cache_never_outlives_a_change_to_the_rows(tmp_path: Path) -> None:
+    ledger = SqlLedger(url(tmp_path))
+    try:
+        f = LocalFile("a.jpg", "a.jpg", 3, 4, 5, "h")
+        ledger.record(
+            Outcome(Action(Kind.ADD, "a.jpg", f, 0), Kind.ADD, "h", 3, 4, 5, 1, None, None, 1),
+            1.0,
+            None,
+        )
+        assert ledger.quick_keys() == {("a.jpg", 3, 4, 5)}  # from the rows; cache written
+        db = sqlite3.connect(tmp_path / "ledger.db")
+        assert db.execute("SELECT count(*) FROM quick_cache").fetchone() == (1,)
+        assert ledger.quick_keys() == {("a.jpg", 3, 4, 5)}  # from the cache
+        # Another writer (a second process, a person with a SQL shell) changes a row:
+        db.execute("UPDATE images SET mtime_ns = 9 WHERE image_id = 'a.jpg'")
+        db.commit()
+        assert ledger.quick_keys() == {("a.jpg", 3, 9, 5)}
+        db.execute("DELETE FROM images")
+        db.commit()
+        assert ledger.quick_keys() == set()
+        db.close()
     finally:
         ledger.close()

@@ -12,13 +12,17 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from featsync.errors import AlreadyExists, Fatal, ItemRejected, NotFound
-from featsync.localcontext import features, matching
 from featsync.model import ImageFeatures, SearchResult
+
+if TYPE_CHECKING:
+    from featsync.localcontext import matching
+
+# The extractor and the matcher (numpy, Pillow, OpenCV) are imported where they are
+# used: a no-change reconcile never extracts or matches, and these imports would be
+# most of its start-up time.
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS features (
@@ -92,10 +96,14 @@ class LocalContext:
         return len(desc)
 
     def add_features(self, image_id: str, image: bytes) -> int:
+        from featsync.localcontext import features
+
         _check_id(image_id)
         return self._store(image_id, features.extract(image, image_id), must_exist=False)
 
     def update_features(self, image_id: str, image: bytes) -> int:
+        from featsync.localcontext import features
+
         _check_id(image_id)
         return self._store(image_id, features.extract(image, image_id), must_exist=True)
 
@@ -111,6 +119,8 @@ class LocalContext:
             raise NotFound(f"features for image {image_id!r} not found")
 
     def get_features(self, image_id: str) -> ImageFeatures:
+        from featsync.localcontext import features
+
         with self._lock:
             row = self._db.execute(
                 "SELECT count, descriptors FROM features WHERE image_id = ?", (image_id,)
@@ -143,6 +153,8 @@ class LocalContext:
         threshold: float,
         max_count: int,
     ) -> list[SearchResult]:
+        from featsync.localcontext import features, matching
+
         entries = self._entries()
         if image is not None:
             query = features.extract(image, image_id or "<uploaded image>")
@@ -156,11 +168,15 @@ class LocalContext:
         return [SearchResult(i, s) for i, s in hits]
 
     def find_duplicates(self, threshold: float) -> list[list[SearchResult]]:
+        from featsync.localcontext import matching
+
         groups = matching.duplicate_groups(self._entries(), threshold)
         return [[SearchResult(i, s) for i, s in g] for g in groups]
 
     def compare(self, image_id: str, other: str | None = None, image: bytes | None = None) -> float:
         """Similarity of a stored image to another stored one or to uploaded bytes."""
+        from featsync.localcontext import features, matching
+
         entries = self._entries()
         if image_id not in entries:
             raise NotFound(f"features for image {image_id!r} not found")
@@ -174,6 +190,10 @@ class LocalContext:
 
 
 def _descriptors(blob: Any) -> matching.Descriptors:
+    import numpy as np
+
+    from featsync.localcontext import features
+
     return np.frombuffer(bytes(blob), dtype=np.uint8).reshape(-1, features.DESCRIPTOR_BYTES)
 
 
