@@ -92,7 +92,7 @@ class Engine:
         # Only quick-check keys for the scan; whole rows only for what it did not
         # find unchanged (and every failed row): a no-change rescan of a large
         # folder never builds a row object per image.
-        quick = self.ledger.quick_keys()
+        quick = self.ledger.quick_keys(write_cache=not dry_run)
         snapshot = scan(scan_rules(self.settings), quick, log.warning)
         if len(snapshot.unchanged) == len(quick):  # every synced image seen unchanged
             rows = self.ledger.rows_for(snapshot.files)

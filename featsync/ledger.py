@@ -205,15 +205,16 @@ class SqlLedger:
         """Every image row (status, tests and tools; a cycle loads less, see below)."""
         return self._rows(self._rows_sql)
 
-    def quick_keys(self) -> set[QuickKey]:
+    def quick_keys(self, write_cache: bool = True) -> set[QuickKey]:
         """(image ID, size, mtime_ns, inode) of every synced image.
 
         This is all a no-change rescan needs from the ledger. It comes from the quick
         cache while that is current (one row; about half the cost), else from one bulk
         query of four columns as plain tuples straight from the DB-API cursor (per-file
         queries are 3-19x slower, SQLAlchemy Row objects cost more than the query at
-        100,000 rows), and then the cache is written anew. An mtime of 0 (recorded while
-        the file was too fresh to trust) comes back as None, which no stat equals.
+        100,000 rows), and then the cache is written anew (unless `write_cache` is
+        false: a dry run writes nothing). An mtime of 0 (recorded while the file was
+        too fresh to trust) comes back as None, which no stat equals.
         """
         if not self.caches_quick_keys:
             return set(self._fetch(self._quick_sql))
@@ -222,6 +223,8 @@ class SqlLedger:
             keys = quickcache.decode(cached[0][0])
             if keys is not None:
                 return keys
+        if not write_cache:
+            return set(self._fetch(self._quick_sql))
         with self._tx() as conn:
             before = self._generation(conn)
         rows = self._fetch(self._quick_sql)
