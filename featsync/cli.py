@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from featsync import __version__, logs
-from featsync.config import Settings, config_path, load
-from featsync.errors import ConfigError, FeatsyncError
+from featsync.config import ENV_CLIENT_ID, ENV_CLIENT_SECRET, Settings, config_path, load
+from featsync.errors import ConfigError, Fatal, FeatsyncError, ItemRejected, NotFound, Transient
 
 EXIT_OK, EXIT_NOT_IN_STEP, EXIT_FATAL = 0, 1, 2
 
@@ -45,11 +45,82 @@ def _parser() -> argparse.ArgumentParser:
     )
     st = sub.add_parser("status", parents=[common], help="show the ledger's view of the sync")
     st.add_argument("--json", action="store_true", help="print JSON")
+
+    srv = sub.add_parser(
+        "serve",
+        help="serve an embedded search context over the Aspose wire protocol",
+        description="Serve embedded search contexts over the Aspose Imaging Cloud wire "
+        "protocol. Credentials: --client-id / --client-secret-file, else "
+        "$FEATSYNC_CLIENT_ID / $FEATSYNC_CLIENT_SECRET.",
+    )
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    srv.add_argument("--port", type=int, default=8080, help="port (0: any free port)")
+    srv.add_argument("--data", default="featsync-serve", metavar="DIR", help="contexts live here")
+    srv.add_argument("--threads", type=int, default=16, help="requests served at once")
+    srv.add_argument("--client-id", default=None, help="the client ID tokens are issued to")
+    srv.add_argument("--client-secret-file", default=None, metavar="PATH")
+    srv.add_argument("--token-lifetime", type=float, default=3600.0, metavar="SECONDS")
+    srv.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    faults = srv.add_argument_group("fault injection (off by default)")
+    faults.add_argument("--latency", type=float, default=0.0, metavar="SECONDS")
+    faults.add_argument(
+        "--error-rate",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="answer this share of API calls with 500 or 503",
+    )
+    faults.add_argument(
+        "--throttle-rate",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="answer this share with 429 and Retry-After",
+    )
+    faults.add_argument("--retry-after", type=float, default=1.0, metavar="SECONDS")
+    faults.add_argument(
+        "--drop-rate",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="cut this share of answers off after the operation ran",
+    )
+    faults.add_argument("--seed", type=int, default=None, help="seed for the fault dice")
+
+    ctx = sub.add_parser(
+        "context", parents=[common], help="create, inspect or delete a search context"
+    )
+    ctx_sub = ctx.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ctx_sub.add_parser("create", parents=[common], help="create one and print its id")
+    ctx_sub.add_parser("status", parents=[common], help="print the configured context's status")
+    delete = ctx_sub.add_parser("delete", parents=[common], help="delete the configured context")
+    delete.add_argument("--yes", action="store_true", help="really delete it")
+
+    feat = sub.add_parser("features", parents=[common], help="features of one image ID")
+    feat_sub = feat.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in [
+        ("get", "print the features record (JSON)"),
+        ("add", "extract features of --file and add them"),
+        ("update", "replace the features with those of --file"),
+        ("delete", "delete the features"),
+    ]:
+        one = feat_sub.add_parser(action, parents=[common], help=text)
+        one.add_argument("image_id", metavar="IMAGE_ID")
+        if action in ("add", "update"):
+            one.add_argument("--file", required=True, metavar="PATH")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "serve":
+        logs.configure(args.log_format, "info")
+        try:
+            return _serve(args)
+        except FeatsyncError as exc:
+            logs.get().error("fatal_error", error=str(exc))
+            print(f"featsync: {exc}", file=sys.stderr)
+            return EXIT_FATAL
     path = config_path(getattr(args, "config", None))
     try:
         settings = load(path)
@@ -60,7 +131,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "reconcile":
             return _reconcile(settings, args.dry_run, args.confirm_deletes)
+        if args.command == "context":
+            return _context(settings, args.action, getattr(args, "yes", False))
+        if args.command == "features":
+            return _features(settings, args.action, args.image_id, getattr(args, "file", None))
         return _status(settings, args.json)
+    except (NotFound, ItemRejected, Transient) as exc:
+        print(f"featsync: {exc}", file=sys.stderr)
+        return EXIT_NOT_IN_STEP
     except FeatsyncError as exc:
         logs.get().error("fatal_error", error=str(exc))
         print(f"featsync: {exc}", file=sys.stderr)
@@ -73,7 +151,7 @@ def _reconcile(settings: Settings, dry_run: bool, confirm_deletes: bool) -> int:
 
     ledger = SqlLedger(settings.ledger.url)
     try:
-        context = open_context(settings)
+        context = open_context(settings, logs.get())
         try:
             report = Engine(settings, ledger, context, logs.get()).cycle(
                 dry_run=dry_run, confirm_deletes=confirm_deletes
@@ -105,6 +183,130 @@ def _status(settings: Settings, as_json: bool) -> int:
     else:
         print("\n".join(_status_lines(data)))
     return EXIT_NOT_IN_STEP if data["failures"] else EXIT_OK
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+    import signal
+
+    from featsync.localcontext.server import Faults, create_app, serve
+    from featsync.model import Secret
+
+    client_id = args.client_id or os.environ.get(ENV_CLIENT_ID)
+    secret = os.environ.get(ENV_CLIENT_SECRET)
+    if args.client_secret_file:
+        try:
+            with open(args.client_secret_file, encoding="utf-8") as fh:
+                secret = fh.read().strip()
+        except OSError as exc:
+            raise Fatal(
+                f"--client-secret-file {args.client_secret_file!r}: {exc.strerror}"
+            ) from None
+    if not client_id or not secret:
+        raise Fatal(
+            f"serve needs a client ID and secret: --client-id and --client-secret-file, "
+            f"or {ENV_CLIENT_ID} and {ENV_CLIENT_SECRET}"
+        )
+    for name in ("error_rate", "throttle_rate", "drop_rate"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise Fatal(f"--{name.replace('_', '-')} must be a share from 0 to 1")
+    faults = Faults(
+        latency_s=args.latency,
+        error_rate=args.error_rate,
+        throttle_rate=args.throttle_rate,
+        retry_after_s=args.retry_after,
+        drop_rate=args.drop_rate,
+        seed=args.seed,
+    )
+    log = logs.get()
+    app = create_app(args.data, client_id, Secret(secret), args.token_lifetime, faults, log)
+
+    def ready(host: str, port: int) -> None:
+        log.info(
+            "serve_started",
+            url=f"http://{host}:{port}",
+            data=os.path.abspath(args.data),
+            faults=faults.any,
+        )
+        print(f"serving on http://{host}:{port}", flush=True)
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        serve(app, args.host, args.port, args.threads, ready, quiet_drops=args.drop_rate > 0)
+    except KeyboardInterrupt:
+        log.info("serve_stopped")
+    except OSError as exc:
+        raise Fatal(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    return EXIT_OK
+
+
+def _aspose(settings: Settings) -> Any:
+    from featsync.engine import open_context
+
+    if settings.context.kind != "aspose":
+        raise Fatal(
+            'context create/status/delete need [context] kind = "aspose"; the embedded '
+            "context needs no creating"
+        )
+    return open_context(settings, logs.get())
+
+
+def _context(settings: Settings, action: str, yes: bool) -> int:
+    if action == "create":
+        client = _aspose(settings)  # no context ID is needed to create one
+        try:
+            print(client.create_context())
+        finally:
+            client.close()
+        return EXIT_OK
+    client = _aspose(settings)
+    try:
+        if action == "status":
+            print(client.status())
+        elif not yes:
+            print(
+                f"featsync: this deletes search context {settings.context.context_id!r} "
+                "with every features record in it; add --yes to go ahead",
+                file=sys.stderr,
+            )
+            return EXIT_NOT_IN_STEP
+        else:
+            client.delete_context()
+            print(f"deleted search context {settings.context.context_id}")
+    finally:
+        client.close()
+    return EXIT_OK
+
+
+def _features(settings: Settings, action: str, image_id: str, file: str | None) -> int:
+    from featsync.engine import open_context
+
+    data = b""
+    if file is not None:
+        try:
+            with open(file, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise Fatal(f"--file {file!r}: {exc.strerror}") from None
+    context = open_context(settings, logs.get())
+    try:
+        if action == "get":
+            print(json.dumps(context.get_features(image_id).as_json(), indent=2))
+        elif action == "add":
+            context.add_features(image_id, data)
+            print(f"added features of {image_id}")
+        elif action == "update":
+            context.update_features(image_id, data)
+            print(f"updated features of {image_id}")
+        else:
+            context.delete_features(image_id)
+            print(f"deleted features of {image_id}")
+    finally:
+        context.close()
+    return EXIT_OK
 
 
 def _when(ts: float | None) -> str:

@@ -16,10 +16,13 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from featsync.errors import ConfigError
+from featsync.errors import ConfigError, Fatal
+from featsync.model import Secret
 
 DEFAULT_CONFIG = "featsync.toml"
 ENV_CONFIG = "FEATSYNC_CONFIG"
+ENV_CLIENT_ID = "FEATSYNC_CLIENT_ID"
+ENV_CLIENT_SECRET = "FEATSYNC_CLIENT_SECRET"  # noqa: S105 (the variable's name, not a secret)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +43,23 @@ class LedgerSettings:
 @dataclass(frozen=True, slots=True)
 class ContextSettings:
     kind: str
-    path: str
+    path: str  # the embedded context's store (kind = "local")
+    # Aspose Imaging Cloud (kind = "aspose"); credentials are never in this file.
+    base_url: str
+    auth_url: str
+    context_id: str
+    storage: str
+    folder: str
+    client_id: str
+    client_id_file: str
+    client_secret_file: str
+    connect_timeout: float
+    read_timeout: float
+    verify_tls: bool
+    trust_env: bool
+    max_retries: int
+    backoff_max: float
+    idle_timeout: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +119,25 @@ def _fraction(v: Any) -> float:
     return float(v)
 
 
+def _seconds(lo: float, hi: float) -> Check:
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
+            raise ValueError(f"must be a number of seconds from {lo} to {hi}")
+        if not lo <= v <= hi:
+            raise ValueError(f"must be a number of seconds from {lo} to {hi}")
+        return float(v)
+
+    return check
+
+
+def _http_url(v: Any) -> str:
+    s = _non_empty(v)
+    scheme, sep, rest = s.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or not rest.split("/")[0]:
+        raise ValueError("must be an http:// or https:// URL")
+    return s.rstrip("/")
+
+
 def _choice(*options: str) -> Check:
     def check(v: Any) -> str:
         if v not in options:
@@ -147,8 +185,23 @@ SCHEMA: dict[str, dict[str, tuple[Check, Any]]] = {
     },
     "ledger": {"url": (_non_empty, "sqlite:///featsync-ledger.db")},
     "context": {
-        "kind": (_choice("local"), "local"),
+        "kind": (_choice("local", "aspose"), "local"),
         "path": (_non_empty, "featsync-context.db"),
+        "base_url": (_http_url, "https://api.aspose.cloud/v3.0"),
+        "auth_url": (_http_url, "https://api.aspose.cloud/connect/token"),
+        "context_id": (_str, ""),
+        "storage": (_str, ""),
+        "folder": (_str, ""),
+        "client_id": (_str, ""),
+        "client_id_file": (_str, ""),
+        "client_secret_file": (_str, ""),
+        "connect_timeout": (_seconds(0.1, 600), 10.0),
+        "read_timeout": (_seconds(0.1, 3600), 120.0),
+        "verify_tls": (_bool, True),
+        "trust_env": (_bool, True),
+        "max_retries": (_int_range(0, 20), 5),
+        "backoff_max": (_seconds(0, 3600), 60.0),
+        "idle_timeout": (_seconds(0, 86400), 300.0),
     },
     "safety": {
         "max_delete_fraction": (_fraction, 0.5),
@@ -192,6 +245,15 @@ def load(path: str) -> Settings:
 
 def parse(raw: Mapping[str, Any], base_dir: str, source: str = "<memory>") -> Settings:
     """Check a parsed TOML document against SCHEMA."""
+    context = raw.get("context")
+    if isinstance(context, dict) and "client_secret" in context:
+        raise ConfigError(
+            "context.client_secret",
+            "<hidden>",
+            "a secret does not belong in the config file (it ends up in backups, "
+            "diffs and bug reports); set FEATSYNC_CLIENT_SECRET, or name a file with "
+            "context.client_secret_file (with systemd, LoadCredential=)",
+        )
     for section in raw:
         if section not in SCHEMA:
             raise ConfigError(section, raw[section], "unknown section; known: " + ", ".join(SCHEMA))
@@ -233,3 +295,54 @@ def parse(raw: Mapping[str, Any], base_dir: str, source: str = "<memory>") -> Se
         safety=SafetySettings(**values["safety"]),
         log=LogSettings(**values["log"]),
     )
+
+
+# -- credentials -----------------------------------------------------------------------
+
+
+def credentials(settings: Settings, environ: Mapping[str, str] = os.environ) -> tuple[str, Secret]:
+    """The Aspose client ID and secret: from the environment, else from the files the
+    config names. A relative file name is looked up in $CREDENTIALS_DIRECTORY first
+    (systemd's LoadCredential=), then next to the config file."""
+    c = settings.context
+    base_dir = os.path.dirname(settings.config_path)
+    client_id = environ.get(ENV_CLIENT_ID) or c.client_id
+    if not client_id and c.client_id_file:
+        client_id = _read_credential("context.client_id_file", c.client_id_file, base_dir, environ)
+    if not client_id:
+        raise Fatal(
+            f"no Aspose client ID: set {ENV_CLIENT_ID}, or context.client_id or "
+            "context.client_id_file in the config"
+        )
+    secret = environ.get(ENV_CLIENT_SECRET)
+    if not secret and c.client_secret_file:
+        secret = _read_credential(
+            "context.client_secret_file", c.client_secret_file, base_dir, environ
+        )
+    if not secret:
+        raise Fatal(
+            f"no Aspose client secret: set {ENV_CLIENT_SECRET}, or name a file with "
+            "context.client_secret_file"
+        )
+    return client_id, Secret(secret)
+
+
+def _read_credential(key: str, name: str, base_dir: str, environ: Mapping[str, str]) -> str:
+    name = os.path.expanduser(name)
+    places = [name] if os.path.isabs(name) else []
+    if not places:
+        if environ.get("CREDENTIALS_DIRECTORY"):
+            places.append(os.path.join(environ["CREDENTIALS_DIRECTORY"], name))
+        places.append(os.path.join(base_dir, name))
+    for path in places:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                value = fh.read().strip()
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError) as exc:
+            raise Fatal(f"{key}: cannot read {path!r}: {exc}") from None
+        if not value:
+            raise Fatal(f"{key}: {path!r} is empty")
+        return value
+    raise Fatal(f"{key}: {name!r} not found (looked in: {', '.join(places)})")

@@ -10,15 +10,18 @@ import threading
 import time
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from featsync.apply import ApplyResult, apply_plan
-from featsync.config import Settings
+from featsync.config import Settings, credentials
 from featsync.errors import Fatal
 from featsync.ledger import SqlLedger
 from featsync.model import Kind, Plan, Policy, RootState, SearchContext, Snapshot
 from featsync.plan import plan
 from featsync.scan import ScanRules, scan
+
+if TYPE_CHECKING:
+    from featsync.aspose import ClientSettings  # imports requests: only when used
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +54,38 @@ def scan_rules(settings: Settings) -> ScanRules:
     )
 
 
-def open_context(settings: Settings) -> SearchContext:
+def open_context(settings: Settings, log: Any = None) -> SearchContext:
     if settings.context.kind == "local":
         from featsync.localcontext import LocalContext
 
         return LocalContext(settings.context.path)
+    if settings.context.kind == "aspose":
+        from featsync.aspose import AsposeContext
+
+        client_id, secret = credentials(settings)
+        return AsposeContext(client_settings(settings), client_id, secret, log)
     raise Fatal(f"context kind {settings.context.kind!r} is not supported")
+
+
+def client_settings(settings: Settings) -> ClientSettings:
+    from featsync.aspose import ClientSettings
+
+    c = settings.context
+    return ClientSettings(
+        base_url=c.base_url,
+        auth_url=c.auth_url,
+        context_id=c.context_id,
+        storage=c.storage,
+        folder=c.folder,
+        connect_timeout=c.connect_timeout,
+        read_timeout=c.read_timeout,
+        verify_tls=c.verify_tls,
+        trust_env=c.trust_env,
+        max_retries=c.max_retries,
+        backoff_max=c.backoff_max,
+        idle_timeout=c.idle_timeout,
+        pool_size=max(4, settings.sync.concurrency),
+    )
 
 
 class Engine:

@@ -16,6 +16,23 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 
+class Secret:
+    """A credential that never shows itself in a repr, a log line or a traceback."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+
 class State(enum.StrEnum):
     """Where an image ID stands in the ledger."""
 

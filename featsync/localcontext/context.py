@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS features (
     updated_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tags (name TEXT PRIMARY KEY, descriptors BLOB NOT NULL);
 """
 SCHEMA_VERSION = 1
 
@@ -187,6 +188,48 @@ class LocalContext:
         if image is None:
             raise ItemRejected("compare needs a second image ID or image data")
         return matching.similarity(entries[image_id], features.extract(image, "<uploaded image>"))
+
+    # -- tags and extraction without storing (served by `featsync serve`) -----------
+
+    def extract(self, image_id: str, image: bytes) -> ImageFeatures:
+        """Features of an image, in the Aspose shape, without adding them."""
+        from featsync.localcontext import features
+
+        desc = features.extract(image, image_id)
+        return ImageFeatures(image_id, len(desc), features.FEATURE_LENGTH_BITS, desc.tobytes())
+
+    def add_tag(self, name: str, image: bytes) -> None:
+        """Name a reference image; find_by_tags finds what looks like it."""
+        from featsync.localcontext import features
+
+        if not name:
+            raise ItemRejected("a tag name must not be empty")
+        desc = features.extract(image, f"tag {name!r}")
+        with self._lock:
+            try:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO tags VALUES (?, ?)", (name, desc.tobytes())
+                )
+            except sqlite3.Error as exc:
+                raise Fatal(f"search context store {self.path!r}: {exc}") from exc
+
+    def find_by_tags(self, tags: list[str], threshold: float, max_count: int) -> list[SearchResult]:
+        """Images similar to any of the tags' reference images, most similar first."""
+        from featsync.localcontext import matching
+
+        with self._lock:
+            rows = self._db.execute("SELECT name, descriptors FROM tags").fetchall()
+        found = {name: _descriptors(blob) for name, blob in rows if name in tags}
+        missing = [t for t in tags if t not in found]
+        if missing:
+            raise NotFound(f"no tag named {missing[0]!r}")
+        entries = self._entries()
+        best: dict[str, float] = {}
+        for desc in found.values():
+            for image_id, score in matching.rank(desc, entries, threshold, len(entries)):
+                best[image_id] = max(score, best.get(image_id, 0.0))
+        hits = sorted(best.items(), key=lambda t: (-t[1], t[0]))[: max(0, max_count)]
+        return [SearchResult(i, s) for i, s in hits]
 
 
 def _descriptors(blob: Any) -> matching.Descriptors:

@@ -1,0 +1,421 @@
+"""The Aspose.Imaging Cloud search context over HTTP: ``[context] kind = "aspose"``.
+
+The wire contract is ``shared/aspose-api.md``: camelCase JSON read case-insensitively,
+image data as the first multipart part named ``imageData`` (as the official SDKs
+send it), status 200 for every success, errors as ``{"error": {...}}`` or the legacy
+``{"Message": ...}``.
+
+Errors are classified here, where they happen:
+
+- connection errors, timeouts, 429, 500, 502, 503, 504 are retried by urllib3's
+  ``Retry`` mounted on the session (exponential backoff with jitter, ``Retry-After``
+  honoured up to ``backoff_max``; POST, PUT and DELETE too, on purpose: a repeated
+  add finds the features there and becomes an update, a repeated delete finds
+  nothing and is a success) and become ``Transient`` once the retries are spent;
+- 401 fetches a new token once and repeats the call once; a second 401, a 403, or a
+  token endpoint that refuses the client are ``Fatal`` for the run;
+- 404 is ``NotFound`` (or ``Fatal`` when it is the search context that is missing);
+- any other 4xx rejects the one image (``ItemRejected``) with the server's reason.
+
+The token and the client secret are never put in a log line, an exception or a repr.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Self
+from urllib.parse import quote, urlencode
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from featsync.errors import AlreadyExists, Fatal, ItemRejected, NotFound, Transient
+from featsync.model import ImageFeatures, SearchResult, Secret
+
+API = "/imaging/ai/imageSearch"
+TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+CONTEXT_NOT_FOUND = "ContextNotFound"  # the error code featsync serve gives a missing context
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSettings:
+    base_url: str = "https://api.aspose.cloud/v3.0"
+    auth_url: str = "https://api.aspose.cloud/connect/token"
+    context_id: str = ""
+    storage: str = ""
+    folder: str = ""
+    connect_timeout: float = 10.0
+    read_timeout: float = 120.0
+    verify_tls: bool = True
+    trust_env: bool = True
+    max_retries: int = 5
+    backoff_max: float = 60.0
+    idle_timeout: float = 300.0
+    pool_size: int = 16
+
+
+class _Retry(Retry):
+    """urllib3's Retry with ``Retry-After`` capped and each retry logged."""
+
+    def __init__(self, *args: Any, log: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.log = log
+
+    def new(self, **kw: Any) -> Self:
+        new = super().new(**kw)
+        new.log = self.log
+        return new
+
+    def get_retry_after(self, response: Any) -> float | None:
+        after = super().get_retry_after(response)
+        return None if after is None else min(after, self.backoff_max)
+
+    def increment(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: Any = None,
+        error: Exception | None = None,
+        _pool: Any = None,
+        _stacktrace: Any = None,
+    ) -> Self:
+        new = super().increment(method, url, response, error, _pool, _stacktrace)
+        if self.log is not None:
+            self.log.info(
+                "http_retry",
+                method=method,
+                path=(url or "").split("?")[0],
+                status=getattr(response, "status", None),
+                error=type(error).__name__ if error is not None else None,
+                retries_left=new.total,
+            )
+        return new
+
+
+def _field(data: Any, name: str) -> Any:
+    """A JSON object's field by name, whatever its case (v3 camelCase, v2 PascalCase)."""
+    if not isinstance(data, dict):
+        return None
+    if name in data:
+        return data[name]
+    lower = name.lower()
+    for key, value in data.items():
+        if isinstance(key, str) and key.lower() == lower:
+            return value
+    return None
+
+
+def error_reason(response: requests.Response) -> tuple[str, str]:
+    """(error code, readable reason) from an Aspose error body, or the body's start."""
+    try:
+        body = response.json()
+    except ValueError:
+        text = response.text.strip().replace("\n", " ")
+        return "", (text[:200] or response.reason or "no reason given")
+    err = _field(body, "error")
+    if isinstance(err, dict):
+        code = str(_field(err, "code") or "")
+        parts = [str(_field(err, k)) for k in ("message", "description") if _field(err, k)]
+        return code, ": ".join(parts) or code or "no reason given"
+    if isinstance(err, str):  # OAuth style: {"error": "invalid_client", "error_description": ...}
+        return err, str(_field(body, "error_description") or err)
+    message = _field(body, "message")
+    if message:
+        return "", str(message)
+    return "", json.dumps(body)[:200]
+
+
+def _describe(exc: requests.RequestException) -> str:
+    """A short reason for a failed request (no headers in it, so no token)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return "connection timed out"
+    if isinstance(exc, requests.ReadTimeout):
+        return "no answer within the read timeout"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "TLS error (certificate not trusted?)"
+    if isinstance(exc, requests.ConnectionError):
+        return "connection failed or was dropped"
+    return type(exc).__name__
+
+
+class AsposeContext:
+    """A search context in Aspose.Imaging Cloud (or in ``featsync serve``)."""
+
+    def __init__(
+        self, settings: ClientSettings, client_id: str, secret: Secret, log: Any = None
+    ) -> None:
+        self.settings = settings
+        self._client_id = client_id
+        self._secret = secret
+        self._log = log
+        self._token_lock = threading.Lock()
+        self._access: str | None = None
+        self._refresh_at = 0.0
+        self._timeout = (settings.connect_timeout, settings.read_timeout)
+        session = requests.Session()
+        session.trust_env = settings.trust_env
+        session.verify = settings.verify_tls
+        retry = _Retry(
+            total=settings.max_retries,
+            connect=settings.max_retries,
+            read=settings.max_retries,
+            status=settings.max_retries,
+            other=0,
+            allowed_methods=None,  # every method, on purpose (see the module docstring)
+            status_forcelist=TRANSIENT_STATUS,
+            backoff_factor=0.25,
+            backoff_jitter=0.25,
+            backoff_max=settings.backoff_max,
+            respect_retry_after_header=True,
+            raise_on_status=False,
+            raise_on_redirect=False,
+            log=log,
+        )
+        adapter = HTTPAdapter(
+            max_retries=retry, pool_connections=2, pool_maxsize=settings.pool_size
+        )
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        session.headers["Accept"] = "application/json"
+        session.headers["User-Agent"] = "featsync"
+        self._session = session
+
+    def __repr__(self) -> str:
+        return f"AsposeContext({self.settings.base_url!r}, context {self.settings.context_id!r})"
+
+    def close(self) -> None:
+        self._session.close()
+
+    # -- the token ---------------------------------------------------------------------
+
+    def _token(self) -> str:
+        with self._token_lock:
+            if self._access is None or time.monotonic() >= self._refresh_at:
+                self._fetch_token()
+            assert self._access is not None
+            return self._access
+
+    def _forget_token(self, token: str) -> None:
+        with self._token_lock:
+            if self._access == token:
+                self._access = None
+
+    def _fetch_token(self) -> None:
+        url = self.settings.auth_url
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": self._client_id,
+            "client_secret": self._secret.reveal(),
+        }
+        try:
+            r = self._session.post(url, data=form, timeout=self._timeout)
+        except requests.RequestException as exc:
+            raise Transient(f"token endpoint {url}: {_describe(exc)}") from None
+        if r.status_code in TRANSIENT_STATUS:
+            raise Transient(f"token endpoint {url}: HTTP {r.status_code}")
+        if r.status_code != 200:
+            _code, reason = error_reason(r)
+            raise Fatal(
+                f"token endpoint {url} refused client {self._client_id!r} "
+                f"(HTTP {r.status_code}: {reason}); check the client ID and secret"
+            )
+        try:
+            body = r.json()
+        except ValueError:
+            raise Transient(f"token endpoint {url}: the answer is not JSON") from None
+        token = _field(body, "access_token")
+        if not isinstance(token, str) or not token:
+            raise Transient(f"token endpoint {url}: no access_token in the answer")
+        try:
+            lifetime = float(_field(body, "expires_in") or 3600)
+        except (TypeError, ValueError):
+            lifetime = 3600.0
+        # Refresh a little before it runs out: a tenth of its life, at most a minute.
+        self._refresh_at = time.monotonic() + lifetime - min(60.0, lifetime / 10)
+        self._access = token
+
+    # -- calls -------------------------------------------------------------------------
+
+    def _url(self, path: str, params: dict[str, str] | None = None, in_context: bool = True) -> str:
+        s = self.settings
+        query = dict(params or {})
+        if s.storage:
+            query["storage"] = s.storage
+        if s.folder:
+            query["folder"] = s.folder
+        base = f"{s.base_url}{API}"
+        if in_context:
+            if not s.context_id:
+                raise Fatal(
+                    "context.context_id is empty: create a search context with "
+                    "`featsync context create` and put its id in the config"
+                )
+            base += "/" + quote(s.context_id, safe="")
+        qs = urlencode(query, quote_via=quote)
+        return f"{base}{path}" + (f"?{qs}" if qs else "")
+
+    def _request(
+        self, method: str, url: str, what: str, image: bytes | None = None
+    ) -> requests.Response:
+        files = None
+        if image is not None:
+            files = {"imageData": ("imageData", image, "application/octet-stream")}
+        for attempt in (1, 2):
+            token = self._token()
+            try:
+                r = self._session.request(
+                    method,
+                    url,
+                    files=files,
+                    headers={"Authorization": f"Bearer {token}"},
+                    timeout=self._timeout,
+                )
+            except requests.RequestException as exc:
+                raise Transient(f"{what}: {_describe(exc)}") from None
+            if r.status_code != 401:
+                break
+            self._forget_token(token)  # expired or revoked: one fresh token, one more try
+            if attempt == 2:
+                _code, reason = error_reason(r)
+                raise Fatal(f"{what}: the server refused a fresh token (HTTP 401: {reason})")
+        if r.status_code == 200:
+            return r
+        code, reason = error_reason(r)
+        status = r.status_code
+        if status in TRANSIENT_STATUS:
+            raise Transient(f"{what}: HTTP {status} ({reason}), retries spent")
+        if status == 403:
+            raise Fatal(f"{what}: forbidden (HTTP 403: {reason})")
+        if status == 404:
+            if code == CONTEXT_NOT_FOUND:
+                raise Fatal(f"search context {self.settings.context_id!r} not found ({reason})")
+            raise NotFound(f"{what}: not found ({reason})")
+        if code == "AlreadyExists":
+            raise AlreadyExists(f"{what}: {reason}")
+        raise ItemRejected(f"HTTP {status}: {reason}")
+
+    def _json(self, r: requests.Response, what: str) -> Any:
+        try:
+            return r.json()
+        except ValueError:
+            text = r.text[:80].replace("\n", " ")
+            raise Transient(f"{what}: the answer is not JSON ({text!r})") from None
+
+    # -- the search context ----------------------------------------------------------
+
+    def create_context(self, detector: str = "akaze", algorithm: str = "randomBinaryTree") -> str:
+        url = self._url(
+            "/create", {"detector": detector, "matchingAlgorithm": algorithm}, in_context=False
+        )
+        body = self._json(self._request("POST", url, "create search context"), "create")
+        context_id = _field(body, "id")
+        if not isinstance(context_id, str) or not context_id:
+            raise Transient("create search context: no id in the answer")
+        return context_id
+
+    def status(self) -> str:
+        r = self._request("GET", self._url("/status"), "search context status")
+        return str(_field(self._json(r, "status"), "searchStatus") or "")
+
+    def delete_context(self) -> None:
+        self._request("DELETE", self._url(""), "delete search context")
+
+    def wait_idle(self, timeout: float | None = None) -> None:
+        """Poll the status until it is Idle; Transient if it is not within `timeout`."""
+        limit = self.settings.idle_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        pause = 0.2
+        while (state := self.status()) != "Idle":
+            if time.monotonic() + pause > deadline:
+                raise Transient(f"search context still {state!r} after {limit:g} s")
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
+
+    # -- features by image ID (the SearchContext port) ----------------------------------
+
+    def add_features(self, image_id: str, image: bytes) -> int | None:
+        what = f"add features of {image_id!r}"
+        url = self._url("/features", {"imageId": image_id})
+        try:
+            self._request("POST", url, what, image)
+        except NotFound as exc:  # a missing image cannot be the reason for a 404 on add
+            raise Fatal(f"search context {self.settings.context_id!r} not found ({exc})") from None
+        except ItemRejected:
+            # The contract does not say what a POST for an existing ID answers: if the
+            # features are there, say so, and the caller sends an update instead.
+            if self._exists(image_id):
+                raise AlreadyExists(f"{what}: features already exist") from None
+            raise
+        return None
+
+    def update_features(self, image_id: str, image: bytes) -> int | None:
+        url = self._url("/features", {"imageId": image_id})
+        self._request("PUT", url, f"update features of {image_id!r}", image)
+        return None
+
+    def delete_features(self, image_id: str) -> None:
+        url = self._url("/features", {"imageId": image_id})
+        self._request("DELETE", url, f"delete features of {image_id!r}")
+
+    def _exists(self, image_id: str) -> bool:
+        try:
+            self.get_features(image_id)
+        except NotFound:
+            return False
+        return True
+
+    def get_features(self, image_id: str) -> ImageFeatures:
+        what = f"get features of {image_id!r}"
+        r = self._request("GET", self._url("/features", {"imageId": image_id}), what)
+        body = self._json(r, what)
+        try:
+            blob = base64.b64decode(_field(body, "features") or "", validate=True)
+            return ImageFeatures(
+                str(_field(body, "imageId") or image_id),
+                int(_field(body, "featuresCount") or 0),
+                int(_field(body, "featureLengthInBits") or 0),
+                blob,
+            )
+        except (TypeError, ValueError) as exc:
+            raise Transient(f"{what}: malformed answer ({exc})") from None
+
+    def find_similar(
+        self,
+        *,
+        image: bytes | None = None,
+        image_id: str | None = None,
+        threshold: float,
+        max_count: int,
+    ) -> list[SearchResult]:
+        params = {"similarityThreshold": f"{threshold:g}", "maxCount": str(max_count)}
+        if image_id is not None:
+            params["imageId"] = image_id
+        url = self._url("/findSimilar", params)
+        # With image data: POST (featsync serve takes it; the official SDKs cannot send
+        # a body on the GET, see the contract, section 2.1).
+        method = "GET" if image is None else "POST"
+        body = self._json(self._request(method, url, "find similar", image), "find similar")
+        return _results(_field(body, "results"))
+
+    def find_duplicates(self, threshold: float) -> list[list[SearchResult]]:
+        url = self._url("/findDuplicates", {"similarityThreshold": f"{threshold:g}"})
+        body = self._json(self._request("GET", url, "find duplicates"), "find duplicates")
+        groups = _field(body, "duplicates") or []
+        return [_results(_field(g, "duplicateImages")) for g in groups]
+
+
+def _results(items: Any) -> list[SearchResult]:
+    out = []
+    for item in items or []:
+        try:
+            out.append(
+                SearchResult(str(_field(item, "imageId") or ""), float(_field(item, "similarity")))
+            )
+        except (TypeError, ValueError):
+            raise Transient(f"malformed search result {item!r}") from None
+    return out
