@@ -140,6 +140,10 @@ def _describe(exc: requests.RequestException) -> str:
         return "TLS error (certificate not trusted?)"
     if isinstance(exc, requests.ConnectionError):
         return "connection failed or was dropped"
+    if isinstance(
+        exc, requests.exceptions.ChunkedEncodingError | requests.exceptions.ContentDecodingError
+    ):
+        return "the connection broke in the middle of the answer"
     return type(exc).__name__
 
 
@@ -238,6 +242,8 @@ class AsposeContext:
         # Refresh a little before it runs out: a tenth of its life, at most a minute.
         self._refresh_at = time.monotonic() + lifetime - min(60.0, lifetime / 10)
         self._access = token
+        if self._log is not None:
+            self._log.info("token_fetched", url=url, expires_in=lifetime)
 
     # -- calls -------------------------------------------------------------------------
 

@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--client-secret-file", default=None, metavar="PATH")
     srv.add_argument("--token-lifetime", type=float, default=3600.0, metavar="SECONDS")
     srv.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    srv.add_argument(
+        "--access-log", action="store_true", help="log every request (http_request events)"
+    )
     faults = srv.add_argument_group("fault injection (off by default)")
     faults.add_argument("--latency", type=float, default=0.0, metavar="SECONDS")
     faults.add_argument(
@@ -219,7 +222,9 @@ def _serve(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     log = logs.get()
-    app = create_app(args.data, client_id, Secret(secret), args.token_lifetime, faults, log)
+    app = create_app(
+        args.data, client_id, Secret(secret), args.token_lifetime, faults, log, args.access_log
+    )
 
     def ready(host: str, port: int) -> None:
         log.info(

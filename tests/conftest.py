@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import select
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -16,10 +20,11 @@ import structlog
 from structlog.testing import capture_logs
 
 from featsync import config
+from featsync.aspose import AsposeContext, ClientSettings
 from featsync.engine import CycleReport, Engine
 from featsync.ledger import SqlLedger
 from featsync.localcontext import LocalContext
-from featsync.model import ImageFeatures, SearchResult
+from featsync.model import ImageFeatures, SearchResult, Secret
 from featsync.samples import textured_bytes
 
 
@@ -180,3 +185,109 @@ def set_mtime_past(path: Path, seconds: float = 60.0) -> None:
     """Age a file so its stat is trusted (files modified within 2 s are always re-read)."""
     t = time.time() - seconds
     os.utime(path, (t, t))
+
+
+# -- featsync serve as a real subprocess --------------------------------------------------
+
+CLIENT_ID = "featsync-tests"
+CLIENT_SECRET = "test-secret-7d1f0c5a9e"  # noqa: S105 (a test credential for a loopback server)
+
+
+@dataclass
+class Server:
+    """`featsync serve` on a free loopback port, its log in `log_path`."""
+
+    url: str
+    proc: subprocess.Popen[str]
+    data: Path
+    log_path: Path
+
+    @property
+    def api(self) -> str:
+        return self.url + "/v3.0"
+
+    @property
+    def token_url(self) -> str:
+        return self.url + "/connect/token"
+
+    def log_events(self) -> list[dict[str, Any]]:
+        lines = self.log_path.read_text(encoding="utf-8").splitlines()
+        return [json.loads(x) for x in lines if x.startswith("{")]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def start_server(data: Path, *args: str, port: int = 0, timeout: float = 30.0) -> Server:
+    env = dict(os.environ, FEATSYNC_CLIENT_ID=CLIENT_ID, FEATSYNC_CLIENT_SECRET=CLIENT_SECRET)
+    data.mkdir(parents=True, exist_ok=True)
+    log_path = data.parent / f"{data.name}-serve-{time.monotonic_ns()}.log"
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "featsync",
+                "serve",
+                "--port",
+                str(port),
+                "--data",
+                str(data),
+                "--log-format",
+                "json",
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=env,
+            text=True,
+        )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    line = ""
+    while not line.startswith("serving on "):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError(f"featsync serve did not start: {log_path.read_text()}")
+        ready, _, _ = select.select([proc.stdout], [], [], remaining)
+        if ready:
+            line = proc.stdout.readline()
+    return Server(line.split()[-1], proc, data, log_path)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One plain `featsync serve` for the session; each test makes its own context."""
+    srv = start_server(tmp_path_factory.mktemp("serve") / "data", "--access-log")
+    yield srv
+    srv.stop()
+
+
+def client_for(srv: Server, context_id: str = "", **kw: Any) -> AsposeContext:
+    settings = ClientSettings(
+        base_url=srv.api,
+        auth_url=srv.token_url,
+        context_id=context_id,
+        trust_env=False,
+        **{"max_retries": 3, "backoff_max": 2.0, **kw},
+    )
+    return AsposeContext(settings, CLIENT_ID, Secret(CLIENT_SECRET), structlog.get_logger())
+
+
+def new_context(srv: Server, **kw: Any) -> AsposeContext:
+    """A client on a search context of its own."""
+    maker = client_for(srv)
+    try:
+        context_id = maker.create_context()
+    finally:
+        maker.close()
+    return client_for(srv, context_id, **kw)

@@ -279,6 +279,7 @@ def create_app(
     token_lifetime_s: float = 3600.0,
     faults: Faults | None = None,
     log: Any = None,
+    access_log: bool = False,
 ) -> Flask:
     app = Flask("featsync.serve")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
@@ -295,6 +296,7 @@ def create_app(
 
     @app.before_request
     def _before() -> Response | None:
+        g.started = time.perf_counter()
         g.request_id = uuid.uuid4().hex[:16]
         g.drop = False
         if faults.latency_s:
@@ -321,7 +323,18 @@ def create_app(
 
     @app.after_request
     def _after(resp: Response) -> Response:
-        if g.get("drop") and resp.status_code == 200:
+        dropped = bool(g.get("drop")) and resp.status_code == 200
+        if access_log and log is not None:
+            log.info(
+                "http_request",
+                method=request.method,
+                path=request.path,
+                image_id=request.args.get("imageId"),
+                status=resp.status_code,
+                dropped=dropped,
+                duration_ms=round((time.perf_counter() - g.get("started", 0.0)) * 1000, 1),
+            )
+        if dropped:
             return Response(_dropped(), status=200, headers={"Content-Length": "100"})
         return resp
 
