@@ -1,0 +1,138 @@
+"""Calls per second of a reconcile against `featsync serve`, against the ideal.
+
+Starts `featsync serve` with 50 ms of injected latency on a free loopback port,
+builds a folder of small textured images (2,000 by default: small so that feature
+extraction on the server does not hide what is measured), and for each concurrency
+(1, 4, 8, 16) reconciles the folder into a fresh search context with a fresh
+ledger. Prints calls per second, the share of the ideal ``concurrency / latency``,
+and the client's CPU time per call. Target: at least 85% of ideal up to 16.
+
+    python bench/http_throughput.py [--images 2000] [--latency 0.05] [--concurrency 1 4 8 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import structlog
+
+from featsync import config
+from featsync.engine import Engine, open_context
+from featsync.ledger import SqlLedger
+from featsync.samples import textured_bytes
+
+TARGET = 0.85
+CLIENT_ID, CLIENT_SECRET = "bench", "bench-secret"
+
+
+def start_server(data: Path, latency: float, threads: int) -> tuple[subprocess.Popen[str], str]:
+    env = dict(os.environ, FEATSYNC_CLIENT_ID=CLIENT_ID, FEATSYNC_CLIENT_SECRET=CLIENT_SECRET)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "featsync", "serve", "--port", "0", "--data", str(data),
+         "--latency", str(latency), "--threads", str(threads), "--log-format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if ready:
+            line = proc.stdout.readline()
+            if line.startswith("serving on "):
+                return proc, line.split()[-1]
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise SystemExit("featsync serve did not start")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--latency", type=float, default=0.05)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    args = ap.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="featsync-http-bench-"))
+    structlog.configure(logger_factory=structlog.ReturnLoggerFactory())
+    os.environ["FEATSYNC_CLIENT_ID"], os.environ["FEATSYNC_CLIENT_SECRET"] = (
+        CLIENT_ID,
+        CLIENT_SECRET,
+    )
+    server, url = start_server(base / "serve", args.latency, max(args.concurrency) + 4)
+    try:
+        images = base / "images"
+        images.mkdir()
+        old = time.time() - 3600
+        for n in range(args.images):
+            p = images / f"img{n:05d}.png"
+            p.write_bytes(textured_bytes(n, "PNG", size=(64, 64)))
+            os.utime(p, (old, old))
+        print(f"{args.images} images, {args.latency * 1000:.0f} ms latency, server {url}\n")
+        print(
+            f"{'concurrency':>11} {'calls/s':>8} {'ideal':>7} {'share':>6} {'client CPU/call':>16}"
+        )
+        worst = 1.0
+        for conc in args.concurrency:
+            run = base / f"c{conc}"
+            run.mkdir()
+            maker = open_context(
+                config.parse(
+                    {"context": {"kind": "aspose", "base_url": f"{url}/v3.0",
+                                 "auth_url": f"{url}/connect/token"}},
+                    str(run),
+                    str(run / "featsync.toml"),
+                )
+            )  # fmt: skip
+            context_id = maker.create_context()  # type: ignore[attr-defined]
+            maker.close()
+            settings = config.parse(
+                {
+                    "sync": {"folder": str(images), "concurrency": conc},
+                    "ledger": {"url": f"sqlite:///{run / 'ledger.db'}"},
+                    "context": {
+                        "kind": "aspose",
+                        "base_url": f"{url}/v3.0",
+                        "auth_url": f"{url}/connect/token",
+                        "context_id": context_id,
+                        "trust_env": False,
+                    },
+                    "log": {"level": "warning"},
+                },
+                str(run),
+                str(run / "featsync.toml"),
+            )
+            ledger = SqlLedger(settings.ledger.url)
+            ctx = open_context(settings)
+            cpu, t = time.process_time(), time.perf_counter()
+            report = Engine(settings, ledger, ctx, structlog.get_logger()).cycle()
+            secs, cpu = time.perf_counter() - t, time.process_time() - cpu
+            ctx.close()
+            ledger.close()
+            assert report.applied is not None and report.applied.added == args.images, report
+            rate, ideal = args.images / secs, conc / args.latency
+            worst = min(worst, rate / ideal)
+            print(
+                f"{conc:>11} {rate:>8.1f} {ideal:>7.1f} {rate / ideal:>6.0%} "
+                f"{cpu / args.images * 1000:>13.2f} ms"
+            )
+        verdict = "meets" if worst >= TARGET else "MISSES"
+        print(f"\nlowest share {worst:.0%} ({verdict} the target >= {TARGET:.0%})")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
