@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import subprocess
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -360,3 +361,96 @@ def test_fault_drill_converges_with_nothing_lost_and_repeats_bounded(
     finally:
         srv.stop()
     assert os.path.exists(srv.log_path)
+
+
+def test_wait_idle_polls_until_idle_and_gives_up_after_its_bound(
+    odd: tuple[OddServer, AsposeContext],
+) -> None:
+    srv, client = odd
+    status = "/v3.0/imaging/ai/imageSearch/c1/status"
+    srv.answers[("GET", status)] = (200, b'{"id": "c1", "searchStatus": "Idle"}')
+    client.wait_idle(timeout=1)
+    srv.answers[("GET", status)] = (200, b'{"Id": "c1", "SearchStatus": "ExtractingFeatures"}')
+    with pytest.raises(Transient, match=r"still 'ExtractingFeatures' after 0\.5 s"):
+        client.wait_idle(timeout=0.5)
+
+
+def test_the_operator_commands_drive_a_context(ws: Workspace, server: Server) -> None:
+    ws.write_config(
+        context={
+            "kind": "aspose",
+            "base_url": server.api,
+            "auth_url": server.token_url,
+            "trust_env": False,
+        }
+    )
+    made = featsync("context", "create", cwd=ws.base, env=CREDS)
+    assert made.returncode == 0, made.stderr
+    context_id = made.stdout.strip()
+    use = {**ws.overrides["context"], "context_id": context_id}
+    ws.write_config(context=use)
+    assert featsync("context", "status", cwd=ws.base, env=CREDS).stdout.strip() == "Idle"
+    image = ws.image("one.jpg", 1)
+    other = ws.image("two.jpg", 2)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return featsync(*args, cwd=ws.base, env=CREDS)
+
+    assert run("features", "add", "shop/one.jpg", "--file", str(image)).returncode == 0
+    got = json.loads(run("features", "get", "shop/one.jpg").stdout)
+    assert got["imageId"] == "shop/one.jpg" and got["featureLengthInBits"] == 488
+    assert run("features", "update", "shop/one.jpg", "--file", str(other)).returncode == 0
+    assert json.loads(run("features", "get", "shop/one.jpg").stdout) != got
+    assert run("features", "delete", "shop/one.jpg").returncode == 0
+    missing = run("features", "get", "shop/one.jpg")
+    assert missing.returncode == 1 and "not found" in missing.stderr
+    refused = run("context", "delete")
+    assert refused.returncode == 1 and "--yes" in refused.stderr
+    assert run("context", "delete", "--yes").returncode == 0
+    gone = run("context", "status")
+    assert gone.returncode == 2 and f"search context {context_id!r} not found" in gone.stderr
+
+
+def test_serve_speaks_the_wire_protocol_as_the_contract_says(server: Server) -> None:
+    import requests
+
+    s = requests.Session()
+    s.trust_env = False
+    try:
+        unauth = s.post(f"{server.url}/v3/imaging/ai/imageSearch/create", timeout=10)
+        assert unauth.status_code == 401 and "error" in unauth.json()
+        token = s.post(
+            f"{server.url}/oauth2/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_id": CLIENT_ID,
+                "client_secret": CLIENT_SECRET,
+            },
+            timeout=10,
+        ).json()
+        assert token["token_type"] == "Bearer" and token["expires_in"] > 0  # noqa: S105 - the token type, not a secret
+        s.headers["Authorization"] = f"Bearer {token['access_token']}"
+        api = f"{server.url}/v3/imaging/ai/imageSearch"
+        made = s.post(f"{api}/create", timeout=10)
+        assert made.status_code == 200 and made.json()["searchStatus"] == "Idle"
+        ctx = f"{api}/{made.json()['id']}"
+        # the raw body, as curl -T sends it
+        raw = s.post(f"{ctx}/features?imageId=raw.jpg", data=textured_bytes(5), timeout=30)
+        assert (raw.status_code, raw.content) == (200, b"")
+        body = s.get(f"{ctx}/features", params={"imageId": "raw.jpg"}, timeout=10).json()
+        assert set(body) == {"imageId", "featuresCount", "featureLengthInBits", "features"}
+        # tags as a raw JSON body, as the tutorial's curl sends them
+        tag = s.post(f"{ctx}/addTag?tagName=t", data=textured_bytes(5), timeout=30)
+        assert tag.status_code == 200
+        found = s.post(
+            f"{ctx}/findByTags?similarityThreshold=50&maxCount=3", data='["t"]', timeout=30
+        )
+        assert [r["imageId"] for r in found.json()["results"]] == ["raw.jpg"]
+        missing = s.get(f"{ctx}/features", params={"imageId": "nope"}, timeout=10)
+        assert missing.status_code == 404 and missing.json()["error"]["message"]
+        bad = s.get(f"{ctx}/findSimilar", params={"maxCount": "x"}, timeout=10)
+        assert bad.status_code == 400 and "similarityThreshold" in bad.json()["error"]["message"]
+        nowhere = s.get(f"{server.url}/v3.0/no/such/path", timeout=10)
+        assert nowhere.status_code == 404 and "error" in nowhere.json()
+    finally:
+        s.close()
