@@ -5,6 +5,13 @@ ledger's one writer and records each outcome as soon as it arrives. Adds and upd
 go first, deletes after, so a moved image is never missing from the context. One
 image's failure never stops the batch; a ``Fatal`` error stops taking new work, lets
 the calls in flight finish and is raised once they are recorded.
+
+Transient errors back off the whole worker, not each image: after a few in a row (the
+client has already retried each call with backoff) the service is taken to be down,
+no new work is started, and what is left waits for the next cycle, which the daemon
+delays with a growing wait. An outage costs a handful of calls, not one per image.
+A stop request (SIGTERM) likewise stops taking new work and lets the calls in flight
+finish.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ class ApplyResult:
     deleted: int = 0
     failed: int = 0
     deferred: int = 0  # the file changed or vanished since the scan: next cycle
+    not_sent: int = 0  # left for the next cycle: a stop request, or the service down
+    backed_off: str | None = None  # the error that made the worker back off
     fatal: Fatal | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)
 
@@ -96,9 +105,17 @@ def apply_plan(
     concurrency: int,
     log: Any,
     clock: Clock = time.time,
+    stop: Callable[[], bool] = lambda: False,
+    progress: Callable[[], None] = lambda: None,
+    breaker: int = 3,
 ) -> ApplyResult:
-    """Execute `plan`; every outcome lands in the ledger as soon as it is known."""
+    """Execute `plan`; every outcome lands in the ledger as soon as it is known.
+
+    `stop` is asked before each new call; `progress` is told of every outcome;
+    after `breaker` transient failures in a row the worker backs off (see above).
+    """
     res = ApplyResult()
+    gate = _Gate(stop, progress, breaker)
     now = clock()
     ledger.record_restat(plan.restat, now)
     ledger.forget(plan.forget, now)
@@ -113,7 +130,7 @@ def apply_plan(
     deletes = [a for a in plan.actions if a.kind is Kind.DELETE]
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="featsync-apply") as pool:
         for phase in (sends, deletes):
-            if res.fatal is None:
+            if gate.open(res):
                 _run_phase(
                     phase,
                     pool,
@@ -126,8 +143,35 @@ def apply_plan(
                     clock,
                     racy_cutoff_ns,
                     res,
+                    gate,
                 )
+            else:
+                res.not_sent += len(phase)
+    if res.backed_off is not None:
+        log.warning("worker_backoff", error=res.backed_off, not_sent=res.not_sent)
     return res
+
+
+@dataclass(slots=True)
+class _Gate:
+    """Whether apply may start another call."""
+
+    stop: Callable[[], bool]
+    progress: Callable[[], None]
+    breaker: int
+    transient_run: int = 0  # transient failures in a row
+
+    def open(self, res: ApplyResult) -> bool:
+        return res.fatal is None and res.backed_off is None and not self.stop()
+
+    def saw(self, out: Outcome, res: ApplyResult) -> None:
+        self.progress()
+        if out.error_kind == "transient":
+            self.transient_run += 1
+            if self.transient_run >= self.breaker and res.backed_off is None:
+                res.backed_off = out.error or "transient error"
+        elif out.error_kind != "deferred":
+            self.transient_run = 0
 
 
 def _run_phase(
@@ -142,22 +186,26 @@ def _run_phase(
     clock: Clock,
     racy_cutoff_ns: int,
     res: ApplyResult,
+    gate: _Gate,
 ) -> None:
     # At most 2 x concurrency submitted at once: memory stays bounded for huge plans,
-    # and after a fatal error little is left to cancel.
+    # and after a fatal error, a stop request or a backoff little is left to cancel.
     todo = iter(actions)
     running: set[Future[Outcome]] = set()
     while True:
-        while res.fatal is None and len(running) < 2 * concurrency:
+        while len(running) < 2 * concurrency and gate.open(res):
             action = next(todo, None)
             if action is None:
                 break
             running.add(pool.submit(_send, action, root, ctx, racy_cutoff_ns))
         if not running:
+            res.not_sent += sum(1 for _ in todo)
             return
         done, running = wait(running, return_when=FIRST_COMPLETED)
         for fut in done:
-            _record(fut.result(), ledger, policy, log, clock, res)
+            out = fut.result()
+            _record(out, ledger, policy, log, clock, res)
+            gate.saw(out, res)
 
 
 _EVENTS = {Kind.ADD: "image_added", Kind.UPDATE: "image_updated", Kind.DELETE: "image_deleted"}

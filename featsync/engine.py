@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
@@ -16,9 +17,18 @@ from featsync.apply import ApplyResult, apply_plan
 from featsync.config import Settings, credentials
 from featsync.errors import Fatal
 from featsync.ledger import SqlLedger
-from featsync.model import Kind, Plan, Policy, RootState, SearchContext, Snapshot
+from featsync.model import (
+    Kind,
+    LedgerRow,
+    Plan,
+    Policy,
+    RootState,
+    SearchContext,
+    Snapshot,
+    State,
+)
 from featsync.plan import plan
-from featsync.scan import ScanRules, scan
+from featsync.scan import ScanRules, image_id_for, scan
 
 if TYPE_CHECKING:
     from featsync.aspose import ClientSettings  # imports requests: only when used
@@ -39,7 +49,21 @@ class CycleReport:
             return False
         if self.applied is None:
             return p.empty
-        return not (self.applied.failed or self.applied.deferred or self.applied.fatal)
+        a = self.applied
+        return not (a.failed or a.deferred or a.not_sent or a.fatal)
+
+    @property
+    def good(self) -> bool:
+        """The cycle saw the whole folder and reached the service: single images may have
+        been rejected, but nothing stopped it (what a heartbeat's "last good cycle" means)."""
+        a = self.applied
+        return (
+            a is not None
+            and a.fatal is None
+            and a.backed_off is None
+            and not a.not_sent
+            and self.snapshot.complete
+        )
 
 
 def scan_rules(settings: Settings) -> ScanRules:
@@ -88,19 +112,36 @@ def client_settings(settings: Settings) -> ClientSettings:
     )
 
 
+class Stopped(Exception):
+    """A stop was requested while a cycle was scanning: it ends without sending."""
+
+
 class Engine:
-    """Runs cycles for one configuration, one at a time."""
+    """Runs cycles for one configuration, one at a time.
+
+    `stop` is asked during the scan and before each call (a daemon's SIGTERM);
+    `progress` is told whenever the cycle moves on (a folder listed, a file hashed,
+    an outcome recorded): the daemon's systemd watchdog pings only while it does.
+    """
 
     def __init__(
-        self, settings: Settings, ledger: SqlLedger, context: SearchContext, log: Any
+        self,
+        settings: Settings,
+        ledger: SqlLedger,
+        context: SearchContext,
+        log: Any,
+        stop: Callable[[], bool] = lambda: False,
+        progress: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
         self.context = context
         self.log = log
+        self.stop = stop
+        self.progress = progress
         self.lock = threading.Lock()
 
-    def policy(self, confirm_deletes: bool = False) -> Policy:
+    def policy(self, confirm_deletes: bool = False, held: int | None = None) -> Policy:
         s = self.settings.safety
         return Policy(
             max_delete_count=s.max_delete_count,
@@ -108,28 +149,63 @@ class Engine:
             marker=s.marker,
             expected_device=self.ledger.device(),
             confirm_deletes=confirm_deletes,
+            held=held,
         )
 
-    def cycle(self, *, dry_run: bool = False, confirm_deletes: bool = False) -> CycleReport:
+    def cycle(
+        self,
+        *,
+        dry_run: bool = False,
+        confirm_deletes: bool = False,
+        scope: Collection[str] | None = None,
+    ) -> CycleReport:
+        """One cycle over the whole folder, or over `scope` (paths relative to the root:
+        files, and folders with all below them) after watch events."""
         with self.lock:
-            return self._cycle(dry_run, confirm_deletes)
+            return self._cycle(dry_run, confirm_deletes, scope)
 
-    def _cycle(self, dry_run: bool, confirm_deletes: bool) -> CycleReport:
-        started_wall = time.time()
-        started = time.perf_counter()
-        log = self.log
+    def _tick(self) -> None:
+        if self.stop():
+            raise Stopped
+        self.progress()
+
+    def _look(
+        self, dry_run: bool, scope: Collection[str] | None
+    ) -> tuple[Snapshot, dict[str, LedgerRow], int | None]:
+        """Scan, and fetch the ledger rows the planner needs (and the held count of a
+        targeted cycle, for the delete fraction)."""
+        rules = scan_rules(self.settings)
+        if scope is not None:
+            prefix = rules.id_prefix
+            ids = [image_id_for(p.strip("/"), prefix) for p in scope]
+            scoped = self.ledger.rows_in_scope(ids, [i + "/" for i in ids])
+            known = {
+                (r.image_id, r.size, r.mtime_ns or None, r.inode)
+                for r in scoped.values()
+                if r.state == State.SYNCED
+            }
+            snap = scan(rules, known, self.log.warning, scope=scope, tick=self._tick)
+            return snap, scoped, self.ledger.held_count()
         # Only quick-check keys for the scan; whole rows only for what it did not
         # find unchanged (and every failed row): a no-change rescan of a large
         # folder never builds a row object per image.
         quick = self.ledger.quick_keys(write_cache=not dry_run)
-        snapshot = scan(scan_rules(self.settings), quick, log.warning)
+        snapshot = scan(rules, quick, self.log.warning, tick=self._tick)
         if len(snapshot.unchanged) == len(quick):  # every synced image seen unchanged
-            rows = self.ledger.rows_for(snapshot.files)
-        else:
-            synced = set(map(itemgetter(0), quick))
-            rows = self.ledger.rows_for(synced.difference(snapshot.unchanged).union(snapshot.files))
+            return snapshot, self.ledger.rows_for(snapshot.files), None
+        synced = set(map(itemgetter(0), quick))
         del quick  # a large set, not needed from here on
-        policy = self.policy(confirm_deletes)
+        wanted = synced.difference(snapshot.unchanged).union(snapshot.files)
+        return snapshot, self.ledger.rows_for(wanted), None
+
+    def _cycle(
+        self, dry_run: bool, confirm_deletes: bool, scope: Collection[str] | None
+    ) -> CycleReport:
+        started_wall = time.time()
+        started = time.perf_counter()
+        log = self.log
+        snapshot, rows, held = self._look(dry_run, scope)
+        policy = self.policy(confirm_deletes, held)
         p = plan(snapshot, rows, policy, started_wall)
         if snapshot.root_state is not RootState.OK:
             log.error("folder_unavailable", folder=snapshot.root, state=snapshot.root_state.value)
@@ -155,6 +231,8 @@ class Engine:
             policy,
             self.settings.sync.concurrency,
             log,
+            stop=self.stop,
+            progress=self.progress,
         )
         report = CycleReport(snapshot, p, applied, _ms(started))
         counts = {
@@ -165,17 +243,21 @@ class Engine:
             "failed": applied.failed + len(p.waiting),
             "withheld_deletes": len(p.withheld),
         }
-        self.ledger.record_cycle(
-            started_at=started_wall,
-            finished_at=time.time(),
-            complete=snapshot.complete,
-            duration_ms=report.duration_ms,
-            **counts,
-        )
+        if scope is None:  # the cycles table keeps full cycles (status: "last cycle")
+            self.ledger.record_cycle(
+                started_at=started_wall,
+                finished_at=time.time(),
+                complete=snapshot.complete,
+                duration_ms=report.duration_ms,
+                **counts,
+            )
         log.info(
             "cycle_finished",
+            scope="full" if scope is None else "paths",
+            paths=None if scope is None else len(scope),
             **counts,
             deferred=applied.deferred,
+            not_sent=applied.not_sent,
             complete=snapshot.complete,
             duration_ms=report.duration_ms,
         )

@@ -22,99 +22,19 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from featsync import quickcache
 from featsync.errors import Fatal
 from featsync.model import Kind, LedgerRow, LocalFile, Outcome, QuickKey, State
+from featsync.schema import (
+    GENERATION_TRIGGERS,
+    ROW_COLUMNS,
+    SCHEMA_VERSION,
+    cycles,
+    history,
+    images,
+    meta,
+    metadata,
+    quick_cache,
+)
 
-SCHEMA_VERSION = 1
 _IN_CHUNK = 500  # image IDs per IN (...) query, well below any database's parameter limit
-
-metadata = sa.MetaData()
-
-images = sa.Table(
-    "images",
-    metadata,
-    sa.Column("image_id", sa.Text, primary_key=True),
-    sa.Column("size", sa.BigInteger, nullable=False),
-    sa.Column("mtime_ns", sa.BigInteger, nullable=False),
-    sa.Column("inode", sa.BigInteger, nullable=False),
-    sa.Column("digest", sa.Text, nullable=False),
-    sa.Column("version", sa.Integer, nullable=False),
-    sa.Column("state", sa.Text, nullable=False, index=True),
-    sa.Column("remote", sa.Boolean, nullable=False),
-    sa.Column("attempts", sa.Integer, nullable=False, default=0),
-    sa.Column("next_attempt_at", sa.Float),
-    sa.Column("features_count", sa.Integer),
-    sa.Column("last_error", sa.Text),
-    sa.Column("error_kind", sa.Text),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("updated_at", sa.Float, nullable=False),
-    sa.Column("synced_at", sa.Float),
-)
-
-history = sa.Table(
-    "history",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("image_id", sa.Text, nullable=False, index=True),
-    sa.Column("version", sa.Integer, nullable=False),
-    sa.Column("digest", sa.Text),
-    sa.Column("action", sa.Text, nullable=False),
-    sa.Column("features_count", sa.Integer),
-    sa.Column("at", sa.Float, nullable=False),
-)
-
-cycles = sa.Table(
-    "cycles",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("started_at", sa.Float, nullable=False),
-    sa.Column("finished_at", sa.Float, nullable=False),
-    sa.Column("complete", sa.Boolean, nullable=False),
-    sa.Column("added", sa.Integer, nullable=False),
-    sa.Column("updated", sa.Integer, nullable=False),
-    sa.Column("deleted", sa.Integer, nullable=False),
-    sa.Column("unchanged", sa.Integer, nullable=False),
-    sa.Column("failed", sa.Integer, nullable=False),
-    sa.Column("withheld_deletes", sa.Integer, nullable=False),
-    sa.Column("duration_ms", sa.Float, nullable=False),
-)
-
-meta = sa.Table(
-    "meta",
-    metadata,
-    sa.Column("key", sa.Text, primary_key=True),
-    sa.Column("value", sa.Text, nullable=False),
-)
-
-# The quick-check keys of the synced images, encoded (featsync.quickcache), valid while
-# meta's "generation" equals the one they were made at. SQLite only: triggers move the
-# generation in the same transaction as any change to `images`, whichever code (or
-# person with a SQL shell) makes it, so a stale cache cannot be read.
-quick_cache = sa.Table(
-    "quick_cache",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("generation", sa.Integer, nullable=False),
-    sa.Column("data", sa.LargeBinary, nullable=False),
-)
-
-_BUMP = "BEGIN UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'; END"
-_GENERATION_TRIGGERS = (
-    "CREATE TRIGGER IF NOT EXISTS images_insert_moves_generation AFTER INSERT ON images " + _BUMP,
-    "CREATE TRIGGER IF NOT EXISTS images_update_moves_generation AFTER UPDATE ON images " + _BUMP,
-    "CREATE TRIGGER IF NOT EXISTS images_delete_moves_generation AFTER DELETE ON images " + _BUMP,
-)
-
-_ROW_COLUMNS = (
-    images.c.image_id,
-    images.c.size,
-    images.c.mtime_ns,
-    images.c.inode,
-    images.c.digest,
-    images.c.version,
-    images.c.state,
-    images.c.remote,
-    images.c.attempts,
-    images.c.next_attempt_at,
-)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -153,13 +73,13 @@ class SqlLedger:
                 if self.caches_quick_keys:
                     if self._generation(conn) is None:
                         conn.execute(meta.insert().values(key="generation", value="0"))
-                    for ddl in _GENERATION_TRIGGERS:
+                    for ddl in GENERATION_TRIGGERS:
                         conn.exec_driver_sql(ddl)
         except sa.exc.SQLAlchemyError as exc:
             raise Fatal(f"cannot open ledger {self._where()}: {_reason(exc)}") from exc
         # The hot queries, compiled once for this database to plain SQL (no parameters)
         # that _fetch runs on the DB-API cursor.
-        every_row = sa.select(*_ROW_COLUMNS)
+        every_row = sa.select(*ROW_COLUMNS)
         self._rows_sql = self._sql(every_row)
         self._failed_sql = self._sql(every_row.where(images.c.state == State.FAILED.value))
         self._quick_sql = self._sql(
@@ -249,9 +169,74 @@ class SqlLedger:
         with self._tx() as conn:
             for start in range(0, len(ids), _IN_CHUNK):
                 chunk = ids[start : start + _IN_CHUNK]
-                found = conn.execute(sa.select(*_ROW_COLUMNS).where(images.c.image_id.in_(chunk)))
+                found = conn.execute(sa.select(*ROW_COLUMNS).where(images.c.image_id.in_(chunk)))
                 rows.update((r[0], make(r)) for r in found)
         return rows
+
+    def rows_in_scope(
+        self, image_ids: Iterable[str], prefixes: Iterable[str]
+    ) -> dict[str, LedgerRow]:
+        """The rows of these image IDs and of every ID under these prefixes (each ends
+        with "/"; "" is everything): exactly the rows a targeted cycle may judge."""
+        ids = sorted(set(image_ids))
+        make = LedgerRow._make
+        rows: dict[str, LedgerRow] = {}
+        with self._tx() as conn:
+            for prefix in sorted(set(prefixes)):
+                q = sa.select(*ROW_COLUMNS)
+                if prefix:
+                    # a range on the primary key: "a/" <= id < "a0" ("0" follows "/")
+                    q = q.where(
+                        images.c.image_id >= prefix,
+                        images.c.image_id < prefix[:-1] + chr(ord(prefix[-1]) + 1),
+                    )
+                rows.update((r[0], make(r)) for r in conn.execute(q))
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start : start + _IN_CHUNK]
+                found = conn.execute(sa.select(*ROW_COLUMNS).where(images.c.image_id.in_(chunk)))
+                rows.update((r[0], make(r)) for r in found)
+        return rows
+
+    def held_count(self) -> int:
+        """How many image IDs the context holds features for (by the ledger)."""
+        with self._tx() as conn:
+            n = conn.execute(
+                sa.select(sa.func.count()).select_from(images).where(images.c.remote.is_(True))
+            ).scalar()
+        return int(n or 0)
+
+    def failed_due(self, now: float) -> tuple[list[str], float | None]:
+        """Failed image IDs whose next try is due, and when the next one after them is."""
+        due = sa.func.coalesce(images.c.next_attempt_at, 0.0)
+        with self._tx() as conn:
+            ids = conn.execute(
+                sa.select(images.c.image_id)
+                .where(images.c.state == State.FAILED.value, due <= now)
+                .order_by(images.c.image_id)
+            ).scalars()
+            found = list(ids)
+            later = conn.execute(
+                sa.select(sa.func.min(due)).where(images.c.state == State.FAILED.value, due > now)
+            ).scalar()
+        return found, later
+
+    def retry(self, image_ids: Sequence[str] | None, now: float) -> list[str]:
+        """Clear the wait of these failed images (None: of every failed image), so the
+        next cycle tries them; returns the IDs whose wait was cleared."""
+        where = [images.c.state == State.FAILED.value]
+        if image_ids is not None:
+            where.append(images.c.image_id.in_(list(image_ids)))
+        with self._tx() as conn:
+            ids = list(
+                conn.execute(
+                    sa.select(images.c.image_id).where(*where).order_by(images.c.image_id)
+                ).scalars()
+            )
+            if ids:
+                conn.execute(
+                    images.update().where(*where).values(next_attempt_at=None, updated_at=now)
+                )
+        return ids
 
     def _rows(self, sql: str) -> dict[str, LedgerRow]:
         make = LedgerRow._make
@@ -402,9 +387,13 @@ class SqlLedger:
         self, conn: Connection, outcome: Outcome, now: float, next_attempt_at: float | None
     ) -> None:
         a = outcome.action
+        # A transient error (network, busy server) is no fault of the image: it does not
+        # count as a try, so an outage does not push every image's next try far away.
+        # The count is the action's, not the row's + 1: a changed file starts afresh.
+        tries = a.attempts if outcome.error_kind == "transient" else a.attempts + 1
         values: dict[str, Any] = {
             "state": State.FAILED,
-            "attempts": images.c.attempts + 1,
+            "attempts": tries,
             "next_attempt_at": next_attempt_at,
             "last_error": outcome.error,
             "error_kind": outcome.error_kind,

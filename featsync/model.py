@@ -127,6 +127,9 @@ class Policy:
     marker: str = ""
     expected_device: int | None = None  # the root's st_dev recorded in the ledger
     confirm_deletes: bool = False  # an operator confirmed deletes over the limits
+    # How many images the context holds, for the fraction limit of a targeted cycle
+    # (whose rows are only those of the changed paths); None: count the plan's rows.
+    held: int | None = None
     retry_base_s: float = 30.0
     retry_factor: float = 5.0
     retry_cap_s: float = 24 * 3600.0

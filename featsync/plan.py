@@ -63,7 +63,8 @@ def plan(snapshot: Snapshot, rows: Mapping[str, LedgerRow], policy: Policy, now:
             waiting.append(image_id)
         else:
             kind = Kind.UPDATE if row.remote else Kind.ADD
-            sends.append(Action(kind, image_id, f, row.version, row.attempts))
+            # a changed file starts its escalating wait afresh
+            sends.append(Action(kind, image_id, f, row.version, row.attempts if same else 0))
 
     deletes: list[Action] = []
     forget: list[str] = []
@@ -141,8 +142,11 @@ def over_limits(
     lost = sum(1 for a in deletes if rows[a.image_id].digest not in added)
     if lost > policy.max_delete_count:
         return f"{lost} deletes exceed safety.max_delete_count = {policy.max_delete_count}"
-    held = sum(1 for r in rows.values() if r.remote and r.image_id not in unchanged)
-    held += len(unchanged)  # unchanged images are synced, so held, whether in rows or not
+    if policy.held is not None:  # a targeted cycle sees a few rows; the ledger knows all
+        held = policy.held
+    else:
+        held = sum(1 for r in rows.values() if r.remote and r.image_id not in unchanged)
+        held += len(unchanged)  # unchanged images are synced, so held, whether in rows or not
     if held and lost / held > policy.max_delete_fraction:
         return (
             f"{lost} deletes of {held} images ({lost / held:.0%}) exceed "

@@ -16,7 +16,7 @@ import re
 import stat
 import time
 import unicodedata
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from stat import S_ISREG
 
@@ -72,6 +72,24 @@ def wanted_regex(extensions: frozenset[str], ignore: tuple[str, ...]) -> re.Patt
     return re.compile(rf"{not_ignored}.*\.(?i:{exts})\Z", re.DOTALL)
 
 
+def scope_parents(
+    paths: Iterable[str], ignored: Callable[[str], object]
+) -> dict[str, frozenset[str]] | None:
+    """Group the paths of a targeted scan by their parent folder ("" for the root, else
+    ending in "/"), leaving out paths inside ignored folders; None if a path is the
+    root itself (then only a full scan will do)."""
+    parents: dict[str, set[str]] = {}
+    for path in paths:
+        path = path.strip("/")
+        if path in ("", "."):
+            return None
+        parent, _, name = path.rpartition("/")
+        if parent and any(ignored(part) is not None for part in parent.split("/")):
+            continue
+        parents.setdefault(parent + "/" if parent else "", set()).add(name)
+    return {parent: frozenset(names) for parent, names in parents.items()}
+
+
 def stat_key(st: os.stat_result, racy_cutoff_ns: int) -> tuple[int, int, int]:
     """(size, mtime_ns, inode) as the ledger records them; mtime 0 marks a racy file."""
     mtime = st.st_mtime_ns if st.st_mtime_ns < racy_cutoff_ns else 0
@@ -114,12 +132,20 @@ def scan(
     known: Container[QuickKey],
     problem: Problem,
     now_ns: int | None = None,
+    scope: Iterable[str] | None = None,
+    tick: Callable[[], None] | None = None,
 ) -> Snapshot:
     """Walk `rules.root` and return what is there, hashing only what may have changed.
 
     `known` holds the quick-check keys of the ledger's synced images (Ledger.quick_keys):
     a file whose (image ID, size, mtime_ns, inode) is among them is listed in
     ``Snapshot.unchanged`` without being read; every other file is hashed.
+
+    With a `scope` (paths relative to the root, "/"-separated, as the OS names them),
+    only those files and folders (each with all below it) are looked at: a targeted
+    scan after watch events. A scoped path that is gone is simply not in the snapshot.
+    `tick` is called for every folder listed and every file hashed (the daemon's
+    sign of progress; it may raise to abandon the scan).
     """
     root = rules.root
     try:
@@ -169,17 +195,27 @@ def scan(
         visited.add(key)
         return True
 
-    stack: list[tuple[str, str]] = [("", root)]
+    # (path relative to the root, path, only these names or None for all)
+    stack: list[tuple[str, str, frozenset[str] | None]] = [("", root, None)]
+    parents = None if scope is None else scope_parents(scope, ignored_dir)
+    if parents is not None:
+        stack = [(rel, os.path.join(root, rel), names) for rel, names in parents.items()]
     while stack:
-        rel, path = stack.pop()
+        rel, path, only = stack.pop()
+        if tick is not None:
+            tick()
         # IDs of ASCII names in here are base + name (no normalising needed)
         base = prefix + rel if posix and rel.isascii() else None
         try:
             with os.scandir(path) as it:
                 entries = list(it)
         except OSError as exc:
-            fail(path, f"cannot list folder: {exc.strerror or exc}")
+            gone = isinstance(exc, FileNotFoundError | NotADirectoryError)
+            if not (gone and only is not None):  # a scoped path's folder gone: so are they
+                fail(path, f"cannot list folder: {exc.strerror or exc}")
             continue
+        if only is not None:
+            entries = [e for e in entries if e.name in only]
         # This loop runs once per file on every rescan, so it is kept flat: an
         # unchanged file costs one regex match, one stat and one set lookup.
         for entry in entries:
@@ -191,7 +227,7 @@ def scan(
                         and (name.isascii() or decodable(path, name))
                         and (not follow or first_visit(entry))
                     ):
-                        stack.append((rel + name + "/", entry.path))
+                        stack.append((rel + name + "/", entry.path, None))
                     continue
                 if wanted(name) is None:
                     continue
@@ -217,6 +253,8 @@ def scan(
                 fail(entry.path, f"same image ID {image_id!r} as {relpaths[image_id]!r}")
                 continue
             relpaths[image_id] = relpath
+            if tick is not None:
+                tick()
             try:
                 digest = hash_settled(entry.path, st)
             except OSError as exc:

@@ -73,8 +73,17 @@ def test_outcomes_move_the_version_and_write_history(tmp_path: Path) -> None:
         assert (row.state, row.version, row.attempts, row.remote) == (State.FAILED, 0, 1, False)
         assert row.next_attempt_at == 130.0 and row.digest == "h1"
         assert ledger.failures()[0]["error"] == "bad pixels"
-        ledger.record(outcome(Kind.ADD, None, error="bad pixels"), 140.0, 290.0)
+        again = outcome(Kind.ADD, None, error="bad pixels")
+        again = again._replace(action=again.action._replace(attempts=1))
+        ledger.record(again, 140.0, 290.0)
         assert ledger.load()["a.jpg"].attempts == 2
+        # a transient error is no fault of the image: no try counted, no wait
+        flaky = again._replace(error="503", error_kind="transient")
+        flaky = flaky._replace(action=flaky.action._replace(attempts=2))
+        ledger.record(flaky, 150.0, None)
+        row = ledger.load()["a.jpg"]
+        assert (row.attempts, row.next_attempt_at) == (2, None)
+        assert ledger.failed_due(150.0) == (["a.jpg"], None)
 
         ledger.record(outcome(Kind.ADD, Kind.ADD), 200.0, None)
         ledger.record(outcome(Kind.UPDATE, Kind.UPDATE, version=1, digest="h2"), 300.0, None)
@@ -164,5 +173,31 @@ def test_the_quick_cache_never_outlives_a_change_to_the_rows(tmp_path: Path) -> 
         db.commit()
         assert ledger.quick_keys() == set()
         db.close()
+    finally:
+        ledger.close()
+
+
+def test_scope_rows_waits_and_retries(tmp_path: Path) -> None:
+    ledger = SqlLedger(url(tmp_path))
+    try:
+        for image_id in ["a/1.jpg", "a/2.jpg", "a0.jpg", "a.jpg", "ab/3.jpg", "b/a/4.jpg"]:
+            o = outcome(Kind.ADD, Kind.ADD)
+            o = o._replace(action=o.action._replace(image_id=image_id))
+            ledger.record(o, 1.0, None)
+        # "a/" holds a/1 and a/2 and nothing that only starts with "a"
+        assert sorted(ledger.rows_in_scope([], ["a/"])) == ["a/1.jpg", "a/2.jpg"]
+        assert sorted(ledger.rows_in_scope(["a.jpg", "zz.jpg"], ["b/"])) == ["a.jpg", "b/a/4.jpg"]
+        assert len(ledger.rows_in_scope([], [""])) == 6
+        assert ledger.held_count() == 6
+
+        for image_id, wait in [("a/1.jpg", 100.0), ("a/2.jpg", 500.0)]:
+            o = outcome(Kind.UPDATE, None, error="bad pixels")
+            ledger.record(o._replace(action=o.action._replace(image_id=image_id)), 10.0, wait)
+        assert ledger.failed_due(50.0) == ([], 100.0)
+        assert ledger.failed_due(100.0) == (["a/1.jpg"], 500.0)
+        assert ledger.retry(["a/2.jpg", "a.jpg"], 60.0) == ["a/2.jpg"]  # a.jpg is not failed
+        assert ledger.failed_due(60.0) == (["a/2.jpg"], 100.0)
+        assert ledger.retry(None, 61.0) == ["a/1.jpg", "a/2.jpg"]
+        assert ledger.failed_due(61.0) == (["a/1.jpg", "a/2.jpg"], None)
     finally:
         ledger.close()

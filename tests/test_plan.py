@@ -82,7 +82,8 @@ def test_failed_image_waits_until_due_or_changed() -> None:
     assert plan(snap(f("x")), rows_of(failed), Policy(), NOW).waiting == ("x",)
     assert kinds(plan(snap(f("x")), rows_of(failed), Policy(), NOW + 10)) == [("add", "x")]
     changed = plan(snap(f("x", "h2")), rows_of(failed), Policy(), NOW)
-    assert kinds(changed) == [("add", "x")] and changed.actions[0].attempts == 2
+    # a changed file starts its escalating wait afresh
+    assert kinds(changed) == [("add", "x")] and changed.actions[0].attempts == 0
 
 
 def test_gone_image_the_context_never_held_is_forgotten_without_a_call() -> None:
@@ -120,6 +121,18 @@ def test_fraction_limit_counts_against_images_the_context_holds() -> None:
     assert len(half.actions) == 2
     most = plan(snap(unchanged=("i0",)), rows, Policy(max_delete_fraction=0.5), NOW)
     assert most.actions == () and "max_delete_fraction" in (most.withheld_reason or "")
+
+
+def test_a_targeted_cycle_measures_the_fraction_against_the_whole_context() -> None:
+    # A targeted cycle plans over the rows of the changed paths only: one delete among
+    # one row is 100% of what it sees, but 1% of what the context holds.
+    one = rows_of(row("gone"))
+    assert kinds(plan(snap(), one, Policy(max_delete_fraction=0.5, held=100), NOW)) == [
+        ("delete", "gone")
+    ]
+    many = rows_of(*(row(f"i{n}") for n in range(60)))
+    p = plan(snap(), many, Policy(max_delete_fraction=0.5, held=100), NOW)
+    assert p.actions == () and "60 deletes of 100 images" in (p.withheld_reason or "")
 
 
 def test_doubtful_snapshots_never_delete() -> None:

@@ -9,8 +9,8 @@ import unicodedata
 import pytest
 import sqlalchemy as sa
 
-from featsync.ledger import metadata
 from featsync.model import State
+from featsync.schema import metadata
 from tests.conftest import Workspace, set_mtime_past
 
 
