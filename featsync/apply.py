@@ -31,6 +31,7 @@ from featsync.plan import retry_delay
 from featsync.scan import Unsettled, read_settled, stat_key
 
 Clock = Callable[[], float]
+Hold = Callable[[str], bool]  # is this path (relative to the root) still being written?
 
 
 @dataclass(slots=True)
@@ -42,13 +43,16 @@ class ApplyResult:
     deleted: int = 0
     failed: int = 0
     deferred: int = 0  # the file changed or vanished since the scan: next cycle
+    transient: int = 0  # failed for a reason that is no fault of the image
     not_sent: int = 0  # left for the next cycle: a stop request, or the service down
     backed_off: str | None = None  # the error that made the worker back off
     fatal: Fatal | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _send(action: Action, root: str, ctx: SearchContext, racy_cutoff_ns: int) -> Outcome:
+def _send(
+    action: Action, root: str, ctx: SearchContext, racy_cutoff_ns: int, hold: Hold
+) -> Outcome:
     """Do one action against the search context (runs in a worker thread)."""
     started = time.perf_counter()
     digest: str | None = None
@@ -69,6 +73,8 @@ def _send(action: Action, root: str, ctx: SearchContext, racy_cutoff_ns: int) ->
                 ctx.delete_features(action.image_id)
             return result(Kind.DELETE)
         assert action.file is not None
+        if hold(action.file.relpath):
+            return result(None, kind="deferred", error="file is being written")
         try:
             data, st = read_settled(os.path.join(root, action.file.relpath))
         except (Unsettled, FileNotFoundError):
@@ -108,6 +114,8 @@ def apply_plan(
     stop: Callable[[], bool] = lambda: False,
     progress: Callable[[], None] = lambda: None,
     breaker: int = 3,
+    hold: Hold = lambda _relpath: False,
+    in_flight: Callable[[int], None] = lambda _n: None,
 ) -> ApplyResult:
     """Execute `plan`; every outcome lands in the ledger as soon as it is known.
 
@@ -115,7 +123,7 @@ def apply_plan(
     after `breaker` transient failures in a row the worker backs off (see above).
     """
     res = ApplyResult()
-    gate = _Gate(stop, progress, breaker)
+    gate = _Gate(stop, progress, breaker, hold, in_flight)
     now = clock()
     ledger.record_restat(plan.restat, now)
     ledger.forget(plan.forget, now)
@@ -159,6 +167,8 @@ class _Gate:
     stop: Callable[[], bool]
     progress: Callable[[], None]
     breaker: int
+    hold: Hold
+    in_flight: Callable[[int], None]
     transient_run: int = 0  # transient failures in a row
 
     def open(self, res: ApplyResult) -> bool:
@@ -197,7 +207,8 @@ def _run_phase(
             action = next(todo, None)
             if action is None:
                 break
-            running.add(pool.submit(_send, action, root, ctx, racy_cutoff_ns))
+            running.add(pool.submit(_send, action, root, ctx, racy_cutoff_ns, gate.hold))
+        gate.in_flight(len(running))
         if not running:
             res.not_sent += sum(1 for _ in todo)
             return
@@ -226,6 +237,7 @@ def _record(
         wait_s = retry_delay(a.attempts + 1, policy) if out.error_kind == "rejected" else 0.0
         ledger.record(out, now, now + wait_s if wait_s else None)
         res.failed += 1
+        res.transient += out.error_kind == "transient"
         res.failures.append((a.image_id, out.error or ""))
         log.warning(
             "image_failed",

@@ -43,6 +43,19 @@ def _parser() -> argparse.ArgumentParser:
         help="send deletes even past safety.max_delete_count / max_delete_fraction, "
         "and adopt the folder's current device as the expected one",
     )
+    sub.add_parser(
+        "run",
+        parents=[common],
+        help="keep the context in step until stopped (the daemon)",
+        description="Watch the folder and keep the search context in step: changes are "
+        "sent within seconds, a full rescan runs at start and every "
+        "[daemon] rescan_interval. SIGTERM/SIGINT stop it, SIGHUP reloads the config.",
+    )
+    rt = sub.add_parser(
+        "retry", parents=[common], help="clear the wait of failed images, to try them now"
+    )
+    rt.add_argument("image_ids", nargs="*", metavar="IMAGE_ID")
+    rt.add_argument("--all", action="store_true", help="every failed image")
     st = sub.add_parser("status", parents=[common], help="show the ledger's view of the sync")
     st.add_argument("--json", action="store_true", help="print JSON")
 
@@ -134,6 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "reconcile":
             return _reconcile(settings, args.dry_run, args.confirm_deletes)
+        if args.command == "run":
+            from featsync import daemon
+
+            return daemon.run(path, settings)
+        if args.command == "retry":
+            return _retry(settings, args.image_ids, args.all)
         if args.command == "context":
             return _context(settings, args.action, getattr(args, "yes", False))
         if args.command == "features":
@@ -166,6 +185,29 @@ def _reconcile(settings: Settings, dry_run: bool, confirm_deletes: bool) -> int:
     if dry_run:
         print("\n".join(describe(report.plan)))
     return EXIT_OK if report.in_step else EXIT_NOT_IN_STEP
+
+
+def _retry(settings: Settings, image_ids: list[str], every: bool) -> int:
+    from featsync.ledger import SqlLedger
+
+    if bool(image_ids) == every:
+        print("featsync: name the image IDs to retry, or --all", file=sys.stderr)
+        return EXIT_FATAL
+    ledger = SqlLedger(settings.ledger.url)
+    try:
+        cleared = ledger.retry(None if every else image_ids, time.time())
+    finally:
+        ledger.close()
+    for image_id in cleared:
+        print(f"retry {image_id}")
+    missing = sorted(set(image_ids).difference(cleared))
+    for image_id in missing:
+        print(f"featsync: {image_id}: not a failed image", file=sys.stderr)
+    print(
+        f"{len(cleared)} image(s) will be tried by the next cycle "
+        "(a running daemon: within a second; else the next `featsync reconcile`)"
+    )
+    return EXIT_NOT_IN_STEP if missing else EXIT_OK
 
 
 def _status(settings: Settings, as_json: bool) -> int:

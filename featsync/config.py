@@ -76,6 +76,20 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DaemonSettings:
+    """`featsync run` only."""
+
+    watcher: str  # "auto" | "native" | "polling" | "off"
+    quiet_period: float  # a path is checked once it has had no events for this long
+    max_delay: float  # ... or once its first pending event is this old, events or not
+    rescan_interval: float  # full rescans, the correctness mechanism
+    heartbeat_interval: float
+    polling_interval: float  # watcher = "polling": seconds between looks
+    stop_timeout: float  # on SIGTERM, how long calls in flight may take to finish
+    max_pending: int  # changed paths held at most; beyond, one full rescan instead
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     config_path: str
     sync: SyncSettings
@@ -83,6 +97,7 @@ class Settings:
     context: ContextSettings
     safety: SafetySettings
     log: LogSettings
+    daemon: DaemonSettings
 
 
 # -- value checks: each returns the clean value or raises ValueError(reason) -------------
@@ -212,6 +227,16 @@ SCHEMA: dict[str, dict[str, tuple[Check, Any]]] = {
         "format": (_choice("auto", "json", "console"), "auto"),
         "level": (_choice("debug", "info", "warning", "error"), "info"),
     },
+    "daemon": {
+        "watcher": (_choice("auto", "native", "polling", "off"), "auto"),
+        "quiet_period": (_seconds(0, 3600), 2.0),
+        "max_delay": (_seconds(0, 86400), 30.0),
+        "rescan_interval": (_seconds(1, 30 * 86400), 3600.0),
+        "heartbeat_interval": (_seconds(1, 86400), 60.0),
+        "polling_interval": (_seconds(0.1, 3600), 5.0),
+        "stop_timeout": (_seconds(0, 3600), 30.0),
+        "max_pending": (_int_range(1, 10**7), 100_000),
+    },
 }
 
 
@@ -294,6 +319,7 @@ def parse(raw: Mapping[str, Any], base_dir: str, source: str = "<memory>") -> Se
         context=ContextSettings(**values["context"]),
         safety=SafetySettings(**values["safety"]),
         log=LogSettings(**values["log"]),
+        daemon=DaemonSettings(**values["daemon"]),
     )
 
 

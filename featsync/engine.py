@@ -132,6 +132,7 @@ class Engine:
         log: Any,
         stop: Callable[[], bool] = lambda: False,
         progress: Callable[[], None] = lambda: None,
+        hold: Callable[[str], bool] | None = None,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
@@ -139,6 +140,8 @@ class Engine:
         self.log = log
         self.stop = stop
         self.progress = progress
+        self.hold = hold  # paths still being written (the daemon's watcher knows)
+        self.in_flight = 0  # calls under way right now
         self.lock = threading.Lock()
 
     def policy(self, confirm_deletes: bool = False, held: int | None = None) -> Policy:
@@ -164,6 +167,9 @@ class Engine:
         with self.lock:
             return self._cycle(dry_run, confirm_deletes, scope)
 
+    def _count_in_flight(self, n: int) -> None:
+        self.in_flight = n
+
     def _tick(self) -> None:
         if self.stop():
             raise Stopped
@@ -184,13 +190,15 @@ class Engine:
                 for r in scoped.values()
                 if r.state == State.SYNCED
             }
-            snap = scan(rules, known, self.log.warning, scope=scope, tick=self._tick)
+            snap = scan(
+                rules, known, self.log.warning, scope=scope, tick=self._tick, hold=self.hold
+            )
             return snap, scoped, self.ledger.held_count()
         # Only quick-check keys for the scan; whole rows only for what it did not
         # find unchanged (and every failed row): a no-change rescan of a large
         # folder never builds a row object per image.
         quick = self.ledger.quick_keys(write_cache=not dry_run)
-        snapshot = scan(rules, quick, self.log.warning, tick=self._tick)
+        snapshot = scan(rules, quick, self.log.warning, tick=self._tick, hold=self.hold)
         if len(snapshot.unchanged) == len(quick):  # every synced image seen unchanged
             return snapshot, self.ledger.rows_for(snapshot.files), None
         synced = set(map(itemgetter(0), quick))
@@ -233,6 +241,8 @@ class Engine:
             log,
             stop=self.stop,
             progress=self.progress,
+            hold=self.hold or (lambda _relpath: False),
+            in_flight=self._count_in_flight,
         )
         report = CycleReport(snapshot, p, applied, _ms(started))
         counts = {

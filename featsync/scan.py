@@ -79,11 +79,15 @@ def scope_parents(
     ending in "/"), leaving out paths inside ignored folders; None if a path is the
     root itself (then only a full scan will do)."""
     parents: dict[str, set[str]] = {}
-    for path in paths:
-        path = path.strip("/")
-        if path in ("", "."):
-            return None
+    wanted = {p.strip("/") for p in paths}
+    if wanted & {"", "."}:
+        return None
+    for path in wanted:
         parent, _, name = path.rpartition("/")
+        # a path inside another scoped folder is seen with it (and only once)
+        parts = parent.split("/") if parent else []
+        if any("/".join(parts[: i + 1]) in wanted for i in range(len(parts))):
+            continue
         if parent and any(ignored(part) is not None for part in parent.split("/")):
             continue
         parents.setdefault(parent + "/" if parent else "", set()).add(name)
@@ -134,6 +138,7 @@ def scan(
     now_ns: int | None = None,
     scope: Iterable[str] | None = None,
     tick: Callable[[], None] | None = None,
+    hold: Callable[[str], bool] | None = None,
 ) -> Snapshot:
     """Walk `rules.root` and return what is there, hashing only what may have changed.
 
@@ -145,7 +150,8 @@ def scan(
     only those files and folders (each with all below it) are looked at: a targeted
     scan after watch events. A scoped path that is gone is simply not in the snapshot.
     `tick` is called for every folder listed and every file hashed (the daemon's
-    sign of progress; it may raise to abandon the scan).
+    sign of progress; it may raise to abandon the scan). A file for which `hold` says
+    true (the daemon: it had an event within the quiet period) is left unsettled.
     """
     root = rules.root
     try:
@@ -253,6 +259,9 @@ def scan(
                 fail(entry.path, f"same image ID {image_id!r} as {relpaths[image_id]!r}")
                 continue
             relpaths[image_id] = relpath
+            if hold is not None and hold(relpath):
+                unsettled.add(image_id)  # still being written, by the watcher's account
+                continue
             if tick is not None:
                 tick()
             try:
