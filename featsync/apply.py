@@ -51,10 +51,17 @@ class ApplyResult:
 
 
 def _send(
-    action: Action, root: str, ctx: SearchContext, racy_cutoff_ns: int, hold: Hold
+    action: Action,
+    root: str,
+    ctx: SearchContext,
+    racy_cutoff_ns: int,
+    hold: Hold,
+    go: Callable[[], bool],
 ) -> Outcome:
     """Do one action against the search context (runs in a worker thread)."""
     started = time.perf_counter()
+    if not go():  # queued before a backoff or a stop request: leave it for the next cycle
+        return Outcome(action, None, None, 0, 0, 0, None, "not sent", "not_sent", 0.0)
     digest: str | None = None
     size = mtime = inode = 0
 
@@ -180,7 +187,7 @@ class _Gate:
             self.transient_run += 1
             if self.transient_run >= self.breaker and res.backed_off is None:
                 res.backed_off = out.error or "transient error"
-        elif out.error_kind != "deferred":
+        elif out.error_kind not in ("deferred", "not_sent"):
             self.transient_run = 0
 
 
@@ -207,7 +214,11 @@ def _run_phase(
             action = next(todo, None)
             if action is None:
                 break
-            running.add(pool.submit(_send, action, root, ctx, racy_cutoff_ns, gate.hold))
+            running.add(
+                pool.submit(
+                    _send, action, root, ctx, racy_cutoff_ns, gate.hold, lambda: gate.open(res)
+                )
+            )
         gate.in_flight(len(running))
         if not running:
             res.not_sent += sum(1 for _ in todo)
@@ -227,6 +238,9 @@ def _record(
 ) -> None:
     a = out.action
     now = clock()
+    if out.error_kind == "not_sent":
+        res.not_sent += 1
+        return
     if out.error_kind == "deferred":
         res.deferred += 1
         log.info("image_deferred", image_id=a.image_id, action=a.kind.value, reason=out.error)

@@ -86,6 +86,7 @@ class DaemonSettings:
     heartbeat_interval: float
     polling_interval: float  # watcher = "polling": seconds between looks
     stop_timeout: float  # on SIGTERM, how long calls in flight may take to finish
+    outage_wait: float  # the first pause after the service failed; doubles to 10 min
     max_pending: int  # changed paths held at most; beyond, one full rescan instead
 
 
@@ -235,6 +236,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, Any]]] = {
         "heartbeat_interval": (_seconds(1, 86400), 60.0),
         "polling_interval": (_seconds(0.1, 3600), 5.0),
         "stop_timeout": (_seconds(0, 3600), 30.0),
+        "outage_wait": (_seconds(0.1, 3600), 15.0),
         "max_pending": (_int_range(1, 10**7), 100_000),
     },
 }

@@ -36,8 +36,7 @@ from featsync.model import SearchContext
 from featsync.watch import Handler, Pending, Watcher
 
 # After an outage (transient errors in a row, or a fatal error such as refused
-# credentials), the next try waits this long, doubling up to the cap.
-OUTAGE_WAIT_S = 15.0
+# credentials), the next try waits [daemon] outage_wait, doubling up to this cap.
 OUTAGE_WAIT_CAP_S = 600.0
 _TICK_S = 0.5  # the main loop's longest sleep (signal flags are read this often)
 
@@ -120,6 +119,7 @@ class Daemon:
         self.last_good: float | None = None  # monotonic time of the last good cycle
         self.outage_wait = 0.0
         self.outage_until = 0.0  # monotonic: no targeted cycles before this
+        self.rescan_after_pause = False  # a full cycle was cut short by an outage
         self.last_status = "starting"
         self.ready_sent = False
         self.ledger: SqlLedger | None = None
@@ -290,6 +290,9 @@ class Daemon:
                 )
                 self.request_full("overflow")
             if now >= self.outage_until and self.engine is not None:
+                if self.rescan_after_pause:
+                    self.rescan_after_pause = False
+                    self.request_full("after pause")
                 self._targeted()
             if now >= next_heartbeat:
                 self._heartbeat()
@@ -350,12 +353,22 @@ class Daemon:
             return
         finally:
             self.pulse.cycles -= 1
-        self._after(report)
+        self._after(report, scope)
 
-    def _after(self, report: CycleReport) -> None:
+    def _after(self, report: CycleReport, scope: list[str] | None) -> None:
         a = report.applied
         if a is not None:
             self.synced_since_start += a.added + a.updated + a.deleted
+        # What this cycle could not finish is looked at again: the paths of a targeted
+        # cycle go back to waiting; a full cycle cut short is run again after the pause.
+        unfinished = a is not None and bool(a.not_sent or a.deferred or a.backed_off)
+        if unfinished or report.plan.unsettled:
+            if scope is None:
+                self.rescan_after_pause = True
+            else:
+                root = self.settings.sync.folder
+                for rel in scope:
+                    self.pending.mark(rel, _size(os.path.join(root, rel)))
         if a is not None and (a.backed_off or a.transient):
             self._outage(a.backed_off or "transient errors")
         elif report.good:
@@ -365,7 +378,8 @@ class Daemon:
         self._status()
 
     def _outage(self, error: str) -> None:
-        self.outage_wait = min(OUTAGE_WAIT_CAP_S, max(OUTAGE_WAIT_S, self.outage_wait * 2))
+        first = self.settings.daemon.outage_wait
+        self.outage_wait = min(max(OUTAGE_WAIT_CAP_S, first), max(first, self.outage_wait * 2))
         self.outage_until = time.monotonic() + self.outage_wait
         self.log.warning("sync_paused", error=error, retry_in_s=self.outage_wait)
         self._status()

@@ -570,3 +570,74 @@ def test_the_heartbeat_tells_an_operator_how_things_stand(ws: Workspace, daemons
     assert beat["pending"] == 0 and beat["in_flight"] == 0 and beat["quarantined"] == 0
     assert beat["last_good_cycle_age_s"] is not None and beat["watcher"] == "native"
     assert run.stop() == 0
+
+
+def test_an_outage_pauses_the_worker_instead_of_burning_calls(
+    ws: Workspace, daemons: Daemons, tmp_path: Path
+) -> None:
+    srv = start_server(tmp_path / "flaky")
+    port = int(srv.url.rsplit(":", 1)[1])
+    try:
+        context_id = use_server(ws, srv, max_retries=1, backoff_max=0.2, connect_timeout=1.0)
+        configure(
+            ws,
+            sync={"concurrency": 2},
+            context=ws.overrides["context"],
+            daemon={"outage_wait": 1.0},
+        )
+        write(ws.images / "first.jpg", 1)
+        run = daemons.start(CREDS)
+        wait_for(lambda: in_step(ws, served_ids(srv, context_id)), 30, run.tail())
+        srv.stop()  # the service goes away
+        for n in range(30):
+            write(ws.images / f"later-{n:02}.jpg", 10 + n, size=(64, 48))
+        run.wait_event("sync_paused", 3)
+        paused = [e["retry_in_s"] for e in run.events("sync_paused")]
+        assert paused[:3] == [1.0, 2.0, 4.0]  # the pause grows
+        backoffs = run.events("worker_backoff")
+        assert backoffs and backoffs[0]["not_sent"] > 20  # most images were never tried
+        failed = Counter(e["image_id"] for e in run.events("image_failed"))
+        cycles = len(run.events("cycle_finished"))
+        # a cycle stops after 3 transient failures in a row, and the calls already
+        # handed to the 2 workers fail too: a handful of calls a cycle, not one per image
+        assert sum(failed.values()) <= (3 + 2 * 2) * cycles, failed
+
+        srv = start_server(tmp_path / "flaky", port=port)  # back, with its contexts
+        wait_for(lambda: in_step(ws, served_ids(srv, context_id)), 60, run.tail())
+        ledger = ws.ledger()
+        try:
+            assert max(r.attempts for r in ledger.load().values()) == 0  # no image's fault
+        finally:
+            ledger.close()
+        assert run.stop() == 0
+    finally:
+        srv.stop()
+
+
+def test_an_overrunning_rescan_is_skipped_and_said_so_never_stacked(
+    ws: Workspace, daemons: Daemons, tmp_path: Path
+) -> None:
+    srv = start_server(tmp_path / "slowscan", "--latency", "0.4")
+    try:
+        use_server(ws, srv)
+        configure(
+            ws,
+            sync={"concurrency": 1},
+            context=ws.overrides["context"],
+            daemon={"rescan_interval": 1.0},
+        )
+        for n in range(8):
+            write(ws.images / f"{n}.jpg", n, size=(64, 48))
+        run = daemons.start(CREDS)  # the first rescan takes over 3 s: the next are due
+        run.wait_event("rescan_skipped", timeout=30)
+        wait_for(
+            lambda: sum(e["scope"] == "full" for e in run.events("cycle_finished")) >= 2,
+            30,
+            "a second full rescan",
+        )
+        starts = [e["timestamp"] for e in run.events("cycle_finished") if e["scope"] == "full"]
+        assert starts == sorted(starts)
+        assert run.count("cycle_crashed") == 0 and run.count("rescan_failed") == 0
+        assert run.stop() == 0
+    finally:
+        srv.stop()

@@ -25,8 +25,10 @@ def test_the_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         # verify checks that ExecStart exists: point it at this install's featsync
         text = (DEPLOY / name).read_text(encoding="utf-8")
         (tmp_path / name).write_text(text.replace("/opt/featsync/bin/featsync", featsync))
+    analyze = shutil.which("systemd-analyze")
+    assert analyze is not None
     done = subprocess.run(
-        ["systemd-analyze", "verify", *(str(tmp_path / n) for n in UNITS)],
+        [analyze, "verify", *(str(tmp_path / n) for n in UNITS)],
         capture_output=True,
         text=True,
         check=False,
