@@ -32,8 +32,8 @@ from featsync import config, logs
 from featsync.engine import CycleReport, Engine, Stopped, open_context, scan_rules
 from featsync.errors import FeatsyncError
 from featsync.ledger import SqlLedger
-from featsync.model import SearchContext
-from featsync.watch import Handler, Pending, Watcher
+from featsync.model import RootState, SearchContext
+from featsync.watch import ROOT_CHANGED, Handler, Pending, Watcher
 
 # After an outage (transient errors in a row, or a fatal error such as refused
 # credentials), the next try waits [daemon] outage_wait, doubling up to this cap.
@@ -120,6 +120,9 @@ class Daemon:
         self.outage_wait = 0.0
         self.outage_until = 0.0  # monotonic: no targeted cycles before this
         self.rescan_after_pause = False  # a full cycle was cut short by an outage
+        self.rewatch = False  # try to start a watch that should run but does not
+        self.restart_watch = False  # the watched folder itself moved or went away
+        self.root_lost = False  # the last full rescan found no folder
         self.last_status = "starting"
         self.ready_sent = False
         self.ledger: SqlLedger | None = None
@@ -227,7 +230,12 @@ class Daemon:
 
     def _trouble(self, reason: str) -> None:
         """The watcher lost track (overflow, handler error, dead watch): rescan all."""
-        self.log.warning("watcher_problem", error=reason, action="full rescan")
+        root_gone = reason == ROOT_CHANGED
+        action = "watch again, full rescan" if root_gone else "full rescan"
+        self.log.warning("watcher_problem", error=reason, action=action)
+        if root_gone:  # a watch on a moved or unmounted folder sees nothing of its path
+            self.restart_watch = True
+            self.wake.set()
         self.request_full("watcher")
 
     # -- running -----------------------------------------------------------------------
@@ -276,11 +284,22 @@ class Daemon:
                 self._reload = False
                 self._reload_config()
             watcher = self.watcher
-            if watcher is not None and not watcher.alive():
+            if watcher is not None and self.restart_watch:
+                self.restart_watch = False
+                watcher.stop()
+                if watcher.start() != "off":
+                    self.request_full("watcher")
+            elif watcher is not None and not watcher.alive():
                 self.log.error("watcher_failed", mode=watcher.active, error="the watch died")
                 watcher.stop()
                 watcher.start()
                 self.request_full("watcher")
+            elif watcher is not None and self.rewatch:
+                # A watch that could not start (the folder missing, an inotify limit) is
+                # tried again after each full rescan: once per rescan_interval at most.
+                self.rewatch = False
+                if watcher.start() != "off":
+                    self.request_full("watcher")
             if self.pending.overflowed:
                 self.pending.overflowed = False
                 self.log.warning(
@@ -356,6 +375,18 @@ class Daemon:
         self._after(report, scope)
 
     def _after(self, report: CycleReport, scope: list[str] | None) -> None:
+        w = self.watcher
+        if scope is None and w is not None and w.mode != "off" and w.active == "off":
+            self.rewatch = True
+            self.wake.set()
+        # A folder that went missing (unmounted, moved away) and is back is another
+        # directory to the kernel: the old watch sees nothing of it. Watch it anew.
+        if scope is None and report.snapshot.root_state is not RootState.OK:
+            self.root_lost = True
+        elif scope is None and self.root_lost:
+            self.root_lost = False
+            self.restart_watch = True
+            self.wake.set()
         a = report.applied
         if a is not None:
             self.synced_since_start += a.added + a.updated + a.deleted

@@ -31,6 +31,7 @@ Clock = Callable[[], float]
 # would otherwise wake it up again, forever.
 _READS = frozenset({"opened", "closed_no_write"})
 
+ROOT_CHANGED = "the watched folder itself was moved or deleted"
 SYSCTL_HINT = (
     "raise the limit, e.g. `sysctl fs.inotify.max_user_watches=524288` (and "
     "fs.inotify.max_user_instances; persist it in /etc/sysctl.d/), or set "
@@ -153,6 +154,9 @@ class Handler:
         kind = event.event_type
         if kind in _READS or (event.is_directory and kind == "modified"):
             return  # a folder's "modified" only echoes its children's own events
+        if kind in ("deleted", "moved") and os.fsdecode(event.src_path) == self.root:
+            self.trouble(ROOT_CHANGED)
+            return
         marked = self._mark(event.src_path, event.is_directory)
         if kind == "moved":
             marked |= self._mark(event.dest_path, event.is_directory)
@@ -162,8 +166,7 @@ class Handler:
     def _mark(self, path: str | bytes, is_dir: bool) -> bool:
         path = os.fsdecode(path)
         if path == self.root:
-            self.trouble("the watched folder itself changed")
-            return False
+            return False  # the folder's own changes: see _handle
         if not path.startswith(self.root + os.sep):
             return False
         rel = path[len(self.root) + 1 :]

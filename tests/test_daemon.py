@@ -641,3 +641,111 @@ def test_an_overrunning_rescan_is_skipped_and_said_so_never_stacked(
         assert run.stop() == 0
     finally:
         srv.stop()
+
+
+def test_an_inotify_queue_overflow_leads_to_a_full_rescan(ws: Workspace, daemons: Daemons) -> None:
+    configure(ws)
+    run = daemons.start()
+    run.wait_event("cycle_finished")
+    noise = ws.images / "noise"
+    noise.mkdir()
+    run.wait_event("cycle_finished", 2)  # the new folder was looked at: it is watched
+    run.proc.send_signal(signal.SIGSTOP)  # nothing reads the kernel's queue meanwhile
+    try:
+        limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+        for n in range(limit + 2000):  # more events than the queue holds
+            (noise / f"{n}.txt").touch()
+        write(ws.images / "lost-in-the-noise.jpg", 1)
+    finally:
+        run.proc.send_signal(signal.SIGCONT)
+    run.wait_event("watcher_problem")
+    assert "overflow" in run.events("watcher_problem")[0]["error"]
+    wait_in_step(ws, run)
+    assert any(e["scope"] == "full" and e["added"] == 1 for e in run.events("cycle_finished")), (
+        run.tail()
+    )
+    assert run.stop() == 0
+
+
+def test_an_inotify_limit_is_explained_and_rescans_carry_on(
+    ws: Workspace, daemons: Daemons
+) -> None:
+    import ctypes
+    import errno
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    configure(ws, daemon={"rescan_interval": 1.0})
+    held: list[int] = []
+    try:  # use up this user's inotify instances, as a busy machine might
+        while True:
+            fd = libc.inotify_init1(os.O_CLOEXEC)
+            if fd < 0:
+                assert ctypes.get_errno() == errno.EMFILE
+                break
+            held.append(fd)
+        run = daemons.start()
+        run.wait_event("watcher_failed")
+    finally:
+        for fd in held:
+            os.close(fd)
+    failed = run.events("watcher_failed")[0]
+    assert "inotify instance limit" in failed["error"]
+    assert "fs.inotify.max_user_instances" in failed["hint"]
+    write(ws.images / "seen-by-a-rescan.jpg", 1)
+    wait_in_step(ws, run)
+    # the instances are free again: the next rescan starts the watch
+    wait_for(lambda: run.count("watcher_started") >= 1, 15, run.tail())
+    assert run.events("watcher_started")[-1]["mode"] == "native"
+    assert run.stop() == 0
+
+
+def test_a_folder_that_goes_away_deletes_nothing_and_is_watched_again(
+    ws: Workspace, daemons: Daemons
+) -> None:
+    configure(ws, daemon={"rescan_interval": 1.0})
+    for n in range(3):
+        write(ws.images / f"{n}.jpg", n)
+    run = daemons.start()
+    wait_in_step(ws, run)
+    held = ws.remote_ids()
+    ws.images.rename(ws.base / "unmounted")  # as if the disk went away
+    run.wait_event("folder_unavailable")
+    wait_for(lambda: run.count("folder_unavailable") >= 2, 15, "two rescans of a missing folder")
+    assert ws.remote_ids() == held and run.count("image_deleted") == 0
+    (ws.base / "unmounted").rename(ws.images)  # back
+    wait_for(lambda: run.count("watcher_started") >= 2, 15, run.tail())
+    write(ws.images / "new.jpg", 9)
+    wait_in_step(ws, run)
+    assert run.count("image_deleted") == 0
+    assert run.stop() == 0
+
+
+def test_calls_stuck_past_stop_timeout_do_not_hold_up_the_stop(
+    ws: Workspace, daemons: Daemons, tmp_path: Path
+) -> None:
+    srv = start_server(tmp_path / "stuckstop", "--latency", "4", "--access-log")
+    try:
+        context_id = use_server(ws, srv)
+        configure(
+            ws,
+            sync={"concurrency": 2},
+            context=ws.overrides["context"],
+            daemon={"stop_timeout": 1.0},
+        )
+        for n in range(4):
+            write(ws.images / f"{n}.jpg", n, size=(64, 48))
+        run = daemons.start(CREDS)
+        wait_for(lambda: any(e["in_flight"] > 0 for e in run.events("heartbeat")), 30)
+        started = time.monotonic()
+        assert run.stop() == 0
+        assert time.monotonic() - started < 4  # did not wait for the 4 s calls
+        assert run.events("daemon_stopped")[0]["timed_out"] is True
+        again = daemons.start(CREDS)
+        wait_for(lambda: in_step(ws, served_ids(srv, context_id)), 60, again.tail())
+        posts = Counter(
+            e["image_id"] for e in requests_for(srv, context_id) if e["method"] == "POST"
+        )
+        assert set(posts) == set(folder_digests(ws)) and max(posts.values()) <= 2
+        assert again.stop() == 0
+    finally:
+        srv.stop()
