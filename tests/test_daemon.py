@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import pytest
 
 from featsync.model import State
 from featsync.samples import textured_bytes
-from tests.conftest import Workspace, start_server, wait_for
+from tests.conftest import Server, Workspace, start_server, wait_for
 from tests.test_aspose import CREDS, requests_for, served_ids, use_server
 from tests.test_cli import featsync
 
@@ -146,8 +146,37 @@ def in_step(ws: Workspace, remote: set[str] | None = None) -> bool:
     return ledger_digests(ws) == folder and held == set(folder)
 
 
-def wait_in_step(ws: Workspace, run: Running, timeout: float = 30.0) -> None:
-    wait_for(lambda: in_step(ws), timeout, f"folder, ledger and context in step\n{run.tail()}")
+def wait_in_step(
+    ws: Workspace,
+    run: Running,
+    timeout: float = 30.0,
+    remote: Callable[[], set[str]] | None = None,
+) -> None:
+    def ok() -> bool:
+        return in_step(ws, remote() if remote is not None else None)
+
+    wait_for(ok, timeout, f"folder, ledger and context in step\n{run.tail()}")
+
+
+@dataclass
+class Backend:
+    """Where the daemon sends features: the embedded context, or featsync serve."""
+
+    name: str
+    context: dict[str, Any]  # the config's [context]
+    env: dict[str, str]
+    remote: Callable[[], set[str]]  # the image IDs the context holds
+
+
+@pytest.fixture(params=["embedded", "serve"])
+def backend(request: pytest.FixtureRequest, ws: Workspace) -> Backend:
+    if request.param == "embedded":
+        return Backend("embedded", {}, {}, ws.remote_ids)
+    srv: Server = request.getfixturevalue("server")
+    context_id = use_server(ws, srv)
+    return Backend(
+        "serve", dict(ws.overrides["context"]), CREDS, lambda: served_ids(srv, context_id)
+    )
 
 
 def write(path: Path, seed: int, size: tuple[int, int] = (160, 120)) -> bytes:
@@ -254,14 +283,16 @@ def test_a_failing_handler_or_a_watchdog_warning_asks_for_a_rescan(tmp_path: Pat
 # -- the daemon, as a subprocess --------------------------------------------------------
 
 
-def test_the_daemon_follows_every_kind_of_change(ws: Workspace, daemons: Daemons) -> None:
-    configure(ws)
+def test_the_daemon_follows_every_kind_of_change(
+    ws: Workspace, daemons: Daemons, backend: Backend
+) -> None:
+    configure(ws, context=backend.context)
     write(ws.images / "keep.jpg", 1)
     write(ws.images / "edit.jpg", 2)
     write(ws.images / "gone.jpg", 3)
     write(ws.images / "old-name.jpg", 4)
-    run = daemons.start()
-    wait_in_step(ws, run)
+    run = daemons.start(backend.env)
+    wait_in_step(ws, run, remote=backend.remote)
     assert run.count("image_added") == 4
 
     write(ws.images / "new.jpg", 10)  # create
@@ -277,7 +308,7 @@ def test_the_daemon_follows_every_kind_of_change(ws: Workspace, daemons: Daemons
     write(temp, 12)
     temp.rename(ws.images / "edit.jpg")
     (ws.images / "notes.tmp").write_text("not an image")
-    wait_in_step(ws, run)
+    wait_in_step(ws, run, remote=backend.remote)
     assert set(ledger_digests(ws)) == {
         "keep.jpg",
         "edit.jpg",
@@ -295,9 +326,11 @@ def test_the_daemon_follows_every_kind_of_change(ws: Workspace, daemons: Daemons
     assert run.count("daemon_stopped") == 1
 
 
-def test_a_file_written_slowly_is_sent_once_whole(ws: Workspace, daemons: Daemons) -> None:
-    configure(ws)
-    run = daemons.start()
+def test_a_file_written_slowly_is_sent_once_whole(
+    ws: Workspace, daemons: Daemons, backend: Backend
+) -> None:
+    configure(ws, context=backend.context)
+    run = daemons.start(backend.env)
     run.wait_event("cycle_finished")
     data = textured_bytes(7, size=(640, 480))
     target = ws.images / "slow.jpg"
@@ -307,7 +340,7 @@ def test_a_file_written_slowly_is_sent_once_whole(ws: Workspace, daemons: Daemon
             fh.write(chunk)
             fh.flush()
             time.sleep(QUIET / 3)
-    wait_in_step(ws, run)
+    wait_in_step(ws, run, remote=backend.remote)
     ledger = ws.ledger()
     try:
         history = ledger.history_of("slow.jpg")
