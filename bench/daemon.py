@@ -206,10 +206,10 @@ def dict_reference(n: int) -> float:
     return float(out.stdout)
 
 
-def memory(files: int, workdir: str | None, keep: bool) -> None:
+def memory(files: int, workdir: str | None, keep: bool, rescans: int) -> None:
     base = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="featsync-mem-"))
     daemon_cfg = (
-        '[daemon]\nrescan_interval = 20\nheartbeat_interval = 3600\n[log]\nformat = "json"\n'
+        '[daemon]\nrescan_interval = 5\nheartbeat_interval = 3600\n[log]\nformat = "json"\n'
     )
     try:
         if not (base / "images").exists():
@@ -247,7 +247,9 @@ def memory(files: int, workdir: str | None, keep: bool) -> None:
         first = next(e for e in d.events if e["event"] == "cycle_finished")
         time.sleep(1)
         after_first, _ = d.rss_kb()
-        wait_until(lambda: d.count("cycle_finished", scope="full") >= 4, 600, "three more rescans")
+        wait_until(
+            lambda: d.count("cycle_finished", scope="full") >= 1 + rescans, 3600, "more rescans"
+        )
         time.sleep(1)
         after_more, peak = d.rss_kb()
         d.stop()
@@ -263,7 +265,7 @@ def memory(files: int, workdir: str | None, keep: bool) -> None:
     print(f"  idle, empty folder:                    {empty_rss / 1024:7.1f} MB")
     print(f"  idle after the startup rescan:         {after_first / 1024:7.1f} MB")
     print(
-        f"  idle after 3 more full rescans:        {after_more / 1024:7.1f} MB "
+        f"  idle after {rescans:2} more full rescans:       {after_more / 1024:7.1f} MB "
         f"(peak {peak / 1024:.1f} MB)"
     )
     print(
@@ -281,12 +283,13 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=100_000)
     ap.add_argument("--dir", default=None)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--rescans", type=int, default=3, help="full rescans after the first")
     ap.add_argument("--only", choices=["latency", "memory"], default=None)
     args = ap.parse_args()
     if args.only in (None, "latency"):
         latency(args.changes, args.quiet)
     if args.only in (None, "memory"):
-        memory(args.files, args.dir, args.keep)
+        memory(args.files, args.dir, args.keep, args.rescans)
 
 
 if __name__ == "__main__":
