@@ -308,6 +308,12 @@ def test_the_daemon_follows_every_kind_of_change(
     write(temp, 12)
     temp.rename(ws.images / "edit.jpg")
     (ws.images / "notes.tmp").write_text("not an image")
+    outside = ws.base / "outside"  # a folder dragged in from elsewhere, and one out
+    write(outside / "in-1.jpg", 30)
+    write(outside / "in-2.jpg", 31)
+    outside.rename(ws.images / "dragged-in")
+    wait_in_step(ws, run, remote=backend.remote)
+    (ws.images / "dragged-in").rename(ws.base / "dragged-out")
     wait_in_step(ws, run, remote=backend.remote)
     assert set(ledger_digests(ws)) == {
         "keep.jpg",
@@ -318,7 +324,7 @@ def test_the_daemon_follows_every_kind_of_change(
         "a/b/c/1.jpg",
         "a/b/c/2.jpg",
     }
-    wait_for(lambda: run.count("image_deleted") == 2, 10, "two deletes")
+    wait_for(lambda: run.count("image_deleted") == 4, 10, "four deletes")
     ids = Counter(e["image_id"] for e in run.events() if e["event"].startswith("image_"))
     assert ids["keep.jpg"] == 1  # the touch cost no call
     assert ids[".edit.jpg.swp"] == 0 and ids["notes.tmp"] == 0
@@ -782,3 +788,25 @@ def test_calls_stuck_past_stop_timeout_do_not_hold_up_the_stop(
         assert again.stop() == 0
     finally:
         srv.stop()
+
+
+def test_a_folder_deleted_whole_past_the_limit_is_withheld_not_deleted(
+    ws: Workspace, daemons: Daemons
+) -> None:
+    configure(ws, safety={"max_delete_count": 2})
+    for n in range(3):
+        write(ws.images / "album" / f"{n}.jpg", n)
+    write(ws.images / "other.jpg", 9)
+    run = daemons.start()
+    wait_in_step(ws, run)
+    held = ws.remote_ids()
+    for path in (ws.images / "album").iterdir():
+        path.unlink()
+    (ws.images / "album").rmdir()  # rm -rf album: one folder, three deletes in one plan
+    run.wait_event("deletes_withheld")
+    assert "max_delete_count" in run.events("deletes_withheld")[0]["reason"]
+    assert ws.remote_ids() == held and run.count("image_deleted") == 0
+    assert run.stop() == 0
+    confirmed = featsync("reconcile", "--confirm-deletes", cwd=ws.base)
+    assert confirmed.returncode == 0, confirmed.stderr
+    assert ws.remote_ids() == {"other.jpg"}
