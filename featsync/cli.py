@@ -170,18 +170,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _reconcile(settings: Settings, dry_run: bool, confirm_deletes: bool) -> int:
     from featsync.engine import Engine, describe, open_context
     from featsync.ledger import SqlLedger
+    from featsync.lock import SyncLock
 
-    ledger = SqlLedger(settings.ledger.url)
+    lock = SyncLock(settings.ledger.url)
+    if not dry_run:  # a dry run writes nothing: it may look while a daemon syncs
+        lock.acquire()
     try:
-        context = open_context(settings, logs.get())
+        ledger = SqlLedger(settings.ledger.url)
         try:
-            report = Engine(settings, ledger, context, logs.get()).cycle(
-                dry_run=dry_run, confirm_deletes=confirm_deletes
-            )
+            context = open_context(settings, logs.get())
+            try:
+                report = Engine(settings, ledger, context, logs.get()).cycle(
+                    dry_run=dry_run, confirm_deletes=confirm_deletes
+                )
+            finally:
+                context.close()
         finally:
-            context.close()
+            ledger.close()
     finally:
-        ledger.close()
+        lock.release()
     if dry_run:
         print("\n".join(describe(report.plan)))
     return EXIT_OK if report.in_step else EXIT_NOT_IN_STEP

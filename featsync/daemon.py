@@ -32,6 +32,7 @@ from featsync import config, logs
 from featsync.engine import CycleReport, Engine, Stopped, open_context, scan_rules
 from featsync.errors import FeatsyncError
 from featsync.ledger import SqlLedger
+from featsync.lock import SyncLock
 from featsync.model import RootState, SearchContext
 from featsync.watch import ROOT_CHANGED, Handler, Pending, Watcher
 
@@ -125,6 +126,7 @@ class Daemon:
         self.root_lost = False  # the last full rescan found no folder
         self.last_status = "starting"
         self.ready_sent = False
+        self.lock: SyncLock | None = None
         self.ledger: SqlLedger | None = None
         self.context: SearchContext | None = None
         self.engine: Engine | None = None
@@ -142,12 +144,18 @@ class Daemon:
         d = settings.daemon
         return Pending(d.quiet_period, d.max_delay, d.max_pending)
 
-    def _open(self, settings: config.Settings) -> tuple[SqlLedger, SearchContext]:
-        ledger = SqlLedger(settings.ledger.url)
+    def _open(self, settings: config.Settings) -> tuple[SyncLock, SqlLedger, SearchContext]:
+        lock = SyncLock(settings.ledger.url)
+        lock.acquire()
         try:
-            return ledger, open_context(settings, self.log)
+            ledger = SqlLedger(settings.ledger.url)
+            try:
+                return lock, ledger, open_context(settings, self.log)
+            except BaseException:
+                ledger.close()
+                raise
         except BaseException:
-            ledger.close()
+            lock.release()
             raise
 
     def _engine(self, settings: config.Settings, ledger: SqlLedger, ctx: SearchContext) -> Engine:
@@ -244,7 +252,7 @@ class Daemon:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_signal)
-        self.ledger, self.context = self._open(self.settings)
+        self.lock, self.ledger, self.context = self._open(self.settings)
         self.engine = self._engine(self.settings, self.ledger, self.context)
         s = self.settings
         self.log.info(
@@ -467,7 +475,14 @@ class Daemon:
                 return
             changed = [f.name for f in fields(new) if getattr(new, f.name) != getattr(old, f.name)]
             reopen = new.ledger != old.ledger or new.context != old.context
-            fresh = self._open(new) if reopen else None
+            if reopen and new.ledger == old.ledger and self.lock is not None:
+                self.lock.release()  # the same ledger: the lock passes to the new opening
+            try:
+                fresh = self._open(new) if reopen else None
+            except FeatsyncError:
+                if self.lock is not None:
+                    self.lock.acquire()  # keep ours
+                raise
         except FeatsyncError as exc:
             self.log.error("config_reload_failed", error=str(exc), kept="the running config")
             return
@@ -477,7 +492,9 @@ class Daemon:
                 assert self.ledger is not None and self.context is not None
                 self.context.close()
                 self.ledger.close()
-                self.ledger, self.context = fresh
+                if self.lock is not None:
+                    self.lock.release()
+                self.lock, self.ledger, self.context = fresh
             assert self.ledger is not None and self.context is not None
             self.settings = new
             if rewatch:
@@ -520,6 +537,8 @@ class Daemon:
                 self.context.close()
             if self.ledger is not None:
                 self.ledger.close()
+            if self.lock is not None:
+                self.lock.release()
         finally:
             if engine is not None:
                 self.cycle_lock.release()  # a rescan still queued then sees the stop

@@ -27,6 +27,15 @@ from featsync.model import LocalFile, QuickKey, RootState, Snapshot
 # next scan reads it again instead of trusting the stat.
 RACY_WINDOW_NS = 2_000_000_000
 _CHUNK = 1 << 20
+# Inode numbers are unsigned 64-bit; some file systems (FUSE, NFS, overlay) hand out
+# ones above 2**63, which a signed 64-bit database column cannot hold. They are stored
+# as the signed number with the same bits: one-to-one, so equality still means equality.
+_INT64_MAX = (1 << 63) - 1
+
+
+def signed_inode(ino: int) -> int:
+    return ino - (1 << 64) if ino > _INT64_MAX else ino
+
 
 Problem = Callable[..., None]  # a structlog-style logger method: (event, **fields)
 
@@ -97,7 +106,7 @@ def scope_parents(
 def stat_key(st: os.stat_result, racy_cutoff_ns: int) -> tuple[int, int, int]:
     """(size, mtime_ns, inode) as the ledger records them; mtime 0 marks a racy file."""
     mtime = st.st_mtime_ns if st.st_mtime_ns < racy_cutoff_ns else 0
-    return st.st_size, mtime, st.st_ino
+    return st.st_size, mtime, signed_inode(st.st_ino)
 
 
 class Unsettled(Exception):
@@ -249,7 +258,10 @@ def scan(
                 continue
             # A key in `known` is that of a regular file when it was synced; the same
             # inode with the same size and mtime cannot be anything else now.
-            if (image_id, st.st_size, st.st_mtime_ns, st.st_ino) in known:
+            ino = st.st_ino
+            if ino > _INT64_MAX:
+                ino -= 1 << 64  # as signed_inode(), inline: this runs once per file
+            if (image_id, st.st_size, st.st_mtime_ns, ino) in known:
                 unchanged.append(image_id)
                 continue
             if not S_ISREG(st.st_mode):
@@ -276,7 +288,7 @@ def scan(
                 problem("file_unsettled", image_id=image_id)
                 continue
             mtime = st.st_mtime_ns if st.st_mtime_ns < racy_cutoff else 0
-            files[image_id] = LocalFile(image_id, relpath, st.st_size, mtime, st.st_ino, digest)
+            files[image_id] = LocalFile(image_id, relpath, st.st_size, mtime, ino, digest)
 
     same = frozenset(unchanged)
     # Two names with one image ID (NFC and NFD spellings of one name), one of them

@@ -821,3 +821,21 @@ def test_a_folder_deleted_whole_past_the_limit_is_withheld_not_deleted(
     confirmed = featsync("reconcile", "--confirm-deletes", cwd=ws.base)
     assert confirmed.returncode == 0, confirmed.stderr
     assert ws.remote_ids() == {"other.jpg"}
+
+
+def test_one_syncing_process_per_ledger_and_no_stale_lock_after_a_kill(
+    ws: Workspace, daemons: Daemons
+) -> None:
+    configure(ws)
+    write(ws.images / "a.jpg", 1)
+    run = daemons.start()
+    wait_in_step(ws, run)
+    second = daemons.start()
+    assert second.proc.wait(timeout=30) == 2
+    assert f"another featsync (pid {run.proc.pid})" in second.log_path.read_text()
+    cron = featsync("reconcile", cwd=ws.base)
+    assert cron.returncode == 2 and f"pid {run.proc.pid}" in cron.stderr
+    assert featsync("reconcile", "--dry-run", cwd=ws.base).returncode == 0  # looking is fine
+    run.proc.kill()  # SIGKILL: the kernel drops the lock with the process
+    run.proc.wait()
+    assert featsync("reconcile", cwd=ws.base).returncode == 0

@@ -200,3 +200,24 @@ def test_unreadable_files_and_folders_are_reported_and_make_the_scan_incomplete(
     assert "secret.jpg" in got["unreadable"] and not got["complete"]
     errors = " ".join(str(f["error"]) for _, f in got["events"])
     assert "cannot list folder" in errors and "cannot read" in errors
+
+
+def test_inodes_above_2_63_fit_the_ledger_one_to_one(tmp_path: Path) -> None:
+    from featsync.ledger import SqlLedger
+    from featsync.model import Action, Kind, LocalFile, Outcome
+    from featsync.scan import signed_inode, stat_key
+
+    huge = [(1 << 64) - 1, 1 << 63, (1 << 63) - 1, 12]
+    signed = [signed_inode(i) for i in huge]
+    assert signed == [-1, -(1 << 63), (1 << 63) - 1, 12]  # distinct, as the inodes are
+    st = os.stat_result((0o100644, huge[0], 1, 1, 0, 0, 10, 0, 0, 0), {"st_mtime_ns": 5})
+    assert stat_key(st, 1 << 62)[2] == -1
+    ledger = SqlLedger(f"sqlite:///{tmp_path / 'ledger.db'}")  # a signed 64-bit column
+    try:
+        for n, ino in enumerate(signed):
+            f = LocalFile(f"{n}.jpg", f"{n}.jpg", 10, 5, ino, "h")
+            action = Action(Kind.ADD, f.image_id, f, 0)
+            ledger.record(Outcome(action, Kind.ADD, "h", 10, 5, ino, 1, None, None, 1.0), 1.0, None)
+        assert {k[3] for k in ledger.quick_keys()} == set(signed)
+    finally:
+        ledger.close()
