@@ -135,7 +135,7 @@ def apply_plan(
     ledger.record_restat(plan.restat, now)
     ledger.forget(plan.forget, now)
     if plan.unreadable:
-        ledger.record_unreadable(plan.unreadable, now)
+        ledger.record_unreadable(plan.unreadable, now, lambda tries: retry_delay(tries, policy))
         for image_id, why in plan.unreadable:
             res.failed += 1
             res.failures.append((image_id, why))

@@ -132,6 +132,7 @@ class Daemon:
         self.engine: Engine | None = None
         self.watcher: Watcher | None = None
         self.pending = self._pending(settings)
+        self.next_heartbeat = 0.0
         self.scheduler: Any = None
         # Cycles run one at a time, whichever thread starts them; a reload swaps the
         # engine only between cycles.
@@ -284,50 +285,58 @@ class Daemon:
             self._signal = signum
 
     def _loop(self) -> None:
-        next_heartbeat = time.monotonic() + self.settings.daemon.heartbeat_interval
+        self.next_heartbeat = time.monotonic() + self.settings.daemon.heartbeat_interval
         while self._signal is None:
             self.pulse.loop()
-            now = time.monotonic()
-            if self._reload:
-                self._reload = False
-                self._reload_config()
-            watcher = self.watcher
-            if watcher is not None and self.restart_watch:
-                self.restart_watch = False
-                watcher.stop()
-                if watcher.start() != "off":
-                    self.request_full("watcher")
-            elif watcher is not None and not watcher.alive():
-                self.log.error("watcher_failed", mode=watcher.active, error="the watch died")
-                watcher.stop()
-                watcher.start()
-                self.request_full("watcher")
-            elif watcher is not None and self.rewatch:
-                # A watch that could not start (the folder missing, an inotify limit) is
-                # tried again after each full rescan: once per rescan_interval at most.
-                self.rewatch = False
-                if watcher.start() != "off":
-                    self.request_full("watcher")
-            if self.pending.overflowed:
-                self.pending.overflowed = False
-                self.log.warning(
-                    "watch_overflow",
-                    max_pending=self.settings.daemon.max_pending,
-                    action="full rescan",
-                )
-                self.request_full("overflow")
-            if now >= self.outage_until and self.engine is not None:
-                if self.rescan_after_pause:
-                    self.rescan_after_pause = False
-                    self.request_full("after pause")
-                self._targeted()
-            if now >= next_heartbeat:
-                self._heartbeat()
-                next_heartbeat = now + self.settings.daemon.heartbeat_interval
+            try:
+                self._turn()
+            except Exception as exc:  # the ledger unreachable, or a bug: pause, go on
+                self.log.exception("loop_error", error=f"{type(exc).__name__}: {exc}")
+                self._outage(f"{type(exc).__name__}: {exc}")
             if self._signal is not None:
                 break
-            self.wake.wait(self._sleep(next_heartbeat))
+            self.wake.wait(self._sleep(self.next_heartbeat))
             self.wake.clear()
+
+    def _turn(self) -> None:
+        """One turn of the main loop."""
+        now = time.monotonic()
+        if self._reload:
+            self._reload = False
+            self._reload_config()
+        watcher = self.watcher
+        if watcher is not None and self.restart_watch:
+            self.restart_watch = False
+            watcher.stop()
+            if watcher.start() != "off":
+                self.request_full("watcher")
+        elif watcher is not None and not watcher.alive():
+            self.log.error("watcher_failed", mode=watcher.active, error="the watch died")
+            watcher.stop()
+            watcher.start()
+            self.request_full("watcher")
+        elif watcher is not None and self.rewatch:
+            # A watch that could not start (the folder missing, an inotify limit) is
+            # tried again after each full rescan: once per rescan_interval at most.
+            self.rewatch = False
+            if watcher.start() != "off":
+                self.request_full("watcher")
+        if self.pending.overflowed:
+            self.pending.overflowed = False
+            self.log.warning(
+                "watch_overflow",
+                max_pending=self.settings.daemon.max_pending,
+                action="full rescan",
+            )
+            self.request_full("overflow")
+        if now >= self.outage_until and self.engine is not None:
+            if self.rescan_after_pause:
+                self.rescan_after_pause = False
+                self.request_full("after pause")
+            self._targeted()
+        if now >= self.next_heartbeat:
+            self.next_heartbeat = now + self.settings.daemon.heartbeat_interval
+            self._heartbeat()
 
     def _sleep(self, next_heartbeat: float) -> float:
         now = time.monotonic()
@@ -367,6 +376,7 @@ class Daemon:
                 if self.engine is None or self.stopping.is_set():
                     return
                 report = self.engine.cycle(scope=scope)
+                self._after(report, scope)
         except Stopped:
             self.log.info("cycle_stopped", reason="stop requested")
             return
@@ -380,7 +390,6 @@ class Daemon:
             return
         finally:
             self.pulse.cycles -= 1
-        self._after(report, scope)
 
     def _after(self, report: CycleReport, scope: list[str] | None) -> None:
         w = self.watcher
@@ -439,7 +448,10 @@ class Daemon:
         }
 
     def _status(self) -> None:
-        f = self._facts()
+        try:
+            f = self._facts()
+        except FeatsyncError:
+            return  # the heartbeat reports what went wrong
         line = f"{f['synced']} synced, {f['pending']} pending, {f['quarantined']} quarantined"
         if f["paused_for_s"]:
             line += f", paused {f['paused_for_s']:.0f}s after errors"

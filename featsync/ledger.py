@@ -12,7 +12,7 @@ ORM identity-mapped objects cost about five times as much.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -458,17 +458,31 @@ class SqlLedger:
         with self._tx() as conn:
             conn.execute(stmt, params)
 
-    def record_unreadable(self, problems: Sequence[tuple[str, str]], now: float) -> None:
-        """Files that exist but could not be read: failed, with the reason, no call made."""
+    def record_unreadable(
+        self,
+        problems: Sequence[tuple[str, str]],
+        now: float,
+        wait: Callable[[int], float] = lambda _tries: 0.0,
+    ) -> None:
+        """Files that exist but could not be read: failed, with the reason, no call made.
+        Each waits `wait(tries)` seconds before the daemon looks at it again by itself
+        (a change to the file, or a full rescan, looks sooner)."""
         with self._tx() as conn:
             for image_id, why in problems:
+                tries = 1 + (
+                    conn.execute(
+                        sa.select(images.c.attempts).where(images.c.image_id == image_id)
+                    ).scalar()
+                    or 0
+                )
+                pause = wait(tries)
                 values: dict[str, Any] = {
                     "state": State.FAILED,
-                    "attempts": images.c.attempts + 1,
+                    "attempts": tries,
                     "last_error": why,
                     "error_kind": "unreadable",
                     "updated_at": now,
-                    "next_attempt_at": None,
+                    "next_attempt_at": now + pause if pause else None,
                 }
                 self._upsert(conn, image_id, values, now, new_remote=False)
 

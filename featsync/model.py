@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -248,6 +248,11 @@ class Ledger(Protocol):
 
     def record_restat(self, files: Sequence[LocalFile], now: float) -> None: ...
 
-    def record_unreadable(self, problems: Sequence[tuple[str, str]], now: float) -> None: ...
+    def record_unreadable(
+        self,
+        problems: Sequence[tuple[str, str]],
+        now: float,
+        wait: Callable[[int], float] = ...,
+    ) -> None: ...
 
     def forget(self, image_ids: Sequence[str], now: float) -> None: ...

@@ -201,3 +201,16 @@ def test_scope_rows_waits_and_retries(tmp_path: Path) -> None:
         assert ledger.failed_due(61.0) == (["a/1.jpg", "a/2.jpg"], None)
     finally:
         ledger.close()
+
+
+def test_an_unreadable_file_waits_longer_each_time(tmp_path: Path) -> None:
+    ledger = SqlLedger(url(tmp_path))
+    try:
+        for now in (100.0, 200.0, 300.0):
+            ledger.record_unreadable([("x.jpg", "Permission denied")], now, lambda n: 30.0 * n)
+        row = ledger.load()["x.jpg"]
+        assert (row.state, row.attempts, row.next_attempt_at) == (State.FAILED, 3, 390.0)
+        assert ledger.failed_due(389.0) == ([], 390.0)
+        assert ledger.failures()[0]["error"] == "Permission denied"
+    finally:
+        ledger.close()
