@@ -219,11 +219,13 @@ def _retry(settings: Settings, image_ids: list[str], every: bool) -> int:
 
 def _status(settings: Settings, as_json: bool) -> int:
     from featsync.ledger import SqlLedger
+    from featsync.lock import SyncLock
 
     ledger = SqlLedger(settings.ledger.url)
     try:
         data: dict[str, Any] = {
             "folder": settings.sync.folder,
+            "syncing_pid": SyncLock(settings.ledger.url).holder(),
             "counts": ledger.counts(),
             "failures": ledger.failures(),
             "last_cycle": ledger.last_cycle(),
@@ -369,8 +371,10 @@ def _when(ts: float | None) -> str:
 
 def _status_lines(data: dict[str, Any]) -> list[str]:
     counts = data["counts"]
+    pid = data["syncing_pid"]
     lines = [
         f"folder: {data['folder']}",
+        f"syncing: {'pid ' + pid + ' (a daemon or a reconcile)' if pid else 'no process now'}",
         "images: " + ", ".join(f"{n} {state}" for state, n in counts.items()),
     ]
     c = data["last_cycle"]

@@ -47,6 +47,21 @@ class SyncLock:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
 
+    def holder(self) -> str | None:
+        """The pid of the process syncing with this ledger now, or None."""
+        if self.path is None or not os.path.exists(self.path):
+            return None
+        try:
+            self.acquire()
+        except Fatal:
+            try:
+                with open(self.path, encoding="ascii", errors="replace") as fh:
+                    return fh.read().strip() or "?"
+            except OSError:
+                return "?"
+        self.release()
+        return None
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the flock

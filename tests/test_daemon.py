@@ -835,7 +835,11 @@ def test_one_syncing_process_per_ledger_and_no_stale_lock_after_a_kill(
     assert f"another featsync (pid {run.proc.pid})" in second.log_path.read_text()
     cron = featsync("reconcile", cwd=ws.base)
     assert cron.returncode == 2 and f"pid {run.proc.pid}" in cron.stderr
+    assert f"syncing: pid {run.proc.pid}" in featsync("status", cwd=ws.base).stdout
+    status = json.loads(featsync("status", "--json", cwd=ws.base).stdout)
+    assert status["syncing_pid"] == str(run.proc.pid)
     assert featsync("reconcile", "--dry-run", cwd=ws.base).returncode == 0  # looking is fine
     run.proc.kill()  # SIGKILL: the kernel drops the lock with the process
     run.proc.wait()
+    assert "syncing: no process now" in featsync("status", cwd=ws.base).stdout
     assert featsync("reconcile", cwd=ws.base).returncode == 0
