@@ -16,11 +16,8 @@ Cycles run behind the engine's lock: they never overlap.
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -34,71 +31,14 @@ from featsync.errors import FeatsyncError
 from featsync.ledger import SqlLedger
 from featsync.lock import SyncLock
 from featsync.model import RootState, SearchContext
+from featsync.rescans import Rescans
+from featsync.systemd import Notifier, Pulse
 from featsync.watch import ROOT_CHANGED, Handler, Pending, Watcher
 
 # After an outage (transient errors in a row, or a fatal error such as refused
 # credentials), the next try waits [daemon] outage_wait, doubling up to this cap.
 OUTAGE_WAIT_CAP_S = 600.0
 _TICK_S = 0.5  # the main loop's longest sleep (signal flags are read this often)
-
-
-class Notifier:
-    """systemd's notify protocol: datagrams of KEY=VALUE lines to $NOTIFY_SOCKET."""
-
-    def __init__(self, log: Any, environ: Mapping[str, str] = os.environ) -> None:
-        self.log = log
-        self.address: str | None = environ.get("NOTIFY_SOCKET") or None
-        if self.address and self.address.startswith("@"):  # the abstract namespace
-            self.address = "\0" + self.address[1:]
-        usec = environ.get("WATCHDOG_USEC", "")
-        pid = environ.get("WATCHDOG_PID", "")
-        mine = not pid or pid == str(os.getpid())
-        self.watchdog_s = int(usec) / 1e6 if usec.isdigit() and mine and int(usec) > 0 else None
-        self._sock: socket.socket | None = None
-        self._failed = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.address is not None
-
-    def send(self, **fields: str) -> None:
-        if self.address is None:
-            return
-        msg = "\n".join(f"{k}={v}" for k, v in fields.items()).encode()
-        try:
-            if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.sendto(msg, self.address)
-        except OSError as exc:
-            if not self._failed:  # say it once, not every ping
-                self._failed = True
-                self.log.warning("notify_failed", socket=self.address, error=str(exc))
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-
-class Pulse:
-    """Whether the daemon is making progress: the main loop turns, or a running cycle
-    moves on (a folder listed, a file hashed, an outcome recorded)."""
-
-    def __init__(self) -> None:
-        self.loop_at = self.progress_at = time.monotonic()
-        self.cycles = 0  # cycles running now
-
-    def loop(self) -> None:
-        self.loop_at = time.monotonic()
-
-    def progress(self) -> None:
-        self.progress_at = time.monotonic()
-
-    def alive(self, within: float) -> bool:
-        now = time.monotonic()
-        if self.cycles:
-            return now - self.progress_at < within
-        return now - self.loop_at < within
 
 
 class Daemon:
@@ -133,7 +73,7 @@ class Daemon:
         self.watcher: Watcher | None = None
         self.pending = self._pending(settings)
         self.next_heartbeat = 0.0
-        self.scheduler: Any = None
+        self.rescans: Rescans | None = None
         # Cycles run one at a time, whichever thread starts them; a reload swaps the
         # engine only between cycles.
         self.cycle_lock = threading.Lock()
@@ -175,67 +115,9 @@ class Daemon:
         d = settings.daemon
         return Watcher(d.watcher, d.polling_interval, handler, self.log)
 
-    def _schedule(self, interval: float) -> None:
-        from apscheduler.triggers.interval import IntervalTrigger
-
-        jitter = int(min(60.0, interval * 0.05)) or None
-        self.scheduler.add_job(
-            self._full,
-            IntervalTrigger(seconds=interval, jitter=jitter),
-            args=["schedule"],
-            id="rescan",
-            name="full rescan",
-            replace_existing=True,
-            next_run_time=dt.datetime.now(dt.UTC),  # the first one at once
-            coalesce=True,
-            max_instances=1,
-            misfire_grace_time=None,
-        )
-
-    def _start_scheduler(self) -> None:
-        import logging
-
-        from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED
-        from apscheduler.executors.pool import ThreadPoolExecutor
-        from apscheduler.schedulers.background import BackgroundScheduler
-
-        # Our listener reports what matters, as structured events; APScheduler's own
-        # log lines would only repeat it, unstructured.
-        logging.getLogger("apscheduler").addHandler(logging.NullHandler())
-        logging.getLogger("apscheduler").propagate = False
-        self.scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=1)},
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
-            timezone=dt.UTC,
-        )
-        self.scheduler.add_listener(
-            self._job_event, EVENT_JOB_MISSED | EVENT_JOB_ERROR | EVENT_JOB_MAX_INSTANCES
-        )
-        self.scheduler.start()
-        self._schedule(self.settings.daemon.rescan_interval)
-
-    def _job_event(self, event: Any) -> None:
-        from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED
-
-        if event.code == EVENT_JOB_MISSED:
-            self.log.warning("rescan_missed", job=event.job_id, due=str(event.scheduled_run_time))
-        elif event.code == EVENT_JOB_ERROR:
-            self.log.error("rescan_failed", job=event.job_id, error=repr(event.exception))
-        else:
-            self.log.info("rescan_skipped", job=event.job_id, reason="the previous one still runs")
-
     def request_full(self, reason: str) -> None:
-        if self.scheduler is None or self.stopping.is_set():
-            return
-        with contextlib.suppress(Exception):  # the scheduler is shutting down
-            self.scheduler.add_job(
-                self._full,
-                args=[reason],
-                id="rescan_now",
-                name="full rescan now",
-                replace_existing=True,
-                misfire_grace_time=None,
-            )
+        if self.rescans is not None and not self.stopping.is_set():
+            self.rescans.now(reason)
 
     def _trouble(self, reason: str) -> None:
         """The watcher lost track (overflow, handler error, dead watch): rescan all."""
@@ -268,7 +150,8 @@ class Daemon:
         )
         self.watcher = self._watcher(s)
         self.watcher.start()
-        self._start_scheduler()
+        self.rescans = Rescans(self._full, self.log)
+        self.rescans.start(s.daemon.rescan_interval)
         pinger = threading.Thread(target=self._ping, name="featsync-notify", daemon=True)
         pinger.start()
         try:
@@ -520,7 +403,8 @@ class Daemon:
             self.watcher = self._watcher(new)
             self.watcher.start()
         if new.daemon.rescan_interval != old.daemon.rescan_interval:
-            self._schedule(new.daemon.rescan_interval)
+            assert self.rescans is not None
+            self.rescans.every(new.daemon.rescan_interval)
         self.log.info("config_reloaded", changed=changed)
         self.request_full("reload")
 
@@ -531,9 +415,8 @@ class Daemon:
         self.notifier.send(STOPPING="1", STATUS="stopping")
         if self.watcher is not None:
             self.watcher.stop()
-        if self.scheduler is not None:
-            with contextlib.suppress(Exception):
-                self.scheduler.shutdown(wait=False)
+        if self.rescans is not None:
+            self.rescans.shutdown()
         timeout = self.settings.daemon.stop_timeout
         engine = self.engine
         if engine is not None and not self.cycle_lock.acquire(timeout=timeout):
