@@ -47,7 +47,6 @@ class Daemon:
     ) -> None:
         self.config_path = config_path
         self.settings = settings
-        self.environ = environ
         self.log = logs.get()
         self.notifier = Notifier(self.log, environ)
         self.pulse = Pulse()
@@ -55,7 +54,6 @@ class Daemon:
         self.stopping = threading.Event()
         self._signal: int | None = None  # set by signal handlers, read by the loop
         self._reload = False
-        self.started = time.monotonic()
         self.synced_since_start = 0
         self.last_good: float | None = None  # monotonic time of the last good cycle
         self.outage_wait = 0.0
@@ -64,7 +62,6 @@ class Daemon:
         self.rewatch = False  # try to start a watch that should run but does not
         self.restart_watch = False  # the watched folder itself moved or went away
         self.root_lost = False  # the last full rescan found no folder
-        self.last_status = "starting"
         self.ready_sent = False
         self.lock: SyncLock | None = None
         self.ledger: SqlLedger | None = None
@@ -338,7 +335,6 @@ class Daemon:
         line = f"{f['synced']} synced, {f['pending']} pending, {f['quarantined']} quarantined"
         if f["paused_for_s"]:
             line += f", paused {f['paused_for_s']:.0f}s after errors"
-        self.last_status = line
         self.notifier.send(STATUS=line)
 
     def _heartbeat(self) -> None:
