@@ -68,19 +68,27 @@ class Pending:
     def __len__(self) -> int:
         return len(self._paths)
 
-    def mark(self, rel: str, size: int | None) -> None:
+    def mark(self, rel: str, size: int | None) -> bool:
+        """Note an event on `rel`; True if the daemon should wake up for it.
+
+        Only the first path of a batch (or an overflow) needs to: a later event never
+        makes `next_due` earlier, so waking up for each of a burst's thousands of
+        events would only cost a pass over the set each time.
+        """
         now = self.clock()
         with self._lock:
+            was_empty = not self._paths
             entry = self._paths.get(rel)
             if entry is None:
                 if len(self._paths) >= self.limit:
                     self._paths.clear()
                     self.overflowed = True
-                    return
+                    return True
                 self._paths[rel] = _Entry(now, now, size)
             else:
                 entry.last, entry.size = now, size
             self._newest = now
+            return was_empty
 
     def clear(self) -> None:
         with self._lock:
@@ -157,10 +165,10 @@ class Handler:
         if kind in ("deleted", "moved") and os.fsdecode(event.src_path) == self.root:
             self.trouble(ROOT_CHANGED)
             return
-        marked = self._mark(event.src_path, event.is_directory)
+        wake = self._mark(event.src_path, event.is_directory)
         if kind == "moved":
-            marked |= self._mark(event.dest_path, event.is_directory)
-        if marked:
+            wake |= self._mark(event.dest_path, event.is_directory)
+        if wake:
             self.wake()
 
     def _mark(self, path: str | bytes, is_dir: bool) -> bool:
@@ -186,8 +194,7 @@ class Handler:
                 size = os.lstat(path).st_size
             except OSError:
                 size = None
-        self.pending.mark(rel, size)
-        return True
+        return self.pending.mark(rel, size)
 
 
 class _WatchdogLog(logging.Handler):
