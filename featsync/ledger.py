@@ -432,9 +432,7 @@ class SqlLedger:
             "created_at": now,
             "updated_at": now,
         }
-        for key, value in values.items():
-            # an expression like attempts + 1 has no row to work on yet
-            fresh[key] = 1 if key == "attempts" and not isinstance(value, int) else value
+        fresh.update(values)
         conn.execute(images.insert().values(fresh))
 
     def record_restat(self, files: Sequence[LocalFile], now: float) -> None:
