@@ -288,15 +288,17 @@ class Daemon:
         if a is not None:
             self.synced_since_start += a.added + a.updated + a.deleted
         # What this cycle could not finish is looked at again: the paths of a targeted
-        # cycle go back to waiting; a full cycle cut short is run again after the pause.
-        unfinished = a is not None and bool(a.not_sent or a.deferred or a.backed_off)
-        if unfinished or report.plan.unsettled:
-            if scope is None:
-                self.rescan_after_pause = True
-            else:
-                root = self.settings.sync.folder
-                for rel in scope:
-                    self.pending.mark(rel, _size(os.path.join(root, rel)))
+        # cycle go back to waiting; a full cycle cut short (calls not sent) is run again
+        # after the pause. Files a full cycle found still being written are not a reason
+        # to rescan everything at once: their own events bring them back (else the next
+        # scheduled rescan does), or a file written for minutes would mean a rescan a turn.
+        cut_short = a is not None and bool(a.not_sent or a.backed_off)
+        if scope is None and cut_short:
+            self.rescan_after_pause = True
+        elif scope is not None and (cut_short or report.plan.unsettled or (a and a.deferred)):
+            root = self.settings.sync.folder
+            for rel in scope:
+                self.pending.mark(rel, _size(os.path.join(root, rel)))
         if a is not None and (a.backed_off or a.transient):
             self._outage(a.backed_off or "transient errors")
         elif report.good:
