@@ -17,7 +17,6 @@ finish.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -26,9 +25,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from featsync.errors import AlreadyExists, Fatal, ItemRejected, NotFound, Transient
-from featsync.model import Action, Kind, Ledger, Outcome, Plan, Policy, SearchContext
+from featsync.model import (
+    Action,
+    Kind,
+    Ledger,
+    OpenImage,
+    Outcome,
+    Plan,
+    Policy,
+    SearchContext,
+)
 from featsync.plan import retry_delay
-from featsync.scan import Unsettled, read_settled, stat_key
+from featsync.scan import Changed, digest_of, open_checked, same_content_stat, stat_key
 
 Clock = Callable[[], float]
 Hold = Callable[[str], bool]  # is this path (relative to the root) still being written?
@@ -45,6 +53,7 @@ class ApplyResult:
     deferred: int = 0  # the file changed or vanished since the scan: next cycle
     transient: int = 0  # failed for a reason that is no fault of the image
     not_sent: int = 0  # left for the next cycle: a stop request, or the service down
+    weak: int = 0  # synced with fewer than min_features features
     backed_off: str | None = None  # the error that made the worker back off
     fatal: Fatal | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)
@@ -55,12 +64,15 @@ def _send(
     root: str,
     ctx: SearchContext,
     racy_cutoff_ns: int,
-    hold: Hold,
-    go: Callable[[], bool],
+    gate: _Gate,
 ) -> Outcome:
-    """Do one action against the search context (runs in a worker thread)."""
+    """Do one action against the search context (runs in a worker thread).
+
+    Whatever goes wrong with this one image becomes its outcome: nothing raised here
+    may end the batch.
+    """
     started = time.perf_counter()
-    if not go():  # queued before a backoff or a stop request: leave it for the next cycle
+    if not gate.open():  # queued before a backoff or a stop request: next cycle
         return Outcome(action, None, None, 0, 0, 0, None, "not sent", "not_sent", 0.0)
     digest: str | None = None
     size = mtime = inode = 0
@@ -79,26 +91,52 @@ def _send(
             with contextlib.suppress(NotFound):  # not there: the goal is reached
                 ctx.delete_features(action.image_id)
             return result(Kind.DELETE)
-        assert action.file is not None
-        if hold(action.file.relpath):
+        f = action.file
+        assert f is not None
+        if gate.hold(f.relpath):
             return result(None, kind="deferred", error="file is being written")
+        if f.size > gate.max_file_size:
+            digest, size, mtime, inode = f.digest, f.size, f.mtime_ns, f.inode  # wait for a change
+            return result(
+                None,
+                error=f"file is {_mb(f.size)}, more than [sync] max_file_size "
+                f"({_mb(gate.max_file_size)})",
+                kind="rejected",
+            )
         try:
-            data, st = read_settled(os.path.join(root, action.file.relpath))
-        except (Unsettled, FileNotFoundError):
-            return result(None, kind="deferred", error="file changed or vanished since the scan")
+            fd, st = open_checked(
+                os.path.join(root, f.relpath),
+                gate.follow_symlinks,
+                f.inode,
+                f.size,
+                f.mtime_ns,
+                f.device,
+            )
+        except Changed as exc:
+            return result(None, kind="deferred", error=f"file not sent: {exc}")
         except OSError as exc:
             return result(None, error=f"cannot read file: {exc.strerror or exc}", kind="rejected")
-        digest = hashlib.sha256(data).hexdigest()
-        size, mtime, inode = stat_key(st, racy_cutoff_ns)
-        if action.kind is Kind.ADD:
-            try:
-                return result(Kind.ADD, ctx.add_features(action.image_id, data))
-            except AlreadyExists:
-                return result(Kind.UPDATE, ctx.update_features(action.image_id, data))
         try:
-            return result(Kind.UPDATE, ctx.update_features(action.image_id, data))
-        except NotFound:
-            return result(Kind.ADD, ctx.add_features(action.image_id, data))
+            # Hash, then send, from this one descriptor. If the file is written to
+            # meanwhile, the ledger keeps the stat of before, so the next scan reads
+            # it again and sends what it has become.
+            digest = digest_of(fd)
+            if not same_content_stat(st, os.fstat(fd)):
+                digest = None
+                return result(None, kind="deferred", error="file changed while it was read")
+            size, mtime, inode = stat_key(st, racy_cutoff_ns)
+            image = OpenImage(fd, st.st_size, action.image_id)
+            if action.kind is Kind.ADD:
+                try:
+                    return result(Kind.ADD, ctx.add_features(action.image_id, image))
+                except AlreadyExists:
+                    return result(Kind.UPDATE, ctx.update_features(action.image_id, image))
+            try:
+                return result(Kind.UPDATE, ctx.update_features(action.image_id, image))
+            except NotFound:
+                return result(Kind.ADD, ctx.add_features(action.image_id, image))
+        finally:
+            os.close(fd)
     except ItemRejected as exc:
         return result(None, error=str(exc), kind="rejected")
     except Transient as exc:
@@ -107,6 +145,16 @@ def _send(
         return result(None, error=str(exc), kind="fatal")
     except (AlreadyExists, NotFound) as exc:  # the fallback call met the opposite surprise
         return result(None, error=str(exc), kind="transient")
+    except Exception as exc:  # a bug or an odd input: this image's failure, not the batch's
+        return result(None, error=_unexpected(exc), kind="internal")
+
+
+def _unexpected(exc: BaseException) -> str:
+    return f"unexpected error: {type(exc).__name__}: {exc}"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1048576:,.1f} MiB"
 
 
 def apply_plan(
@@ -130,7 +178,7 @@ def apply_plan(
     after `breaker` transient failures in a row the worker backs off (see above).
     """
     res = ApplyResult()
-    gate = _Gate(stop, progress, breaker, hold, in_flight)
+    gate = _Gate(res, policy, stop, progress, breaker, hold, in_flight)
     now = clock()
     ledger.record_restat(plan.restat, now)
     ledger.forget(plan.forget, now)
@@ -145,21 +193,12 @@ def apply_plan(
     deletes = [a for a in plan.actions if a.kind is Kind.DELETE]
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="featsync-apply") as pool:
         for phase in (sends, deletes):
-            if gate.open(res):
-                _run_phase(
-                    phase,
-                    pool,
-                    concurrency,
-                    root,
-                    ctx,
-                    ledger,
-                    policy,
-                    log,
-                    clock,
-                    racy_cutoff_ns,
-                    res,
-                    gate,
-                )
+            if gate.open():
+
+                def send(action: Action) -> Future[Outcome]:
+                    return pool.submit(_send, action, root, ctx, racy_cutoff_ns, gate)
+
+                _run_phase(phase, send, concurrency, ledger, log, clock, gate)
             else:
                 res.not_sent += len(phase)
     if res.backed_off is not None:
@@ -169,8 +208,10 @@ def apply_plan(
 
 @dataclass(slots=True)
 class _Gate:
-    """Whether apply may start another call."""
+    """Whether apply may start another call, and the rules each call follows."""
 
+    res: ApplyResult
+    policy: Policy
     stop: Callable[[], bool]
     progress: Callable[[], None]
     breaker: int
@@ -178,59 +219,85 @@ class _Gate:
     in_flight: Callable[[int], None]
     transient_run: int = 0  # transient failures in a row
 
-    def open(self, res: ApplyResult) -> bool:
+    @property
+    def max_file_size(self) -> int:
+        return self.policy.max_file_size
+
+    @property
+    def follow_symlinks(self) -> bool:
+        return self.policy.follow_symlinks
+
+    def open(self) -> bool:
+        res = self.res
         return res.fatal is None and res.backed_off is None and not self.stop()
 
-    def saw(self, out: Outcome, res: ApplyResult) -> None:
+    def saw(self, out: Outcome) -> None:
         self.progress()
         if out.error_kind == "transient":
             self.transient_run += 1
-            if self.transient_run >= self.breaker and res.backed_off is None:
-                res.backed_off = out.error or "transient error"
+            if self.transient_run >= self.breaker and self.res.backed_off is None:
+                self.res.backed_off = out.error or "transient error"
         elif out.error_kind not in ("deferred", "not_sent"):
             self.transient_run = 0
 
 
 def _run_phase(
     actions: Iterable[Action],
-    pool: ThreadPoolExecutor,
+    send: Callable[[Action], Future[Outcome]],
     concurrency: int,
-    root: str,
-    ctx: SearchContext,
     ledger: Ledger,
-    policy: Policy,
     log: Any,
     clock: Clock,
-    racy_cutoff_ns: int,
-    res: ApplyResult,
     gate: _Gate,
 ) -> None:
     # At most 2 x concurrency submitted at once: memory stays bounded for huge plans,
     # and after a fatal error, a stop request or a backoff little is left to cancel.
     todo = iter(actions)
-    running: set[Future[Outcome]] = set()
+    running: dict[Future[Outcome], Action] = {}
+    res = gate.res
     while True:
-        while len(running) < 2 * concurrency and gate.open(res):
+        while len(running) < 2 * concurrency and gate.open():
             action = next(todo, None)
             if action is None:
                 break
-            running.add(
-                pool.submit(
-                    _send, action, root, ctx, racy_cutoff_ns, gate.hold, lambda: gate.open(res)
-                )
-            )
+            running[send(action)] = action
         gate.in_flight(len(running))
         if not running:
             res.not_sent += sum(1 for _ in todo)
             return
-        done, running = wait(running, return_when=FIRST_COMPLETED)
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
         for fut in done:
-            out = fut.result()
-            _record(out, ledger, policy, log, clock, res)
-            gate.saw(out, res)
+            action = running.pop(fut)
+            try:
+                out = fut.result()
+            except Exception as exc:  # _send catches everything; this is the last net
+                out = Outcome(action, None, None, 0, 0, 0, None, _unexpected(exc), "internal", 0.0)
+            _record_safely(out, ledger, gate.policy, log, clock, res)
+            gate.saw(out)
+
+
+def _record_safely(
+    out: Outcome, ledger: Ledger, policy: Policy, log: Any, clock: Clock, res: ApplyResult
+) -> None:
+    """Record one outcome; a failure to record is that image's failure (or, for the
+    ledger itself, fatal: nothing more is sent), never the end of the batch."""
+    try:
+        _record(out, ledger, policy, log, clock, res)
+    except Fatal as exc:
+        res.failed += 1
+        res.failures.append((out.action.image_id, str(exc)))
+        log.error("image_not_recorded", image_id=out.action.image_id, error=str(exc))
+        if res.fatal is None:
+            res.fatal = exc
+    except Exception as exc:
+        why = _unexpected(exc)
+        res.failed += 1
+        res.failures.append((out.action.image_id, why))
+        log.error("image_not_recorded", image_id=out.action.image_id, error=why)
 
 
 _EVENTS = {Kind.ADD: "image_added", Kind.UPDATE: "image_updated", Kind.DELETE: "image_deleted"}
+_WAITS = ("rejected", "internal")  # failures that wait longer after each try
 
 
 def _record(
@@ -248,7 +315,7 @@ def _record(
     if out.done is None:
         # A rejected image waits, longer after each try; a transient error is retried
         # by the next cycle (the client has already backed off within this one).
-        wait_s = retry_delay(a.attempts + 1, policy) if out.error_kind == "rejected" else 0.0
+        wait_s = retry_delay(a.attempts + 1, policy) if out.error_kind in _WAITS else 0.0
         ledger.record(out, now, now + wait_s if wait_s else None)
         res.failed += 1
         res.transient += out.error_kind == "transient"
@@ -279,3 +346,13 @@ def _record(
         features_count=out.features_count,
         duration_ms=out.duration_ms,
     )
+    count = out.features_count
+    if out.done is not Kind.DELETE and count is not None and count < policy.min_features:
+        res.weak += 1
+        log.warning(
+            "image_weak",
+            image_id=a.image_id,
+            features_count=count,
+            min_features=policy.min_features,
+            reason="too few features to be found by a search (flat, tiny or blurred?)",
+        )

@@ -33,6 +33,8 @@ class SyncSettings:
     id_prefix: str
     concurrency: int
     follow_symlinks: bool
+    max_file_size: int  # bytes; bigger files are rejected with the reason, never read
+    min_features: int  # an image synced with fewer is logged and counted as weak
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,8 @@ class LedgerSettings:
 class ContextSettings:
     kind: str
     path: str  # the embedded context's store (kind = "local")
+    max_pixels: int  # the embedded context's decoder refuses bigger images
+    extract_timeout: float  # seconds one image's feature extraction may take
     # Aspose Imaging Cloud (kind = "aspose"); credentials are never in this file.
     base_url: str
     auth_url: str
@@ -198,11 +202,15 @@ SCHEMA: dict[str, dict[str, tuple[Check, Any]]] = {
         "id_prefix": (_str, ""),
         "concurrency": (_int_range(1, 64), 4),
         "follow_symlinks": (_bool, False),
+        "max_file_size": (_int_range(1, 1 << 40), 256 * 1024 * 1024),
+        "min_features": (_int_range(0, 100_000), 10),
     },
     "ledger": {"url": (_non_empty, "sqlite:///featsync-ledger.db")},
     "context": {
         "kind": (_choice("local", "aspose"), "local"),
         "path": (_non_empty, "featsync-context.db"),
+        "max_pixels": (_int_range(1, 10**10), 250_000_000),
+        "extract_timeout": (_seconds(1, 3600), 60.0),
         "base_url": (_http_url, "https://api.aspose.cloud/v3.0"),
         "auth_url": (_http_url, "https://api.aspose.cloud/connect/token"),
         "context_id": (_str, ""),

@@ -81,8 +81,13 @@ def scan_rules(settings: Settings) -> ScanRules:
 def open_context(settings: Settings, log: Any = None) -> SearchContext:
     if settings.context.kind == "local":
         from featsync.localcontext import LocalContext
+        from featsync.localcontext.extractor import Extractor, default_workers
 
-        return LocalContext(settings.context.path)
+        c = settings.context
+        extractor = Extractor(
+            default_workers(settings.sync.concurrency), c.extract_timeout, c.max_pixels
+        )
+        return LocalContext(c.path, extractor, owns_extractor=True)
     if settings.context.kind == "aspose":
         from featsync.aspose import AsposeContext
 
@@ -145,7 +150,7 @@ class Engine:
         self.lock = threading.Lock()
 
     def policy(self, confirm_deletes: bool = False, held: int | None = None) -> Policy:
-        s = self.settings.safety
+        s, sync = self.settings.safety, self.settings.sync
         return Policy(
             max_delete_count=s.max_delete_count,
             max_delete_fraction=s.max_delete_fraction,
@@ -153,6 +158,9 @@ class Engine:
             expected_device=self.ledger.device(),
             confirm_deletes=confirm_deletes,
             held=held,
+            max_file_size=sync.max_file_size,
+            min_features=sync.min_features,
+            follow_symlinks=sync.follow_symlinks,
         )
 
     def cycle(
@@ -254,18 +262,24 @@ class Engine:
             "withheld_deletes": len(p.withheld),
         }
         if scope is None:  # the cycles table keeps full cycles (status: "last cycle")
-            self.ledger.record_cycle(
-                started_at=started_wall,
-                finished_at=time.time(),
-                complete=snapshot.complete,
-                duration_ms=report.duration_ms,
-                **counts,
-            )
+            try:
+                self.ledger.record_cycle(
+                    started_at=started_wall,
+                    finished_at=time.time(),
+                    complete=snapshot.complete,
+                    duration_ms=report.duration_ms,
+                    **counts,
+                )
+            except Fatal as exc:  # the summary line below is still written
+                log.error("cycle_not_recorded", error=str(exc))
+                if applied.fatal is None:
+                    applied.fatal = exc
         log.info(
             "cycle_finished",
             scope="full" if scope is None else "paths",
             paths=None if scope is None else len(scope),
             **counts,
+            weak=applied.weak,
             deferred=applied.deferred,
             not_sent=applied.not_sent,
             complete=snapshot.complete,

@@ -59,6 +59,7 @@ class LocalFile(NamedTuple):
     mtime_ns: int  # 0 when the file was modified too recently to trust (see scan)
     inode: int
     digest: str  # SHA-256 of the content, hex
+    device: int = 0  # st_dev as the scan saw it (0: not known)
 
 
 # (image ID, size, mtime_ns, inode) of a synced image: a file whose stat gives the same
@@ -120,7 +121,7 @@ class Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """The rules a plan follows, and the one piece of remembered state it checks."""
+    """The rules a cycle follows, and the one piece of remembered state it checks."""
 
     max_delete_count: int = 10_000
     max_delete_fraction: float = 0.5
@@ -133,6 +134,10 @@ class Policy:
     retry_base_s: float = 30.0
     retry_factor: float = 5.0
     retry_cap_s: float = 24 * 3600.0
+    # What apply checks of each image it sends:
+    max_file_size: int = 256 * 1024 * 1024  # bytes; a bigger file is rejected, never read
+    min_features: int = 10  # fewer: synced, but logged as weak (hardly ever found)
+    follow_symlinks: bool = False  # opened with O_NOFOLLOW unless true
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +178,21 @@ class Outcome(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class OpenImage:
+    """An image file that apply opened and checked against the scan (regular file, the
+    same inode and size): read it from `fd` with ``os.pread`` (never by its path again,
+    never moving the offset), `size` bytes. The opener closes it."""
+
+    fd: int
+    size: int
+    name: str  # the image ID, for messages
+
+
+# What an add or update sends: encoded image bytes, or a file opened by apply.
+ImageData = bytes | OpenImage
+
+
+@dataclass(frozen=True, slots=True)
 class ImageFeatures:
     """A features record in the shape Aspose's GET .../features answers."""
 
@@ -207,10 +227,10 @@ class SearchContext(Protocol):
     ``Fatal`` as their names say.
     """
 
-    def add_features(self, image_id: str, image: bytes) -> int | None:
+    def add_features(self, image_id: str, image: ImageData) -> int | None:
         """Extract and store features; returns the features count when known."""
 
-    def update_features(self, image_id: str, image: bytes) -> int | None:
+    def update_features(self, image_id: str, image: ImageData) -> int | None:
         """Replace the stored features of an existing image ID."""
 
     def delete_features(self, image_id: str) -> None: ...

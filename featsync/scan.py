@@ -9,6 +9,7 @@ incomplete — and an incomplete scan never leads to a delete (see plan.doubt).
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hashlib
 import os
@@ -109,34 +110,89 @@ def stat_key(st: os.stat_result, racy_cutoff_ns: int) -> tuple[int, int, int]:
     return st.st_size, mtime, signed_inode(st.st_ino)
 
 
-class Unsettled(Exception):
-    """The file changed while it was being read."""
+class Changed(Exception):
+    """The file at the path is not the one the scan saw: gone, replaced by another file,
+    a symbolic link, a FIFO or a device. The next scan judges it afresh."""
 
 
-def read_settled(path: str) -> tuple[bytes, os.stat_result]:
-    """Read a whole file, making sure it did not change meanwhile."""
-    with open(path, "rb") as fh:
-        before = os.fstat(fh.fileno())
-        data = fh.read()
-        after = os.fstat(fh.fileno())
-    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or len(
-        data
-    ) != after.st_size:
-        raise Unsettled(path)
-    return data, after
+_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
 
 
-def hash_settled(path: str, seen: os.stat_result) -> str | None:
+def open_checked(
+    path: str,
+    follow_symlinks: bool,
+    inode: int,
+    size: int,
+    mtime_ns: int,
+    device: int = 0,
+) -> tuple[int, os.stat_result]:
+    """Open a file the scan saw, without trusting the path a second time.
+
+    O_NONBLOCK, so a FIFO swapped in cannot hang the open; O_NOFOLLOW unless symlinks
+    are followed, so a symlink swapped in cannot lead outside the folder; then fstat
+    the descriptor: a regular file, with the inode, size (and mtime and device, when
+    given: 0 means unknown) the scan saw, or Changed. Read only from the descriptor.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags)
+    except (FileNotFoundError, NotADirectoryError):
+        raise Changed("it vanished since the scan") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_symlinks:
+            raise Changed("it is a symbolic link now") from None
+        if exc.errno == errno.ENXIO:  # a unix socket (or a device without its driver)
+            raise Changed("it is not a regular file now") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        kind = stat.S_IFMT(st.st_mode)
+        if kind != stat.S_IFREG:
+            raise Changed(f"it is {_KINDS.get(kind, 'not a regular file')} now")
+        if signed_inode(st.st_ino) != inode or (device and st.st_dev != device):
+            raise Changed("another file took its name since the scan")
+        if st.st_size != size or (mtime_ns and st.st_mtime_ns != mtime_ns):
+            raise Changed("it changed since the scan")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def digest_of(fd: int) -> str:
+    """SHA-256 of an open file from its start, read in chunks (memory stays flat)."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    with open(fd, "rb", buffering=0, closefd=False) as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def same_content_stat(before: os.stat_result, after: os.stat_result) -> bool:
+    return (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns)
+
+
+def hash_settled(path: str, seen: os.stat_result, follow_symlinks: bool = False) -> str | None:
     """SHA-256 of the file, or None if it is not what `seen` described any more."""
-    with open(path, "rb") as fh:
-        digest = hashlib.file_digest(fh, "sha256").hexdigest()
-        after = os.fstat(fh.fileno())
-    if (seen.st_size, seen.st_mtime_ns, seen.st_ino) != (
-        after.st_size,
-        after.st_mtime_ns,
-        after.st_ino,
-    ):
+    try:
+        fd, _ = open_checked(
+            path, follow_symlinks, signed_inode(seen.st_ino), seen.st_size, seen.st_mtime_ns
+        )
+    except Changed:
         return None
+    try:
+        digest = digest_of(fd)
+        if not same_content_stat(seen, os.fstat(fd)):
+            return None
+    finally:
+        os.close(fd)
     return digest
 
 
@@ -277,7 +333,7 @@ def scan(
             if tick is not None:
                 tick()
             try:
-                digest = hash_settled(entry.path, st)
+                digest = hash_settled(entry.path, st, follow)
             except OSError as exc:
                 why = f"cannot read: {exc.strerror or exc}"
                 unreadable[image_id] = why
@@ -288,7 +344,9 @@ def scan(
                 problem("file_unsettled", image_id=image_id)
                 continue
             mtime = st.st_mtime_ns if st.st_mtime_ns < racy_cutoff else 0
-            files[image_id] = LocalFile(image_id, relpath, st.st_size, mtime, ino, digest)
+            files[image_id] = LocalFile(
+                image_id, relpath, st.st_size, mtime, ino, digest, st.st_dev
+            )
 
     same = frozenset(unchanged)
     # Two names with one image ID (NFC and NFD spellings of one name), one of them

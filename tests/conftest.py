@@ -24,7 +24,7 @@ from featsync.aspose import AsposeContext, ClientSettings
 from featsync.engine import CycleReport, Engine
 from featsync.ledger import SqlLedger
 from featsync.localcontext import LocalContext
-from featsync.model import ImageFeatures, SearchResult, Secret
+from featsync.model import ImageData, ImageFeatures, SearchResult, Secret
 from featsync.samples import textured_bytes
 
 
@@ -60,11 +60,11 @@ class CountingContext:
         self.inner = inner
         self.calls: Counter[str] = Counter()
 
-    def add_features(self, image_id: str, image: bytes) -> int | None:
+    def add_features(self, image_id: str, image: ImageData) -> int | None:
         self.calls["add"] += 1
         return self.inner.add_features(image_id, image)
 
-    def update_features(self, image_id: str, image: bytes) -> int | None:
+    def update_features(self, image_id: str, image: ImageData) -> int | None:
         self.calls["update"] += 1
         return self.inner.update_features(image_id, image)
 

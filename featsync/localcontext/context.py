@@ -3,7 +3,8 @@
 Implements the ``SearchContext`` port with the Aspose semantics featsync relies on:
 add refuses an ID that is there (``AlreadyExists``), update and delete refuse one that
 is not (``NotFound``), an image that cannot be decoded is ``ItemRejected``. Feature
-extraction runs outside the store's lock, so a worker pool extracts in parallel.
+extraction runs in the extractor's worker processes (a crash there is one image's
+rejection) and outside the store's lock, so calls extract in parallel.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from featsync.errors import AlreadyExists, Fatal, ItemRejected, NotFound
-from featsync.model import ImageFeatures, SearchResult
+from featsync.localcontext.extractor import Extractor, default_workers
+from featsync.model import ImageData, ImageFeatures, SearchResult
 
 if TYPE_CHECKING:
     from featsync.localcontext import matching
@@ -38,10 +40,19 @@ SCHEMA_VERSION = 1
 
 
 class LocalContext:
-    """An embedded search context stored in one SQLite file."""
+    """An embedded search context stored in one SQLite file.
 
-    def __init__(self, path: str) -> None:
+    `extractor` runs feature extraction; without one, the context starts its own
+    (a worker per CPU, up to 4). The context stops the extractor on close if it
+    started it, or if told it owns it.
+    """
+
+    def __init__(
+        self, path: str, extractor: Extractor | None = None, owns_extractor: bool = False
+    ) -> None:
         self.path = path
+        self._owns_extractor = extractor is None or owns_extractor
+        self._extractor = extractor or Extractor(default_workers(4))
         self._lock = threading.Lock()
         try:
             parent = os.path.dirname(os.path.abspath(path))
@@ -69,6 +80,12 @@ class LocalContext:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        if self._owns_extractor:
+            self._extractor.close()
+
+    def _extract(self, image: ImageData, name: str) -> matching.Descriptors:
+        desc: matching.Descriptors = self._extractor.extract(image, name)
+        return desc
 
     # -- features by image ID -------------------------------------------------
 
@@ -96,17 +113,13 @@ class LocalContext:
                 self._cache[image_id] = desc
         return len(desc)
 
-    def add_features(self, image_id: str, image: bytes) -> int:
-        from featsync.localcontext import features
-
+    def add_features(self, image_id: str, image: ImageData) -> int:
         _check_id(image_id)
-        return self._store(image_id, features.extract(image, image_id), must_exist=False)
+        return self._store(image_id, self._extract(image, image_id), must_exist=False)
 
-    def update_features(self, image_id: str, image: bytes) -> int:
-        from featsync.localcontext import features
-
+    def update_features(self, image_id: str, image: ImageData) -> int:
         _check_id(image_id)
-        return self._store(image_id, features.extract(image, image_id), must_exist=True)
+        return self._store(image_id, self._extract(image, image_id), must_exist=True)
 
     def delete_features(self, image_id: str) -> None:
         with self._lock:
@@ -154,11 +167,11 @@ class LocalContext:
         threshold: float,
         max_count: int,
     ) -> list[SearchResult]:
-        from featsync.localcontext import features, matching
+        from featsync.localcontext import matching
 
         entries = self._entries()
         if image is not None:
-            query = features.extract(image, image_id or "<uploaded image>")
+            query = self._extract(image, image_id or "<uploaded image>")
         elif image_id is not None:
             if image_id not in entries:
                 raise NotFound(f"features for image {image_id!r} not found")
@@ -176,7 +189,7 @@ class LocalContext:
 
     def compare(self, image_id: str, other: str | None = None, image: bytes | None = None) -> float:
         """Similarity of a stored image to another stored one or to uploaded bytes."""
-        from featsync.localcontext import features, matching
+        from featsync.localcontext import matching
 
         entries = self._entries()
         if image_id not in entries:
@@ -187,7 +200,7 @@ class LocalContext:
             return matching.similarity(entries[image_id], entries[other])
         if image is None:
             raise ItemRejected("compare needs a second image ID or image data")
-        return matching.similarity(entries[image_id], features.extract(image, "<uploaded image>"))
+        return matching.similarity(entries[image_id], self._extract(image, "<uploaded image>"))
 
     # -- tags and extraction without storing (served by `featsync serve`) -----------
 
@@ -195,16 +208,14 @@ class LocalContext:
         """Features of an image, in the Aspose shape, without adding them."""
         from featsync.localcontext import features
 
-        desc = features.extract(image, image_id)
+        desc = self._extract(image, image_id)
         return ImageFeatures(image_id, len(desc), features.FEATURE_LENGTH_BITS, desc.tobytes())
 
     def add_tag(self, name: str, image: bytes) -> None:
         """Name a reference image; find_by_tags finds what looks like it."""
-        from featsync.localcontext import features
-
         if not name:
             raise ItemRejected("a tag name must not be empty")
-        desc = features.extract(image, f"tag {name!r}")
+        desc = self._extract(image, f"tag {name!r}")
         with self._lock:
             try:
                 self._db.execute(

@@ -1,16 +1,23 @@
 """Decode an image (Pillow) and extract AKAZE binary descriptors (OpenCV).
 
-Images are downscaled before extraction, so a 24-megapixel photo costs about what a
-1-megapixel one does; JPEGs are downscaled while decoding (``draft``), which also
-keeps memory bounded. Keypoints are capped at the strongest ``MAX_KEYPOINTS``.
+This is native code that a hostile or degenerate image can crash (a 500x1 image
+corrupts the heap inside AKAZE) or keep busy: it runs in the extractor's worker
+processes (featsync.localcontext.extractor), never in the syncing process.
+
+Every image the decoder can read gets honest features: 16-bit and float images are
+stretched to 8 bits (not clipped to white), transparency is laid on white, palette,
+CMYK and the rest are converted, a multi-frame file gives its first frame. Images are
+downscaled before extraction (at most ``MAX_SIDE``), so a 24-megapixel photo costs
+about what a 1-megapixel one does; JPEGs are downscaled while decoding (``draft``),
+which keeps memory bounded too. An image with a side under ``MIN_SIDE`` is refused
+before OpenCV sees it. Keypoints are capped at the strongest ``MAX_KEYPOINTS``.
 """
 
 from __future__ import annotations
 
-import io
 import threading
 import warnings
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -18,50 +25,118 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from featsync.errors import ItemRejected
 
 MAX_SIDE = 1024  # pixels, longest side after downscaling
+MIN_SIDE = 16  # pixels: AKAZE needs room for its scale space (a 500x1 image crashes it)
+DEFAULT_MAX_PIXELS = 250_000_000  # a 144-megapixel camera photo passes, a bomb does not
 MAX_KEYPOINTS = 500  # the Aspose example shows ~500 per image
 DESCRIPTOR_BYTES = 61  # full-size AKAZE M-LDB descriptor, 486 bits padded to bytes
 FEATURE_LENGTH_BITS = DESCRIPTOR_BYTES * 8  # 488, as Aspose reports it
 
+Descriptors = np.ndarray[Any, np.dtype[np.uint8]]
+_WIDE = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
 _local = threading.local()
 
 
 def _akaze() -> Any:
-    # cv2 is imported here, not at module load: a no-change rescan never needs it, and
-    # importing it costs more than the rescan itself. One detector per thread because
-    # OpenCV algorithm objects are not documented as thread-safe.
+    # cv2 is imported here, not at module load: importing it costs more than a
+    # no-change rescan. One detector per thread: OpenCV algorithm objects are not
+    # documented as thread-safe.
     detector = getattr(_local, "akaze", None)
     if detector is None:
         import cv2
 
-        cv2.setNumThreads(1)  # the worker pool is the parallelism
+        cv2.setNumThreads(1)  # the worker processes are the parallelism
         detector = cv2.AKAZE_create()  # type: ignore[attr-defined]
         _local.akaze = detector
     return detector
 
 
-def decode(data: bytes, name: str) -> np.ndarray[Any, np.dtype[np.uint8]]:
-    """Decode to an 8-bit grey array no larger than MAX_SIDE, EXIF orientation applied."""
+def _size_text(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]} pixels"
+
+
+def _to_grey(img: Image.Image) -> Image.Image:
+    """Mode "L", whatever the mode: wide modes stretched, transparency on white."""
+    if img.mode in _WIDE:
+        if img.mode.startswith("I;16"):
+            img = img.convert("I")
+        arr = np.asarray(img, dtype=np.float64)
+        finite = np.isfinite(arr)
+        if not finite.all():
+            arr = np.where(finite, arr, 0.0)
+        lo, hi = float(arr.min()), float(arr.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        return Image.fromarray(((arr - lo) * scale).round().astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode == "P" and "transparency" in img.info
+    ):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("L")
+    return img.convert("L")
+
+
+def decode(
+    source: bytes | IO[bytes],
+    name: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = MIN_SIDE,
+) -> Descriptors:
+    """Decode to an 8-bit grey array, downscaled to at most MAX_SIDE (never below
+    `min_side` on its short side), EXIF orientation applied."""
+    import io
+
+    fh = io.BytesIO(source) if isinstance(source, bytes) else source
+    old_limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # palette transparency notes, odd EXIF, ...
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img: Image.Image = Image.open(io.BytesIO(data))
+            Image.MAX_IMAGE_PIXELS = max_pixels
+            img: Image.Image = Image.open(fh)
+            if min(img.size) < min_side:
+                raise ItemRejected(
+                    f"image {name!r} is too small to describe: {_size_text(img.size)} "
+                    f"(each side needs at least {min_side})"
+                )
             img.draft("L", (MAX_SIDE, MAX_SIDE))  # JPEG: DCT-domain downscale, cheap
             img = ImageOps.exif_transpose(img) or img
-            img = img.convert("L")
-            img.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
+            img = _to_grey(img)
+            w, h = img.size
+            # Downscale to MAX_SIDE on the long side, unless that would make the short
+            # side thinner than min_side (a 100000x20 strip stays 80000x16).
+            factor = max(MAX_SIDE / max(w, h), min_side / max(1, min(w, h)))
+            if factor < 1.0:
+                target = (max(1, round(w * factor)), max(1, round(h * factor)))
+                img = img.resize(target, Image.Resampling.LANCZOS)
             return np.asarray(img, dtype=np.uint8)
+    except ItemRejected:
+        raise
     except UnidentifiedImageError:
-        reason = "empty file" if not data else "not an image in a format Pillow can read"
+        empty = fh.seek(0, 2) == 0
+        reason = "empty file" if empty else "not an image in a format Pillow can read"
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        reason = f"too many pixels: {exc}"
+        reason = f"too many pixels (the limit is {max_pixels:,}): {exc}"
+    except MemoryError:
+        reason = "not enough memory to decode it"
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         reason = f"corrupt image: {exc}"
+    except Exception as exc:  # a hostile file can make any decoder raise anything
+        reason = f"corrupt image ({type(exc).__name__}: {exc})"
+    finally:
+        Image.MAX_IMAGE_PIXELS = old_limit
     raise ItemRejected(f"cannot decode image {name!r}: {reason}")
 
 
-def extract(data: bytes, name: str) -> np.ndarray[Any, np.dtype[np.uint8]]:
-    """AKAZE descriptors of an encoded image, shape (n, 61), n <= MAX_KEYPOINTS."""
-    grey = decode(data, name)
+def extract(
+    source: bytes | IO[bytes],
+    name: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = MIN_SIDE,
+) -> Descriptors:
+    """AKAZE descriptors of an encoded image, shape (n, 61), n <= MAX_KEYPOINTS.
+
+    Call it in a worker process (see the module docstring), not in the sync."""
+    grey = decode(source, name, max_pixels, min_side)
     detector = _akaze()
     keypoints = detector.detect(grey, None)
     if len(keypoints) > MAX_KEYPOINTS:

@@ -1,0 +1,351 @@
+"""Feature extraction in worker processes, so that no image can stop the sync.
+
+Decoding and AKAZE are native code: a degenerate image can abort the process inside
+OpenCV (a 500x1 image corrupts its heap) or keep it busy for minutes. They run in a
+small pool of worker processes (``python -m featsync.localcontext.extractor``), each
+talking to the pool over its own unix socket. A worker that dies, or does not answer
+within the time limit (and is then killed), is that one image's rejection
+(``ItemRejected``, with the signal and the last words it wrote on stderr); the pool
+starts a new worker for the next image.
+
+An image travels as bytes, or as an open file descriptor passed over the socket
+(SCM_RIGHTS): the worker decodes straight from the file the sync opened and checked,
+so a big file is never read whole into the syncing process.
+
+Framing, both ways: a 4-byte big-endian length, a JSON header, then the payload the
+header announces (image bytes one way, descriptors the other).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import IO, Any
+
+from featsync.errors import ItemRejected, Transient
+from featsync.model import OpenImage
+
+_LEN = struct.Struct(">I")
+_MAX_HEADER = 1 << 20
+DEFAULT_TIME_LIMIT = 60.0  # seconds per image; a 250-megapixel PNG takes a few
+
+
+def default_workers(wanted: int) -> int:
+    """Worker processes for `wanted` calls at once: never more than the CPUs."""
+    return max(1, min(wanted, os.cpu_count() or 1))
+
+
+# -- framing -----------------------------------------------------------------------------
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return bytes(buf)
+
+
+def _send_msg(sock: socket.socket, header: dict[str, Any], fds: list[int] | None = None) -> None:
+    raw = json.dumps(header).encode("utf-8")
+    frame = _LEN.pack(len(raw)) + raw
+    if fds:
+        sent = socket.send_fds(sock, [frame], fds)
+        if sent < len(frame):
+            sock.sendall(frame[sent:])
+    else:
+        sock.sendall(frame)
+
+
+def _recv_header(sock: socket.socket, with_fd: bool = False) -> tuple[dict[str, Any], int | None]:
+    fd: int | None = None
+    if with_fd:
+        first, fds, _flags, _addr = socket.recv_fds(sock, _LEN.size, 1)
+        if not first:
+            raise EOFError
+        fd = fds[0] if fds else None
+        for extra in fds[1:]:
+            os.close(extra)
+        head = first + _recv_exact(sock, _LEN.size - len(first))
+    else:
+        head = _recv_exact(sock, _LEN.size)
+    (n,) = _LEN.unpack(head)
+    if n > _MAX_HEADER:
+        raise EOFError
+    header = json.loads(_recv_exact(sock, n))
+    if not isinstance(header, dict):
+        raise EOFError
+    return header, fd
+
+
+# -- the pool, in the syncing process -----------------------------------------------------
+
+
+class _Worker:
+    """One worker process and the parent's end of its socket."""
+
+    def __init__(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the worker)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "featsync.localcontext.extractor", str(child.fileno())],
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=self.stderr,
+                # Ctrl-C in a terminal goes to the whole process group: a worker must not
+                # die of it mid-image (that would be reported as the image's fault).
+                start_new_session=True,
+            )
+        except BaseException:
+            parent.close()
+            self.stderr.close()
+            raise
+        finally:
+            child.close()
+        self.sock = parent
+
+    def run(self, header: dict[str, Any], image: bytes | OpenImage, limit: float) -> bytes:
+        """Send one job and return the descriptor bytes; raise _Died or _TooSlow."""
+        sock = self.sock
+        sock.settimeout(limit)
+        try:
+            if isinstance(image, bytes):
+                _send_msg(sock, {**header, "size": len(image)})
+                sock.sendall(image)
+            else:
+                _send_msg(sock, {**header, "fd": True}, [image.fd])
+            answer, _ = _recv_header(sock)
+            payload = _recv_exact(sock, int(answer.get("bytes", 0)))
+        except TimeoutError:
+            raise _TooSlow from None
+        except (EOFError, OSError, ValueError):
+            raise _Died from None
+        if answer.get("ok"):
+            return payload
+        raise ItemRejected(str(answer.get("error") or "the feature extractor refused the image"))
+
+    def last_words(self) -> str:
+        """The end of what the worker wrote on stderr (OpenCV's and glibc's complaints)."""
+        try:
+            self.stderr.seek(0, os.SEEK_END)
+            size = self.stderr.tell()
+            self.stderr.seek(max(0, size - 400))
+            text = self.stderr.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        lines = [x.strip() for x in text.splitlines() if x.strip()]
+        return lines[-1][:200] if lines else ""
+
+    def end(self) -> int | None:
+        """Kill the worker (if it still runs) and reap it; its exit status."""
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.kill()
+        try:
+            code = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # pragma: no cover (SIGKILL cannot be refused)
+            code = None
+        return code
+
+    def discard(self) -> None:
+        self.end()
+        self.stderr.close()
+
+
+class _Died(Exception):
+    pass
+
+
+class _TooSlow(Exception):
+    pass
+
+
+def _how_it_died(code: int | None) -> str:
+    if code is None:
+        return "it did not exit"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+class Extractor:
+    """A pool of extraction worker processes, shared by any number of threads.
+
+    Workers start on first use and are replaced after a crash or a timeout. A thread
+    that finds every worker busy waits for one; only the work itself counts against
+    `time_limit`.
+    """
+
+    def __init__(
+        self,
+        workers: int,
+        time_limit: float = DEFAULT_TIME_LIMIT,
+        max_pixels: int | None = None,
+        min_side: int | None = None,
+    ) -> None:
+        from featsync.localcontext.features import DEFAULT_MAX_PIXELS, MIN_SIDE
+
+        self.workers = max(1, workers)
+        self.time_limit = time_limit
+        self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+        # Below MIN_SIDE OpenCV may crash (the worker dies, the image is rejected all
+        # the same); only the tests lower it, to crash a worker for real.
+        self.min_side = MIN_SIDE if min_side is None else min_side
+        self._idle: queue.LifoQueue[_Worker | None] = queue.LifoQueue()
+        for _ in range(self.workers):
+            self._idle.put(None)  # a slot; its process starts when first needed
+        self._lock = threading.Lock()
+        self._busy: set[_Worker] = set()
+        self._closed = False
+        self.crashes = 0  # workers lost to a crash or a timeout (tests and benchmarks read it)
+
+    def __repr__(self) -> str:
+        return f"Extractor(workers={self.workers}, time_limit={self.time_limit:g})"
+
+    def extract(self, image: bytes | OpenImage, name: str) -> Any:
+        """AKAZE descriptors of `image`, shape (n, 61); ItemRejected with the reason."""
+        import numpy as np
+
+        from featsync.localcontext.features import DESCRIPTOR_BYTES
+
+        header = {"name": name, "max_pixels": self.max_pixels, "min_side": self.min_side}
+        worker = self._take()
+        try:
+            if worker is None:
+                worker = _Worker()
+            with self._lock:
+                self._busy.add(worker)
+            payload = worker.run(header, image, self.time_limit)
+        except (_Died, _TooSlow) as exc:
+            assert worker is not None
+            with self._lock:
+                self._busy.discard(worker)
+                closing = self._closed
+            code = worker.end()
+            words = worker.last_words()
+            worker.stderr.close()
+            worker = None
+            if closing:
+                raise Transient("the feature extractor was stopped") from None
+            self.crashes += 1
+            if isinstance(exc, _TooSlow):
+                raise ItemRejected(
+                    f"the feature extractor took longer than {self.time_limit:g} s "
+                    f"on image {name!r} (stopped)"
+                ) from None
+            raise ItemRejected(_crashed(name, code, words)) from None
+        finally:
+            self._give_back(worker)
+        rows = np.frombuffer(payload, dtype=np.uint8)
+        return rows.reshape(-1, DESCRIPTOR_BYTES)
+
+    def _take(self) -> _Worker | None:
+        if self._closed:
+            raise Transient("the feature extractor was stopped")
+        return self._idle.get()
+
+    def _give_back(self, worker: _Worker | None) -> None:
+        if worker is not None:
+            with self._lock:
+                self._busy.discard(worker)
+                if self._closed:
+                    worker.discard()
+                    worker = None
+        self._idle.put(worker)
+
+    def close(self) -> None:
+        """Stop every worker: idle ones now, busy ones as their jobs end (their callers
+        get Transient)."""
+        with self._lock:
+            self._closed = True
+            busy = list(self._busy)
+        for worker in busy:  # the caller sees EOF, ends it and gives back None
+            with contextlib.suppress(OSError):
+                worker.sock.shutdown(socket.SHUT_RDWR)
+        while True:
+            try:
+                idle = self._idle.get_nowait()
+            except queue.Empty:
+                break
+            if idle is not None:
+                idle.discard()
+
+
+def _crashed(name: str, code: int | None, words: str) -> str:
+    tail = f": {words}" if words else ""
+    return f"the feature extractor crashed on image {name!r} ({_how_it_died(code)}{tail})"
+
+
+# -- the worker process --------------------------------------------------------------------
+
+
+def _source(sock: socket.socket, header: dict[str, Any], fd: int | None) -> bytes | IO[bytes]:
+    if header.get("fd"):
+        if fd is None:
+            raise ItemRejected("no file descriptor came with the job")
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.fdopen(fd, "rb")
+    return _recv_exact(sock, int(header.get("size", 0)))
+
+
+def _work(fd: int) -> int:
+    """Serve jobs on socket `fd` until the pool closes it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool decides when a worker ends
+    sock = socket.socket(fileno=fd)
+    from featsync.localcontext import features  # the heavy imports, once per worker
+
+    while True:
+        try:
+            header, job_fd = _recv_header(sock, with_fd=True)
+        except (EOFError, OSError, ValueError):
+            return 0
+        source: bytes | IO[bytes] | None = None
+        try:
+            source = _source(sock, header, job_fd)
+            job_fd = None  # the file object owns it now
+            desc = features.extract(
+                source,
+                str(header.get("name", "")),
+                int(header.get("max_pixels") or features.DEFAULT_MAX_PIXELS),
+                int(header.get("min_side", features.MIN_SIDE)),
+            )
+            data = desc.tobytes()
+            answer: dict[str, Any] = {"ok": True, "bytes": len(data)}
+        except ItemRejected as exc:
+            answer, data = {"ok": False, "error": str(exc), "bytes": 0}, b""
+        except Exception as exc:
+            name = header.get("name", "")
+            why = f"{type(exc).__name__}: {exc}"
+            answer = {"ok": False, "error": f"feature extraction failed on {name!r}: {why}"}
+            answer["bytes"], data = 0, b""
+        finally:
+            if job_fd is not None:
+                os.close(job_fd)
+            if source is not None and not isinstance(source, bytes):
+                source.close()
+        try:
+            _send_msg(sock, answer)
+            sock.sendall(data)
+        except OSError:
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_work(int(sys.argv[1])))
