@@ -226,7 +226,8 @@ def _status(settings: Settings, as_json: bool) -> int:
         data: dict[str, Any] = {
             "folder": settings.sync.folder,
             "syncing_pid": SyncLock(settings.ledger.url).holder(),
-            "counts": ledger.counts(),
+            "counts": ledger.counts(settings.sync.min_features),
+            "weak": ledger.weak(settings.sync.min_features),
             "failures": ledger.failures(),
             "last_cycle": ledger.last_cycle(),
         }
@@ -387,6 +388,10 @@ def _status_lines(data: dict[str, Any]) -> list[str]:
             f"{c['unchanged']} unchanged, {c['failed']} failed, "
             f"{c['withheld_deletes']} withheld deletes"
             + ("" if c["complete"] else ", scan incomplete")
+        )
+    for w in data["weak"]:
+        lines.append(
+            f"weak: {w['image_id']}: {w['features_count']} features (hardly ever found)"
         )
     for f in data["failures"]:
         lines.append(

@@ -277,14 +277,40 @@ class SqlLedger:
     def set_device(self, device: int) -> None:
         self._set_meta("root_device", str(device))
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, min_features: int | None = None) -> dict[str, int]:
+        """Images by state; with `min_features`, also "weak": synced images whose
+        features count is known and below it (they are counted as synced too)."""
         with self._tx() as conn:
             rows = conn.execute(
                 sa.select(images.c.state, sa.func.count()).group_by(images.c.state)
             ).all()
+            weak = None
+            if min_features is not None:
+                weak = conn.execute(
+                    sa.select(sa.func.count()).where(
+                        images.c.state == State.SYNCED.value,
+                        images.c.features_count < min_features,
+                    )
+                ).scalar()
         out = {s.value: 0 for s in State}
         out.update({state: n for state, n in rows})
+        if weak is not None:
+            out["weak"] = int(weak)
         return out
+
+    def weak(self, min_features: int, limit: int = 20) -> list[dict[str, Any]]:
+        """Synced images with fewer than `min_features` features, fewest first."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(images.c.image_id, images.c.features_count)
+                .where(
+                    images.c.state == State.SYNCED.value,
+                    images.c.features_count < min_features,
+                )
+                .order_by(images.c.features_count, images.c.image_id)
+                .limit(limit)
+            ).all()
+        return [{"image_id": r[0], "features_count": r[1]} for r in rows]
 
     def failures(self) -> list[dict[str, Any]]:
         cols = (

@@ -37,6 +37,7 @@ from featsync.model import OpenImage
 _LEN = struct.Struct(">I")
 _MAX_HEADER = 1 << 20
 DEFAULT_TIME_LIMIT = 60.0  # seconds per image; a 250-megapixel PNG takes a few
+START_LIMIT = 120.0  # seconds for a new worker to import its libraries and say it is ready
 
 
 def default_workers(wanted: int) -> int:
@@ -116,10 +117,25 @@ class _Worker:
         finally:
             child.close()
         self.sock = parent
+        self.ready = False
+
+    def wait_ready(self) -> None:
+        """Wait for the worker's first word (its imports done), so that starting it never
+        counts against an image's time limit; _NoStart if it does not come."""
+        self.sock.settimeout(START_LIMIT)
+        try:
+            hello, _ = _recv_header(self.sock)
+        except (EOFError, OSError, ValueError):
+            raise _NoStart from None
+        if not hello.get("ready"):
+            raise _NoStart
+        self.ready = True
 
     def run(self, header: dict[str, Any], image: bytes | OpenImage, limit: float) -> bytes:
         """Send one job and return the descriptor bytes; raise _Died or _TooSlow."""
         sock = self.sock
+        if not self.ready:
+            self.wait_ready()
         sock.settimeout(limit)
         try:
             if isinstance(image, bytes):
@@ -168,6 +184,10 @@ class _Worker:
 
 
 class _Died(Exception):
+    pass
+
+
+class _NoStart(Exception):
     pass
 
 
@@ -233,6 +253,17 @@ class Extractor:
             with self._lock:
                 self._busy.add(worker)
             payload = worker.run(header, image, self.time_limit)
+        except _NoStart:
+            assert worker is not None
+            with self._lock:
+                self._busy.discard(worker)
+            worker.end()
+            words = worker.last_words()
+            worker.stderr.close()
+            worker = None
+            raise Transient(
+                "the feature extractor could not start" + (f": {words}" if words else "")
+            ) from None
         except (_Died, _TooSlow) as exc:
             assert worker is not None
             with self._lock:
@@ -300,7 +331,8 @@ def _source(sock: socket.socket, header: dict[str, Any], fd: int | None) -> byte
     if header.get("fd"):
         if fd is None:
             raise ItemRejected("no file descriptor came with the job")
-        os.lseek(fd, 0, os.SEEK_SET)
+        with contextlib.suppress(OSError):  # not seekable: Pillow reads it whole
+            os.lseek(fd, 0, os.SEEK_SET)
         return os.fdopen(fd, "rb")
     return _recv_exact(sock, int(header.get("size", 0)))
 
@@ -311,6 +343,8 @@ def _work(fd: int) -> int:
     sock = socket.socket(fileno=fd)
     from featsync.localcontext import features  # the heavy imports, once per worker
 
+    features.warm_up()
+    _send_msg(sock, {"ready": True})
     while True:
         try:
             header, job_fd = _recv_header(sock, with_fd=True)

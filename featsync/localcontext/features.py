@@ -50,6 +50,12 @@ def _akaze() -> Any:
     return detector
 
 
+def warm_up() -> None:
+    """Import OpenCV and make this thread's detector (a worker does it before its first
+    image, so that no image's time limit pays for it)."""
+    _akaze()
+
+
 def _size_text(size: tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]} pixels"
 

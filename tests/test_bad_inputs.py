@@ -1,0 +1,361 @@
+"""No input stops the sync: a corpus of bad and odd files, mixed with good ones, under
+`featsync reconcile`, under `featsync run` and through `featsync serve`; the extractor's
+worker processes crashing and hanging for real; files swapped between scan and send.
+
+Every good image must be synced, every bad one recorded with its reason, the weak ones
+synced and counted as weak, and the special files (FIFO, socket, device) never opened.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from PIL import Image
+
+from featsync.errors import ItemRejected, Transient
+from featsync.localcontext.extractor import Extractor
+from featsync.model import OpenImage
+from featsync.samples import textured_bytes
+from tests import corpus
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, Server, Workspace, wait_for
+from tests.test_cli import featsync
+from tests.test_daemon import DAEMON, Daemons
+
+
+def _png(size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", size, 128).save(buf, "PNG")
+    return buf.getvalue()
+
+
+# -- the extractor's worker processes, crashing and hanging for real ---------------------
+
+
+def test_a_native_crash_in_a_worker_is_that_images_rejection_and_the_next_image_works() -> None:
+    # min_side=1 lets the 500x1 image reach OpenCV's AKAZE, which corrupts its heap and
+    # aborts the process (the crash featsync's own check keeps away in normal use).
+    extractor = Extractor(1, min_side=1)
+    try:
+        with pytest.raises(ItemRejected, match=r"crashed on image 'row\.png' \(killed by SIG"):
+            extractor.extract(_png((500, 1)), "row.png")
+        assert extractor.crashes == 1
+        assert len(extractor.extract(textured_bytes(1), "next.jpg")) > 20  # a new worker
+    finally:
+        extractor.close()
+
+
+def test_a_worker_past_its_time_limit_is_stopped_and_replaced() -> None:
+    extractor = Extractor(1, time_limit=2.0)
+    read_end, write_end = os.pipe()  # a "file" that never ends: the decoder waits forever
+    try:
+        assert len(extractor.extract(textured_bytes(2), "warm.jpg")) > 20
+        with pytest.raises(ItemRejected, match=r"took longer than 2 s on image 'endless\.jpg'"):
+            extractor.extract(OpenImage(read_end, 1000, "endless.jpg"), "endless.jpg")
+        assert extractor.crashes == 1
+        assert len(extractor.extract(textured_bytes(3), "after.jpg")) > 20
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        extractor.close()
+
+
+def test_closing_the_extractor_under_a_busy_call_ends_it_as_transient_not_as_the_images_fault() -> (
+    None
+):
+    extractor = Extractor(1, time_limit=60.0)
+    read_end, write_end = os.pipe()
+    seen: list[BaseException] = []
+
+    def hang() -> None:
+        try:
+            extractor.extract(OpenImage(read_end, 10, "endless.jpg"), "endless.jpg")
+        except BaseException as exc:
+            seen.append(exc)
+
+    t = threading.Thread(target=hang)
+    t.start()
+    try:
+        wait_for(lambda: bool(extractor._busy), 60, "the worker to take the job")
+        extractor.close()
+        t.join(30)
+        assert not t.is_alive()
+        assert len(seen) == 1 and isinstance(seen[0], Transient), seen
+        assert extractor.crashes == 0
+        with pytest.raises(Transient, match="stopped"):
+            extractor.extract(textured_bytes(1), "late.jpg")
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+# -- the corpus under every entry point ------------------------------------------------------
+
+
+def _status(ws: Workspace) -> dict[str, Any]:
+    done = featsync("status", "--json", "--config", str(ws.config_path), cwd=ws.base)
+    assert done.returncode in (0, 1), done.stderr
+    data: dict[str, Any] = json.loads(done.stdout)
+    return data
+
+
+def _check_outcomes(ws: Workspace, cases: dict[str, corpus.Case]) -> None:
+    """The ledger, `status` and the context say what each case expects."""
+    status = _status(ws)
+    failures = {f["image_id"]: f for f in status["failures"]}
+    weak = {w["image_id"] for w in status["weak"]}
+    rows = ws.ledger()
+    try:
+        ledger = rows.load()
+    finally:
+        rows.close()
+    held = ws.remote_ids()
+    for name, case in cases.items():
+        if case.expect == "skipped":
+            assert name not in ledger, f"{name} should never have been opened"
+            continue
+        if case.expect in ("synced", "weak"):
+            assert ledger[name].state == "synced", (name, failures.get(name))
+            assert name in held, name
+            assert (name in weak) == (case.expect == "weak"), (name, status["weak"])
+            continue
+        assert name in failures, f"{name} should have failed; ledger: {ledger.get(name)}"
+        assert re.search(case.reason, failures[name]["error"], re.IGNORECASE), failures[name]
+        assert name not in held
+    assert status["counts"]["weak"] == sum(1 for c in cases.values() if c.expect == "weak")
+
+
+def test_the_corpus_under_reconcile_syncs_every_good_image_and_names_every_bad_one(
+    ws: Workspace,
+) -> None:
+    ws.write_config(**corpus.config(), log={"format": "json"})
+    with corpus.written(ws.images) as cases:
+        first = featsync("reconcile", "--config", str(ws.config_path), cwd=ws.base)
+        assert first.returncode == 1, first.stderr  # some images failed: not in step
+        events = [json.loads(x) for x in first.stderr.splitlines() if x.startswith("{")]
+        assert len(events) == len(first.stderr.splitlines()), "every log line is JSON"
+        [summary] = [e for e in events if e["event"] == "cycle_finished"]
+        rejected = sum(1 for c in cases.values() if c.expect == "rejected")
+        good = sum(1 for c in cases.values() if c.expect in ("synced", "weak"))
+        assert (summary["added"], summary["failed"]) == (good, rejected), summary
+        assert summary["weak"] == sum(1 for c in cases.values() if c.expect == "weak")
+        weak_events = {e["image_id"] for e in events if e["event"] == "image_weak"}
+        assert weak_events == {n for n, c in cases.items() if c.expect == "weak"}
+        _check_outcomes(ws, cases)
+
+        again = featsync("reconcile", "--config", str(ws.config_path), cwd=ws.base)
+        assert again.returncode == 1  # the rejected ones wait for their next try
+        events = [json.loads(x) for x in again.stderr.splitlines() if x.startswith("{")]
+        [summary] = [e for e in events if e["event"] == "cycle_finished"]
+        assert (summary["added"], summary["updated"]) == (0, 0), summary
+
+
+@pytest.fixture
+def daemons(ws: Workspace) -> Iterator[Daemons]:
+    d = Daemons(ws)
+    yield d
+    d.close()
+
+
+def test_the_corpus_under_the_daemon_syncs_every_good_image_and_the_daemon_lives_on(
+    ws: Workspace, daemons: Daemons
+) -> None:
+    ws.write_config(**corpus.config(), log={"format": "json"}, daemon=dict(DAEMON))
+    run = daemons.start()
+    run.wait_event("watcher_started")
+    with corpus.written(ws.images) as cases:
+        expected = sum(1 for c in cases.values() if c.expect != "skipped")
+        wait_for(
+            lambda: run.count("image_added") + run.count("image_failed") >= expected,
+            120,
+            f"every image judged\n{run.tail()}",
+        )
+        assert run.proc.poll() is None, run.tail()
+        _check_outcomes(ws, cases)
+        (ws.images / "good" / "late.jpg").write_bytes(textured_bytes(77))  # still syncing
+        wait_for(lambda: "good/late.jpg" in ws.remote_ids(), 60, f"late.jpg\n{run.tail()}")
+    assert run.stop() == 0
+
+
+def test_the_corpus_through_serve_answers_400_with_the_reason_and_the_server_stays_up(
+    server: Server,
+) -> None:
+    session = requests.Session()
+    session.trust_env = False
+    token = session.post(
+        server.token_url,
+        data={
+            "grant_type": "client_credentials",
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+        },
+        timeout=30,
+    ).json()["access_token"]
+    session.headers["Authorization"] = f"Bearer {token}"
+    api = f"{server.api}/imaging/ai/imageSearch"
+    context_url = f"{api}/{session.post(f'{api}/create', timeout=30).json()['id']}"
+    try:
+        for name, (case, data) in corpus.build_cases().items():
+            if data is None:
+                continue
+            r = session.post(
+                f"{context_url}/features",
+                params={"imageId": name},
+                files={"imageData": ("imageData", data)},
+                timeout=60,
+            )
+            if case.expect in ("synced", "weak") or name.endswith("oversized.jpg"):
+                assert r.status_code == 200, (name, r.text)
+                continue
+            assert r.status_code == 400, (name, r.status_code, r.text)
+            message = r.json()["error"]["message"]
+            assert re.search(case.reason, message, re.IGNORECASE), (name, message)
+        assert server.proc.poll() is None
+        got = session.get(f"{context_url}/features", params={"imageId": "good/one.jpg"}, timeout=30)
+        assert got.status_code == 200 and got.json()["featuresCount"] > 20
+    finally:
+        session.close()
+
+
+# -- a file swapped between the scan and the send -------------------------------------------
+
+SWAP_SCRIPT = """
+import json, os, sys
+import structlog
+from structlog.testing import capture_logs
+from featsync import config, engine
+from featsync.ledger import SqlLedger
+
+settings = config.load(sys.argv[1])
+mode, outside = sys.argv[2], sys.argv[3]
+real_apply = engine.apply_plan
+
+def swap_then_apply(p, root, *args, **kwargs):
+    victim = os.path.join(root, "victim.jpg")
+    os.remove(victim)
+    if mode == "fifo":
+        os.mkfifo(victim)
+    else:
+        os.symlink(outside, victim)
+    return real_apply(p, root, *args, **kwargs)
+
+engine.apply_plan = swap_then_apply
+ledger = SqlLedger(settings.ledger.url)
+ctx = engine.open_context(settings)
+with capture_logs() as logs:
+    report = engine.Engine(settings, ledger, ctx, structlog.get_logger()).cycle()
+held = sorted(ctx.image_ids())
+ctx.close()
+ledger.close()
+print(json.dumps({"held": held, "events": [
+    {k: v for k, v in e.items() if isinstance(v, (str, int, float, type(None)))} for e in logs
+]}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "follow", "reason"),
+    [
+        ("fifo", False, "FIFO"),
+        ("symlink", False, "symbolic link"),
+        ("symlink", True, "another file took its name"),
+    ],
+)
+def test_a_file_swapped_after_the_scan_is_not_sent_and_nothing_hangs(
+    ws: Workspace, tmp_path: Path, mode: str, follow: bool, reason: str
+) -> None:
+    ws.write_config(sync={"folder": "images", "follow_symlinks": follow})
+    ws.image("victim.jpg", 1)
+    ws.image("other.jpg", 2)
+    outside = tmp_path / "outside-the-folder.jpg"
+    outside.write_bytes(textured_bytes(3))
+    done = subprocess.run(
+        [sys.executable, "-c", SWAP_SCRIPT, str(ws.config_path), mode, str(outside)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["held"] == ["other.jpg"]  # nothing of the outside file, nothing hung
+    [deferred] = [e for e in out["events"] if e["event"] == "image_deferred"]
+    assert deferred["image_id"] == "victim.jpg" and reason in deferred["reason"], deferred
+
+
+def test_a_file_over_max_file_size_is_rejected_unread_and_waits_until_it_changes(
+    ws: Workspace,
+) -> None:
+    ws.write_config(sync={"folder": "images", "max_file_size": 50_000})
+    big = ws.images / "big.jpg"
+    big.write_bytes(textured_bytes(1) + b"\0" * 60_000)
+    first = ws.cycle()
+    [failed] = first.events("image_failed")
+    assert "max_file_size" in failed["error"] and first.calls == {}
+    assert ws.cycle().report.plan.waiting == ("big.jpg",)
+    big.write_bytes(textured_bytes(1))  # smaller now: tried at once
+    assert ws.cycle().calls == {"add": 1}
+
+
+def test_an_error_nobody_foresaw_is_that_images_failure_and_the_cycle_finishes(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from featsync import scan
+
+    ws.image("a.jpg", 1)
+    ws.image("b.jpg", 2)
+    real = scan.open_checked
+
+    def broken(path: str, *args: Any) -> Any:
+        if path.endswith("a.jpg"):
+            raise KeyError("a bug")
+        return real(path, *args)
+
+    monkeypatch.setattr("featsync.apply.open_checked", broken)
+    cycle = ws.cycle()
+    [failed] = cycle.events("image_failed")
+    assert failed["image_id"] == "a.jpg" and failed["error_kind"] == "internal"
+    assert "KeyError" in failed["error"]
+    assert cycle.calls == {"add": 1} and len(cycle.events("cycle_finished")) == 1
+    assert ws.remote_ids() == {"b.jpg"}
+
+
+def test_sigint_to_the_process_group_does_not_blame_the_image_being_extracted(
+    ws: Workspace,
+) -> None:
+    """Ctrl-C in a terminal reaches the whole process group: the workers must not die of
+    it mid-image (their own session), and the stop must not record a rejection."""
+    ws.write_config(sync={"folder": "images"}, log={"format": "json"})
+    for n in range(40):
+        ws.image(f"i{n:02}.jpg", n)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "featsync", "run", "--config", str(ws.config_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        ledger_path = ws.base / "featsync-ledger.db"
+        wait_for(ledger_path.exists, 60, "the ledger")
+        wait_for(lambda: len(ws.remote_ids()) > 0, 60, "a first image")
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    failed = [x for x in err.splitlines() if '"image_failed"' in x]
+    assert failed == [], failed
