@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from typing import IO, Any
 
 from featsync.errors import ItemRejected, Transient
@@ -337,9 +338,18 @@ def _source(sock: socket.socket, header: dict[str, Any], fd: int | None) -> byte
     return _recv_exact(sock, int(header.get("size", 0)))
 
 
+def _orphan_watch(parent: int) -> None:
+    """End the worker if the syncing process is gone (even by kill -9) while an image
+    keeps it busy; an idle worker ends anyway when its socket closes."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
 def _work(fd: int) -> int:
     """Serve jobs on socket `fd` until the pool closes it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool decides when a worker ends
+    threading.Thread(target=_orphan_watch, args=(os.getppid(),), daemon=True).start()
     sock = socket.socket(fileno=fd)
     from featsync.localcontext import features  # the heavy imports, once per worker
 
