@@ -77,6 +77,42 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--access-log", action="store_true", help="log every request (http_request events)"
     )
+    limits = srv.add_argument_group("limits against hostile clients")
+    limits.add_argument(
+        "--connection-limit",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="connections held at once (the open-files limit is raised to fit)",
+    )
+    limits.add_argument(
+        "--idle-timeout",
+        type=int,
+        default=30,
+        metavar="SECONDS",
+        help="close a connection idle this long (whole seconds)",
+    )
+    limits.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="close a connection whose request line and headers take longer than this",
+    )
+    limits.add_argument(
+        "--token-failures",
+        type=int,
+        default=10,
+        metavar="N",
+        help="failed token requests an address may make in a burst before getting 429",
+    )
+    limits.add_argument(
+        "--token-failure-interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="after the burst, one more failed token request per this interval",
+    )
     faults = srv.add_argument_group("fault injection (off by default)")
     faults.add_argument("--latency", type=float, default=0.0, metavar="SECONDS")
     faults.add_argument(
@@ -244,7 +280,9 @@ def _serve(args: argparse.Namespace) -> int:
     import os
     import signal
 
+    from featsync.localcontext.auth import TokenBudget
     from featsync.localcontext.server import Faults, create_app, serve
+    from featsync.localcontext.transport import Limits
     from featsync.model import Secret
 
     client_id = args.client_id or os.environ.get(ENV_CLIENT_ID)
@@ -265,6 +303,12 @@ def _serve(args: argparse.Namespace) -> int:
     for name in ("error_rate", "throttle_rate", "drop_rate"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise Fatal(f"--{name.replace('_', '-')} must be a share from 0 to 1")
+    for name in ("connection_limit", "idle_timeout", "token_failures"):
+        if getattr(args, name) < 1:
+            raise Fatal(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("header_timeout", "token_failure_interval"):
+        if not getattr(args, name) > 0:
+            raise Fatal(f"--{name.replace('_', '-')} must be more than 0")
     faults = Faults(
         latency_s=args.latency,
         error_rate=args.error_rate,
@@ -273,30 +317,61 @@ def _serve(args: argparse.Namespace) -> int:
         drop_rate=args.drop_rate,
         seed=args.seed,
     )
+    limits = Limits(args.connection_limit, args.idle_timeout, args.header_timeout)
     log = logs.get()
+    logs.capture_stdlib()  # waitress and Flask log through the stdlib: make it JSON too
     app = create_app(
-        args.data, client_id, Secret(secret), args.token_lifetime, faults, log, args.access_log
+        args.data,
+        client_id,
+        Secret(secret),
+        args.token_lifetime,
+        faults,
+        log,
+        args.access_log,
+        TokenBudget(args.token_failures, args.token_failure_interval),
     )
 
-    def ready(host: str, port: int) -> None:
+    def ready(host: str, port: int, limits: Limits) -> None:
         log.info(
             "serve_started",
             url=f"http://{host}:{port}",
             data=os.path.abspath(args.data),
             faults=faults.any,
+            connection_limit=limits.connection_limit,
+            idle_timeout_s=limits.idle_timeout_s,
+            header_timeout_s=limits.header_timeout_s,
         )
         print(f"serving on http://{host}:{port}", flush=True)
 
-    def stop(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
+    stopped_by: list[str] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        # waitress's loop catches the KeyboardInterrupt and returns: which signal it was
+        # is kept here. A second signal while stopping is ignored, so the clean-up (a few
+        # seconds at most) runs to the end and serve_stopped is always logged.
+        first = not stopped_by
+        stopped_by.append(signal.Signals(signum).name)
+        if first:
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
-        serve(app, args.host, args.port, args.threads, ready, quiet_drops=args.drop_rate > 0)
+        serve(
+            app,
+            args.host,
+            args.port,
+            args.threads,
+            ready,
+            quiet_drops=args.drop_rate > 0,
+            limits=limits,
+            log=log,
+        )
     except KeyboardInterrupt:
-        log.info("serve_stopped")
+        pass  # a signal outside waitress's loop (while starting or closing)
     except OSError as exc:
         raise Fatal(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    log.info("serve_stopped", signal=stopped_by[0] if stopped_by else None)
     return EXIT_OK
 
 
@@ -343,11 +418,7 @@ def _features(settings: Settings, action: str, image_id: str, file: str | None) 
 
     data = b""
     if file is not None:
-        try:
-            with open(file, "rb") as fh:
-                data = fh.read()
-        except OSError as exc:
-            raise Fatal(f"--file {file!r}: {exc.strerror}") from None
+        data = _read_image_file(file)
     context = open_context(settings, logs.get())
     try:
         if action == "get":
@@ -364,6 +435,21 @@ def _features(settings: Settings, action: str, image_id: str, file: str | None) 
     finally:
         context.close()
     return EXIT_OK
+
+
+def _read_image_file(path: str) -> bytes:
+    """The bytes of a regular file (O_NONBLOCK: a FIFO named by mistake cannot hang us)."""
+    import os
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise Fatal(f"--file {path!r}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Fatal(f"--file {path!r}: not a regular file")
+        return fh.read()
 
 
 def _when(ts: float | None) -> str:
@@ -390,9 +476,7 @@ def _status_lines(data: dict[str, Any]) -> list[str]:
             + ("" if c["complete"] else ", scan incomplete")
         )
     for w in data["weak"]:
-        lines.append(
-            f"weak: {w['image_id']}: {w['features_count']} features (hardly ever found)"
-        )
+        lines.append(f"weak: {w['image_id']}: {w['features_count']} features (hardly ever found)")
     for f in data["failures"]:
         lines.append(
             f"failed: {f['image_id']}: {f['error']} "

@@ -8,6 +8,7 @@ Whatever passes here can sit behind the engine.
 
 from __future__ import annotations
 
+import os
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from featsync.errors import AlreadyExists, ItemRejected, NotFound
 from featsync.localcontext import LocalContext
-from featsync.model import SearchContext
+from featsync.model import OpenImage, SearchContext
 from featsync.samples import encode, textured_bytes, textured_image
 from tests.conftest import Server, new_context
 
@@ -118,3 +119,23 @@ def test_duplicates_are_grouped(context: SearchContext) -> None:
     groups = context.find_duplicates(threshold=60)
     assert [sorted(r.image_id for r in g) for g in groups] == [["a-copy.jpg", "a.jpg"]]
     assert all(0 <= r.similarity <= 100 for r in groups[0])
+
+
+def test_an_image_given_as_an_open_file_gives_the_features_of_its_bytes(
+    context: SearchContext, tmp_path: Path
+) -> None:
+    """apply hands over an open descriptor (read with pread, the offset left alone):
+    the embedded context's workers decode from it, the HTTP client streams it."""
+    data = textured_bytes(5, "PNG", size=(480, 360))
+    path = tmp_path / "five.png"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.lseek(fd, 7, os.SEEK_SET)  # wherever the offset is, the whole file is sent
+        context.add_features("from-file.png", OpenImage(fd, len(data), "from-file.png"))
+        context.update_features("from-file.png", OpenImage(fd, len(data), "from-file.png"))
+    finally:
+        os.close(fd)
+    context.add_features("from-bytes.png", data)
+    a, b = context.get_features("from-file.png"), context.get_features("from-bytes.png")
+    assert a.features_count == b.features_count > 20 and a.features == b.features

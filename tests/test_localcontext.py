@@ -134,6 +134,16 @@ def test_a_large_photo_is_downscaled_and_keypoints_capped() -> None:
     assert 100 < len(extract(data, "big.jpg")) <= MAX_KEYPOINTS
 
 
+def test_a_real_144_megapixel_photo_is_within_the_default_pixel_limit() -> None:
+    """Pillow's own default (89 megapixels, refused past twice that) turned away real
+    camera photos; featsync's default of 250 admits them, decoded at 1/8 in JPEG draft."""
+    img = Image.new("L", (14400, 10000), 128)
+    img.paste(textured_image(8, (1440, 1000)).convert("L").resize((14400, 10000)))
+    data = encode(img, quality=70)
+    assert decode(data, "big.jpg").shape == (711, 1024)
+    assert len(extract(data, "big.jpg")) > 20
+
+
 def test_an_image_over_the_pixel_limit_is_rejected() -> None:
     with pytest.raises(ItemRejected, match=r"too many pixels \(the limit is 1,000\)"):
         extract(textured_bytes(1), "bomb.png", max_pixels=1000)
