@@ -44,3 +44,26 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
 
 def get() -> Any:
     return structlog.get_logger("featsync")
+
+
+class _ToStructlog(logging.Handler):
+    """Re-emits a stdlib logging record (waitress, Flask, warnings) as one featsync event."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}
+            if record.exc_info:
+                fields["exc_info"] = record.exc_info  # rendered as an "exception" field
+            level = min(max(record.levelno // 10 * 10, logging.DEBUG), logging.CRITICAL)
+            get().log(level, "library_log", **fields)
+        except Exception:
+            self.handleError(record)
+
+
+def capture_stdlib(level: str = "info") -> None:
+    """Send what libraries log through the stdlib (and Python's warnings) to the
+    structlog output configured above, so that output stays one format."""
+    root = logging.getLogger()
+    root.handlers[:] = [_ToStructlog()]
+    root.setLevel(LEVELS[level])
+    logging.captureWarnings(True)

@@ -1,10 +1,16 @@
 """What `featsync serve` keeps: the tokens it handed out, the search contexts in its data
 folder (one ``<id>.search`` LocalContext file each, opened on first use, so they
 survive a restart) and the storage of images saved by the ``/image`` operations.
-Errors are ``ApiError``s carrying the HTTP status and the Aspose error code."""
+Errors are ``ApiError``s carrying the HTTP status and the Aspose error code.
+
+A storage name is checked before anything is written: each path component at most 255
+bytes as UTF-8 (what file systems allow), no file where the name needs a folder and no
+folder where it needs a file. An image is written to a staging file first and moved
+into storage only once its features are stored, so a refusal leaves nothing behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -15,6 +21,8 @@ import uuid
 from featsync.localcontext.context import LocalContext
 
 _CONTEXT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MAX_NAME_BYTES = 255  # one path component, as UTF-8
+MAX_PATH_BYTES = 4000  # the whole storage path, under PATH_MAX (4096)
 
 
 class ApiError(Exception):
@@ -44,6 +52,11 @@ class Tokens:
             expiry = self._expiry.get(token)
         return expiry is not None and time.monotonic() < expiry
 
+    def authorizes(self, header: str) -> bool:
+        """Whether an ``Authorization`` header carries a valid bearer token."""
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and self.valid(token.strip())
+
 
 class Contexts:
     """The search contexts in the data folder, opened on first use."""
@@ -51,7 +64,13 @@ class Contexts:
     def __init__(self, data_dir: str) -> None:
         self.data_dir = data_dir
         self.storage_dir = os.path.join(data_dir, "storage")
+        self.staging_dir = os.path.join(data_dir, "staging")  # same file system: atomic moves
         os.makedirs(self.storage_dir, exist_ok=True)
+        os.makedirs(self.staging_dir, exist_ok=True)
+        for left in os.listdir(self.staging_dir):  # what a crash left behind
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(self.staging_dir, left))
+        self._storage_lock = threading.Lock()
         self._lock = threading.Lock()
         self._open: dict[str, LocalContext] = {}
 
@@ -100,9 +119,20 @@ class Contexts:
 
     def storage_path(self, name: str) -> str:
         parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
-        if not parts or ".." in parts:
-            raise ApiError(400, "BadRequest", f"not a storage path: {name!r}")
-        return os.path.join(self.storage_dir, *parts)
+        if not parts or ".." in parts or "\0" in name:
+            raise ApiError(400, "BadRequest", f"not a storage path: {name[:80]!r}")
+        for part in parts:
+            if len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    f"storage path {name[:80]!r} has a name longer than "
+                    f"{MAX_NAME_BYTES} bytes (as UTF-8)",
+                )
+        path = os.path.join(self.storage_dir, *parts)
+        if len(os.fsencode(path)) > MAX_PATH_BYTES:
+            raise ApiError(400, "BadRequest", f"storage path {name[:80]!r} is too long")
+        return path
 
     def read_storage(self, name: str) -> bytes:
         try:
@@ -111,18 +141,46 @@ class Contexts:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ApiError(404, "FileNotFound", f"file {name!r} not found in storage") from None
 
-    def write_storage(self, name: str, data: bytes) -> None:
+    def _clash(self, name: str) -> str | None:
+        """Why `name` cannot be stored as a file, or None."""
         path = self.storage_path(name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex}.part"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
+        rel = os.path.relpath(path, self.storage_dir).split(os.sep)
+        for n in range(1, len(rel)):
+            folder = os.path.join(self.storage_dir, *rel[:n])
+            if os.path.lexists(folder) and not os.path.isdir(folder):
+                return f"{'/'.join(rel[:n])!r} is a file in storage, not a folder"
+        if os.path.isdir(path):
+            return f"{'/'.join(rel)!r} is a folder in storage"
+        return None
+
+    def stage(self, name: str, data: bytes) -> Staged:
+        """Check that `name` can be stored, and write `data` to a staging file for it."""
+        why = self._clash(name)
+        if why is not None:
+            raise ApiError(400, "BadRequest", f"cannot store {name!r} in storage: {why}")
+        part = os.path.join(self.staging_dir, f"{uuid.uuid4().hex}.part")
+        try:
+            with open(part, "wb") as fh:
+                fh.write(data)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(part)
+            raise
+        return Staged(self, name, part)
+
+    def _commit(self, staged: Staged) -> None:
+        with self._storage_lock:  # the check and the move, as one step
+            why = self._clash(staged.name)
+            if why is not None:
+                raise ApiError(400, "BadRequest", f"cannot store {staged.name!r} in storage: {why}")
+            path = self.storage_path(staged.name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.replace(staged.part, path)
 
     def delete_storage(self, name: str) -> None:
         try:
             os.remove(self.storage_path(name))
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ApiError(404, "FileNotFound", f"file {name!r} not found in storage") from None
 
     def storage_folder(self, name: str) -> list[str]:
@@ -130,4 +188,28 @@ class Contexts:
         if not os.path.isdir(folder):
             raise ApiError(404, "FileNotFound", f"folder {name!r} not found in storage")
         base = name.strip("/")
-        return [f"{base}/{n}" for n in sorted(os.listdir(folder)) if not n.endswith(".part")]
+        return [
+            f"{base}/{n}"
+            for n in sorted(os.listdir(folder))
+            if not n.endswith(".part") and os.path.isfile(os.path.join(folder, n))
+        ]
+
+
+class Staged:
+    """An image written to the staging folder, on its way into storage under `name`."""
+
+    def __init__(self, contexts: Contexts, name: str, part: str) -> None:
+        self._contexts, self.name, self.part = contexts, name, part
+        self.done = False
+
+    def commit(self) -> None:
+        """Move it into storage (400 if a clash appeared meanwhile)."""
+        self._contexts._commit(self)
+        self.done = True
+
+    def discard(self) -> None:
+        """Remove the staging file unless it was committed; safe to call twice."""
+        if not self.done:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.part)
+            self.done = True

@@ -1,13 +1,17 @@
 """`featsync serve`: the embedded search context behind the Aspose wire protocol.
 
-Flask routes, served by waitress (TCP_NODELAY set: without it small requests on
-loopback wait ~40 ms for delayed ACKs). It speaks ``shared/aspose-api.md``: the
-token endpoints ``/connect/token`` and ``/oauth2/token``, every ``imageSearch``
+Flask routes, served by waitress (``transport.py``: connection limits, timeouts, and a
+gate that answers a request before its body is read). It speaks ``shared/aspose-api.md``:
+the token endpoints ``/connect/token`` and ``/oauth2/token``, every ``imageSearch``
 operation of section 6 but ``features/web`` under ``/v3.0`` and ``/v3``, camelCase
-JSON, 200 for every success, ``{"error": {...}}`` with 400 / 401 / 404, image data
-as the first multipart part or the raw body. Each search context is one
-``<id>.search`` file (a LocalContext store) in the data folder, so contexts survive
-a restart; images saved by the ``/image`` operations live under ``storage/``.
+JSON, 200 for every success, ``{"error": {...}}`` with 400 / 401 / 404 / 429, image data
+as the first multipart part or the raw body. Each search context is one ``<id>.search``
+file (a LocalContext store) in the data folder, so contexts survive a restart; images
+saved by the ``/image`` operations live under ``storage/``.
+
+Inputs are checked before anything is touched (``inputs.py``), exceptions become answers
+in one place (``answers.py``), and ``auth.py`` holds the token endpoint, whose failed
+attempts are limited per address (429 with ``Retry-After``), and the gate.
 
 Fault injection (off by default) makes the client's retry paths run for real:
 added latency, a share of 500/503 answers, a share of 429 answers with
@@ -19,29 +23,29 @@ lifetimes.
 from __future__ import annotations
 
 import contextlib
-import hmac
-import json
+import dataclasses
 import logging
 import random
-import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask, Response, g, request
-from werkzeug.exceptions import HTTPException
 
-from featsync.errors import AlreadyExists, FeatsyncError, ItemRejected, NotFound
+from featsync.errors import AlreadyExists, NotFound
+from featsync.localcontext import answers, auth, inputs, transport
+from featsync.localcontext.auth import TokenBudget
 from featsync.localcontext.contexts import ApiError, Contexts, Tokens
-from featsync.model import ImageFeatures, SearchResult, Secret
+from featsync.localcontext.transport import MAX_BODY, Gate, Limits
+from featsync.model import SearchResult, Secret
 
 API = "/imaging/ai/imageSearch"
 PREFIXES = ("/v3.0", "/v3")
-MAX_BODY = 64 * 1024 * 1024
+
+Route = Callable[[str, list[str]], Callable[[Callable[..., Response]], Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,91 +60,6 @@ class Faults:
     @property
     def any(self) -> bool:
         return bool(self.latency_s or self.error_rate or self.throttle_rate or self.drop_rate)
-
-
-# -- request helpers ---------------------------------------------------------------------
-
-
-def _arg(name: str, required: bool = True) -> str | None:
-    value = request.args.get(name)
-    if value is None:
-        # query names are matched case-insensitively, as the service does
-        lower = name.lower()
-        value = next((v for k, v in request.args.items() if k.lower() == lower), None)
-    if required and not value:
-        raise ApiError(400, "BadRequest", f"the query parameter {name!r} is required")
-    return value
-
-
-def _number(name: str) -> float:
-    raw = _arg(name)
-    try:
-        return float(raw or "")
-    except ValueError:
-        raise ApiError(400, "BadRequest", f"{name} must be a number, got {raw!r}") from None
-
-
-def _image(required: bool) -> bytes | None:
-    """Image data: the first multipart part, or the raw body."""
-    if request.mimetype == "multipart/form-data":
-        for part in request.files.values():
-            content: bytes = part.read()
-            return content
-        for value in request.form.values():
-            return value.encode("utf-8", "surrogateescape")
-        data = b""
-    else:
-        data = request.get_data(cache=False)
-    if not data:
-        if required:
-            raise ApiError(400, "BadRequest", "image data is required (multipart or raw body)")
-        return None
-    return data
-
-
-def _tags() -> list[str]:
-    raw: str | bytes | None = None
-    if request.mimetype == "multipart/form-data":
-        raw = request.form.get("tags")
-        if raw is None and "tags" in request.files:
-            raw = request.files["tags"].read()
-    else:
-        raw = request.get_data(cache=False)
-    try:
-        tags = json.loads(raw or b"")
-    except ValueError:
-        raise ApiError(400, "BadRequest", "tags must be a JSON array of tag names") from None
-    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags) or not tags:
-        raise ApiError(400, "BadRequest", "tags must be a non-empty JSON array of tag names")
-    return tags
-
-
-def _ok(body: Any = None) -> Response:
-    if body is None:
-        return Response(b"", status=200)
-    return Response(json.dumps(body), status=200, mimetype="application/json")
-
-
-def _features(f: ImageFeatures) -> Response:
-    return _ok(f.as_json())
-
-
-def _results(results: list[SearchResult]) -> dict[str, Any]:
-    return {"results": [r.as_json() for r in results]}
-
-
-def _error(status: int, code: str, message: str) -> Response:
-    body = {
-        "error": {
-            "code": code,
-            "message": message,
-            "innerError": {
-                "requestId": g.get("request_id", ""),
-                "date": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-            },
-        }
-    }
-    return Response(json.dumps(body), status=status, mimetype="application/json")
 
 
 def _dropped() -> Iterator[bytes]:
@@ -160,84 +79,27 @@ def create_app(
     faults: Faults | None = None,
     log: Any = None,
     access_log: bool = False,
+    token_budget: TokenBudget | None = None,
 ) -> Flask:
     app = Flask("featsync.serve")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     contexts = Contexts(data_dir)
     tokens = Tokens(token_lifetime_s)
-    faults = faults or Faults()
-    rnd = random.Random(faults.seed)
-    rnd_lock = threading.Lock()
     app.extensions["featsync.contexts"] = contexts
+    app.extensions["featsync.gate"] = auth.gate_for(tokens, log if access_log else None)
+    answers.map_errors(app, log)
+    _hooks(app, tokens, faults or Faults(), log if access_log else None)
+    route = _router(app)
+    auth.token_routes(app, client_id, client_secret, tokens, token_budget or TokenBudget(), log)
+    _context_routes(route, contexts)
+    _feature_routes(route, contexts)
+    _image_routes(route, contexts)
+    _search_routes(route, contexts)
+    return app
 
-    def roll() -> float:
-        with rnd_lock:
-            return rnd.random()
 
-    @app.before_request
-    def _before() -> Response | None:
-        g.started = time.perf_counter()
-        g.request_id = uuid.uuid4().hex[:16]
-        g.drop = False
-        if faults.latency_s:
-            time.sleep(faults.latency_s)
-        if request.path.endswith("/token"):
-            return None
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not tokens.valid(token.strip()):
-            return _error(401, "Unauthorized", "a valid bearer token is required")
-        if faults.any:
-            r = roll()
-            if r < faults.error_rate:
-                status = 503 if r < faults.error_rate / 2 else 500
-                return _error(status, "FaultInjected", "fault injection: server error")
-            r -= faults.error_rate
-            if r < faults.throttle_rate:
-                resp = _error(429, "TooManyRequests", "fault injection: slow down")
-                resp.headers["Retry-After"] = f"{faults.retry_after_s:g}"
-                return resp
-            r -= faults.throttle_rate
-            g.drop = r < faults.drop_rate
-        return None
-
-    @app.after_request
-    def _after(resp: Response) -> Response:
-        dropped = bool(g.get("drop")) and resp.status_code == 200
-        if access_log and log is not None:
-            log.info(
-                "http_request",
-                method=request.method,
-                path=request.path,
-                image_id=request.args.get("imageId"),
-                status=resp.status_code,
-                dropped=dropped,
-                duration_ms=round((time.perf_counter() - g.get("started", 0.0)) * 1000, 1),
-            )
-        if dropped:
-            return Response(_dropped(), status=200, headers={"Content-Length": "100"})
-        return resp
-
-    @app.errorhandler(ApiError)
-    def _api_error(exc: ApiError) -> Response:
-        return _error(exc.status, exc.code, exc.message)
-
-    @app.errorhandler(FeatsyncError)
-    def _featsync_error(exc: FeatsyncError) -> Response:
-        if isinstance(exc, NotFound):
-            return _error(404, "NotFound", str(exc))
-        if isinstance(exc, AlreadyExists):
-            return _error(400, "AlreadyExists", str(exc))
-        if isinstance(exc, ItemRejected):
-            return _error(400, "BadRequest", str(exc))
-        if log is not None:
-            log.error("serve_error", path=request.path, error=str(exc))
-        return _error(500, "InternalError", str(exc))
-
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> Response:
-        status = exc.code or 500
-        return _error(status, exc.name.replace(" ", ""), exc.description or exc.name)
+def _router(app: Flask) -> Route:
+    """`route(path, methods)`: register a view under every API prefix."""
 
     def route(path: str, methods: list[str]) -> Callable[[Callable[..., Response]], Any]:
         def register(view: Callable[..., Response]) -> Callable[..., Response]:
@@ -252,68 +114,104 @@ def create_app(
 
         return register
 
-    # -- token -------------------------------------------------------------------------
+    return route
 
-    def token() -> Response:
-        form = request.form
-        ok = (
-            form.get("grant_type") == "client_credentials"
-            and hmac.compare_digest(form.get("client_id", ""), client_id)
-            and hmac.compare_digest(form.get("client_secret", ""), client_secret.reveal())
-        )
-        if not ok:
-            body = {"error": "invalid_client", "error_description": "unknown client or secret"}
-            return Response(json.dumps(body), status=400, mimetype="application/json")
-        return _ok(
-            {
-                "access_token": tokens.issue(),
-                "expires_in": token_lifetime_s,
-                "token_type": "Bearer",
-            }
-        )
 
-    for path in ("/connect/token", "/oauth2/token"):
-        app.add_url_rule(path, endpoint=path, view_func=token, methods=["POST"])
+def _hooks(app: Flask, tokens: Tokens, faults: Faults, access_log: Any) -> None:
+    rnd = random.Random(faults.seed)
+    rnd_lock = threading.Lock()
 
-    # -- search contexts ---------------------------------------------------------------
+    def roll() -> float:
+        with rnd_lock:
+            return rnd.random()
 
+    @app.before_request
+    def _before() -> Response | None:
+        g.started = time.perf_counter()
+        g.request_id = uuid.uuid4().hex[:16]
+        g.drop = False
+        if faults.latency_s:
+            time.sleep(faults.latency_s)
+        if request.path.endswith("/token"):
+            return None
+        if not tokens.authorizes(request.headers.get("Authorization", "")):
+            return answers.error(401, "Unauthorized", "a valid bearer token is required")
+        if faults.any:
+            r = roll()
+            if r < faults.error_rate:
+                status = 503 if r < faults.error_rate / 2 else 500
+                return answers.error(status, "FaultInjected", "fault injection: server error")
+            r -= faults.error_rate
+            if r < faults.throttle_rate:
+                resp = answers.error(429, "TooManyRequests", "fault injection: slow down")
+                resp.headers["Retry-After"] = f"{faults.retry_after_s:g}"
+                return resp
+            r -= faults.throttle_rate
+            g.drop = r < faults.drop_rate
+        return None
+
+    @app.after_request
+    def _after(resp: Response) -> Response:
+        dropped = bool(g.get("drop")) and resp.status_code == 200
+        if access_log is not None:
+            access_log.info(
+                "http_request",
+                method=request.method,
+                path=request.path,
+                image_id=request.args.get("imageId"),
+                status=resp.status_code,
+                dropped=dropped,
+                duration_ms=round((time.perf_counter() - g.get("started", 0.0)) * 1000, 1),
+            )
+        if dropped:
+            return Response(_dropped(), status=200, headers={"Content-Length": "100"})
+        return resp
+
+
+# -- search contexts -----------------------------------------------------------------------
+
+
+def _context_routes(route: Route, contexts: Contexts) -> None:
     @route(f"{API}/create", ["POST"])
     def create() -> Response:
-        detector = _arg("detector", required=False) or "akaze"
-        algorithm = _arg("matchingAlgorithm", required=False) or "randomBinaryTree"
+        detector = inputs.arg("detector", required=False) or "akaze"
+        algorithm = inputs.arg("matchingAlgorithm", required=False) or "randomBinaryTree"
         if detector.lower() != "akaze":
             raise ApiError(400, "BadRequest", f"detector {detector!r} is not supported (akaze)")
         if algorithm.lower() != "randombinarytree":
             raise ApiError(400, "BadRequest", f"matching algorithm {algorithm!r} is not supported")
-        return _ok({"id": contexts.create(), "searchStatus": "Idle"})
+        return answers.ok({"id": contexts.create(), "searchStatus": "Idle"})
 
     @route(f"{API}/<context_id>/status", ["GET"])
     def status(context_id: str) -> Response:
         contexts.get(context_id)
-        return _ok({"id": context_id, "searchStatus": "Idle"})
+        return answers.ok({"id": context_id, "searchStatus": "Idle"})
 
     @route(f"{API}/<context_id>", ["DELETE"])
     def delete_context(context_id: str) -> Response:
         contexts.delete(context_id)
-        return _ok()
+        return answers.ok()
 
-    # -- features ----------------------------------------------------------------------
 
+# -- features ------------------------------------------------------------------------------
+
+
+def _feature_routes(route: Route, contexts: Contexts) -> None:
     @route(f"{API}/<context_id>/features", ["POST", "PUT", "GET", "DELETE"])
     def features(context_id: str) -> Response:
         ctx = contexts.get(context_id)
         if request.method == "GET":
-            return _features(ctx.get_features(str(_arg("imageId"))))
+            return answers.features(ctx.get_features(inputs.id_arg()))
         if request.method == "DELETE":
-            ctx.delete_features(str(_arg("imageId")))
-            return _ok()
+            ctx.delete_features(inputs.id_arg())
+            return answers.ok()
         if request.method == "PUT":
-            target = str(_arg("imageId"))
-            ctx.update_features(target, _image(False) or contexts.read_storage(target))
-            return _ok()
-        image = _image(False)
-        image_id = _arg("imageId", required=False)
-        folder = _arg("imagesFolder", required=False)
+            target = inputs.id_arg()
+            ctx.update_features(target, inputs.image(False) or contexts.read_storage(target))
+            return answers.ok()
+        image_id = inputs.optional_id_arg("imageId")
+        folder = inputs.optional_id_arg("imagesFolder")
+        image = inputs.image(False)
         if image is not None:
             if not image_id:
                 raise ApiError(400, "BadRequest", "imageId names the uploaded image's entry")
@@ -329,20 +227,24 @@ def create_app(
                     ctx.update_features(name, data)
         else:
             raise ApiError(400, "BadRequest", "give image data, imageId or imagesFolder")
-        return _ok()
+        return answers.ok()
 
     @route(f"{API}/<context_id>/image2features", ["GET", "POST"])
     def image2features(context_id: str) -> Response:
         ctx = contexts.get(context_id)
-        image_id = str(_arg("imageId"))
-        return _features(ctx.extract(image_id, _image(False) or contexts.read_storage(image_id)))
+        image_id = inputs.id_arg()
+        image = inputs.image(False) or contexts.read_storage(image_id)
+        return answers.features(ctx.extract(image_id, image))
 
-    # -- images in storage with their features -------------------------------------------
 
+# -- images in storage with their features ---------------------------------------------------
+
+
+def _image_routes(route: Route, contexts: Contexts) -> None:
     @route(f"{API}/<context_id>/image", ["POST", "PUT", "GET", "DELETE"])
     def image(context_id: str) -> Response:
         ctx = contexts.get(context_id)
-        image_id = str(_arg("imageId"))
+        image_id = inputs.id_arg()
         if request.method == "GET":
             stored = contexts.read_storage(image_id)
             return Response(stored, status=200, mimetype="application/octet-stream")
@@ -350,28 +252,43 @@ def create_app(
             contexts.delete_storage(image_id)
             with contextlib.suppress(NotFound):
                 ctx.delete_features(image_id)
-            return _ok()
-        data = _image(True)
+            return answers.ok()
+        data = inputs.image(True)
         assert data is not None
-        if request.method == "POST":
-            try:
-                ctx.add_features(image_id, data)
-            except AlreadyExists:
+        # storage is checked and staged first, the features stored next, and only then
+        # does the image enter storage: a refusal at any step leaves both as they were
+        staged = contexts.stage(image_id, data)
+        try:
+            added = False
+            if request.method == "POST":
+                try:
+                    ctx.add_features(image_id, data)
+                    added = True
+                except AlreadyExists:
+                    ctx.update_features(image_id, data)
+            else:
                 ctx.update_features(image_id, data)
-        else:
-            ctx.update_features(image_id, data)
-        contexts.write_storage(image_id, data)
-        return _ok()
+            try:
+                staged.commit()
+            except ApiError:  # a clashing name was stored meanwhile
+                if added:
+                    ctx.delete_features(image_id)
+                raise
+        finally:
+            staged.discard()
+        return answers.ok()
 
-    # -- searches ----------------------------------------------------------------------
 
+# -- searches ------------------------------------------------------------------------------
+
+
+def _search_routes(route: Route, contexts: Contexts) -> None:
     @route(f"{API}/<context_id>/findSimilar", ["GET", "POST"])
     def find_similar(context_id: str) -> Response:
         ctx = contexts.get(context_id)
-        threshold = _number("similarityThreshold")
-        max_count = int(_number("maxCount"))
-        image_id = _arg("imageId", required=False)
-        data = _image(False)
+        threshold, max_count = inputs.threshold(), inputs.max_count()
+        image_id = inputs.optional_id_arg("imageId")
+        data = inputs.image(False)
         if data is None and image_id and image_id not in ctx.image_ids():
             data = contexts.read_storage(image_id)  # a storage image, not in the context
         if data is not None:
@@ -380,39 +297,42 @@ def create_app(
             found = ctx.find_similar(image_id=image_id, threshold=threshold, max_count=max_count)
         else:
             raise ApiError(400, "BadRequest", "give imageId or image data")
-        return _ok(_results(found))
+        return answers.ok(answers.results(found))
 
     @route(f"{API}/<context_id>/findDuplicates", ["GET"])
     def find_duplicates(context_id: str) -> Response:
-        groups = contexts.get(context_id).find_duplicates(_number("similarityThreshold"))
-        return _ok({"duplicates": [{"duplicateImages": _results(gr)["results"]} for gr in groups]})
+        groups = contexts.get(context_id).find_duplicates(inputs.threshold())
+        body = [{"duplicateImages": answers.results(group)["results"]} for group in groups]
+        return answers.ok({"duplicates": body})
 
     @route(f"{API}/<context_id>/addTag", ["POST"])
     def add_tag(context_id: str) -> Response:
         ctx = contexts.get(context_id)
-        data = _image(True)
+        name = inputs.id_arg("tagName")
+        data = inputs.image(True)
         assert data is not None
-        ctx.add_tag(str(_arg("tagName")), data)
-        return _ok()
+        ctx.add_tag(name, data)
+        return answers.ok()
 
     @route(f"{API}/<context_id>/findByTags", ["POST"])
     def find_by_tags(context_id: str) -> Response:
         ctx = contexts.get(context_id)
-        threshold, max_count = _number("similarityThreshold"), int(_number("maxCount"))
-        return _ok(_results(ctx.find_by_tags(_tags(), threshold, max_count)))
+        threshold, max_count = inputs.threshold(), inputs.max_count()
+        return answers.ok(answers.results(ctx.find_by_tags(inputs.tags(), threshold, max_count)))
 
     @route(f"{API}/<context_id>/compare", ["POST"])
     def compare(context_id: str) -> Response:
         ctx = contexts.get(context_id)
-        first = str(_arg("imageId1"))
-        second = _arg("imageId2", required=False)
+        first = inputs.id_arg("imageId1")
+        second = inputs.optional_id_arg("imageId2")
         if second:
             score = ctx.compare(first, other=second)
         else:
-            score = ctx.compare(first, image=_image(True))
-        return _ok(_results([SearchResult(second or "", score)]))
+            score = ctx.compare(first, image=inputs.image(True))
+        return answers.ok(answers.results([SearchResult(second or "", score)]))
 
-    return app
+
+# -- serving -------------------------------------------------------------------------------
 
 
 def serve(
@@ -420,29 +340,30 @@ def serve(
     host: str,
     port: int,
     threads: int,
-    ready: Callable[[str, int], None],
+    ready: Callable[[str, int, Limits], None],
     quiet_drops: bool = False,
+    limits: Limits | None = None,
+    log: Any = None,
 ) -> None:
-    """Serve `app` with waitress until interrupted; `ready` gets the bound address."""
-    from waitress import create_server
-
+    """Serve `app` with waitress until interrupted; `ready` gets the bound address and
+    the limits in force (the connection limit lowered if the open-files limit is short)."""
+    wanted = limits or Limits()
     if quiet_drops:  # each injected drop would log a traceback
         logging.getLogger("waitress").setLevel(logging.CRITICAL)
-    server: Any = create_server(
-        app,
-        host=host,
-        port=port,
-        threads=threads,
-        ident="featsync",
-        max_request_body_size=MAX_BODY,
-    )
-    # waitress sets TCP_NODELAY on its sockets by default; make sure it stays so.
-    nodelay = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if nodelay not in server.adj.socket_options:
-        server.socket.setsockopt(*nodelay)
-    ready(host, int(server.effective_port))
+    fits, nofile = transport.fit_connection_limit(wanted.connection_limit, threads)
+    if fits < wanted.connection_limit and log is not None:
+        log.warning(
+            "connection_limit_lowered",
+            wanted=wanted.connection_limit,
+            connection_limit=fits,
+            nofile=nofile,
+        )
+    limits = dataclasses.replace(wanted, connection_limit=fits)
+    gate: Gate = app.extensions["featsync.gate"]
+    server, bound = transport.build(app, host, port, threads, gate, limits)
     try:
-        server.run()
+        ready(host, bound, limits)
+        server.run()  # returns once a signal's KeyboardInterrupt stops waitress's loop
     finally:
         server.close()
         app.extensions["featsync.contexts"].close()
