@@ -272,6 +272,10 @@ def _run_phase(
                 out = fut.result()
             except Exception as exc:  # _send catches everything; this is the last net
                 out = Outcome(action, None, None, 0, 0, 0, None, _unexpected(exc), "internal", 0.0)
+            if out.error_kind == "transient" and gate.stop():
+                # Failing while we stop (a connection cut, a worker stopped with us) is
+                # no news about the image: leave it as it was, for the next start.
+                out = out._replace(error_kind="not_sent")
             _record_safely(out, ledger, gate.policy, log, clock, res)
             gate.saw(out)
 

@@ -2,7 +2,7 @@
 
 Decoding and AKAZE are native code: a degenerate image can abort the process inside
 OpenCV (a 500x1 image corrupts its heap) or keep it busy for minutes. They run in a
-small pool of worker processes (``python -m featsync.localcontext.extractor``), each
+small pool of worker processes (Python running ``_work`` below), each
 talking to the pool over its own unix socket. A worker that dies, or does not answer
 within the time limit (and is then killed), is that one image's rejection
 (``ItemRejected``, with the signal and the last words it wrote on stderr); the pool
@@ -94,15 +94,32 @@ def _recv_header(sock: socket.socket, with_fd: bool = False) -> tuple[dict[str, 
 # -- the pool, in the syncing process -----------------------------------------------------
 
 
+# A worker's first act, before any import: ignore the stop signals that reach every
+# process of a terminal's group (Ctrl-C) or of a systemd unit's cgroup (SIGTERM); the
+# pool decides when a worker ends.
+# The worker is started with them blocked (the mask is inherited), so that not even
+# the interpreter's start-up is a window where one of them kills it.
+_IGNORED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_BOOT = (
+    "import signal as s, sys\n"
+    "stops = (s.SIGINT, s.SIGTERM, s.SIGHUP)\n"
+    "for n in stops: s.signal(n, s.SIG_IGN)\n"
+    "s.pthread_sigmask(s.SIG_UNBLOCK, stops)\n"
+    "from featsync.localcontext.extractor import _work\n"
+    "sys.exit(_work(int(sys.argv[1])))\n"
+)
+
+
 class _Worker:
     """One worker process and the parent's end of its socket."""
 
     def __init__(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the worker)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _IGNORED)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "featsync.localcontext.extractor", str(child.fileno())],
+                [sys.executable, "-c", _BOOT, str(child.fileno())],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -116,6 +133,7 @@ class _Worker:
             self.stderr.close()
             raise
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             child.close()
         self.sock = parent
         self.ready = False
@@ -190,6 +208,11 @@ class _Died(Exception):
 
 class _NoStart(Exception):
     pass
+
+
+# Signals a worker dies of only when someone sends them (it ignores them itself):
+# never the image's fault.
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT})
 
 
 class _TooSlow(Exception):
@@ -276,6 +299,10 @@ class Extractor:
             worker = None
             if closing:
                 raise Transient("the feature extractor was stopped") from None
+            if code is not None and -code in _STOP_SIGNALS:  # someone stopped it: not the image
+                raise Transient(
+                    f"the feature extractor was stopped from outside ({_how_it_died(code)})"
+                ) from None
             self.crashes += 1
             if isinstance(exc, _TooSlow):
                 raise ItemRejected(
@@ -348,7 +375,9 @@ def _orphan_watch(parent: int) -> None:
 
 def _work(fd: int) -> int:
     """Serve jobs on socket `fd` until the pool closes it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool decides when a worker ends
+    # (_BOOT ignored the stop signals already; again here for `python -m`.)
+    for sig in _IGNORED:
+        signal.signal(sig, signal.SIG_IGN)
     threading.Thread(target=_orphan_watch, args=(os.getppid(),), daemon=True).start()
     sock = socket.socket(fileno=fd)
     from featsync.localcontext import features  # the heavy imports, once per worker
