@@ -53,7 +53,6 @@ class Head:
     query: str
     authorization: str
     body_size: int | None  # None: chunked, size unknown
-    remote: str
 
     def param(self, name: str) -> str | None:
         values = parse_qs(self.query).get(name)
@@ -119,7 +118,6 @@ class _GuardedParser(HTTPRequestParser):  # type: ignore[misc]  # waitress is un
             query=self.query,
             authorization=h.get("AUTHORIZATION", ""),
             body_size=None if self.chunked else self.content_length,
-            remote=str(self.channel.addr[0]) if self.channel.addr else "",
         )
 
 
