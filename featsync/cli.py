@@ -77,6 +77,20 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--access-log", action="store_true", help="log every request (http_request events)"
     )
+    srv.add_argument(
+        "--max-pixels",
+        type=int,
+        default=250_000_000,
+        metavar="N",
+        help="refuse images with more pixels (decompression bombs; default 250 million)",
+    )
+    srv.add_argument(
+        "--extract-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="stop one image's feature extraction after this long (default 60)",
+    )
     limits = srv.add_argument_group("limits against hostile clients")
     limits.add_argument(
         "--connection-limit",
@@ -281,6 +295,7 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
 
     from featsync.localcontext.auth import TokenBudget
+    from featsync.localcontext.extractor import Extractor, default_workers
     from featsync.localcontext.server import Faults, create_app, serve
     from featsync.localcontext.transport import Limits
     from featsync.model import Secret
@@ -306,7 +321,9 @@ def _serve(args: argparse.Namespace) -> int:
     for name in ("connection_limit", "idle_timeout", "token_failures"):
         if getattr(args, name) < 1:
             raise Fatal(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("header_timeout", "token_failure_interval"):
+    if args.max_pixels < 1:
+        raise Fatal("--max-pixels must be at least 1")
+    for name in ("header_timeout", "token_failure_interval", "extract_timeout"):
         if not getattr(args, name) > 0:
             raise Fatal(f"--{name.replace('_', '-')} must be more than 0")
     faults = Faults(
@@ -329,6 +346,8 @@ def _serve(args: argparse.Namespace) -> int:
         log,
         args.access_log,
         TokenBudget(args.token_failures, args.token_failure_interval),
+        # one pool of extraction workers for every context, no more workers than CPUs
+        Extractor(default_workers(args.threads), args.extract_timeout, args.max_pixels),
     )
 
     def ready(host: str, port: int, limits: Limits) -> None:

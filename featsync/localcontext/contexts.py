@@ -19,6 +19,7 @@ import time
 import uuid
 
 from featsync.localcontext.context import LocalContext
+from featsync.localcontext.extractor import Extractor, default_workers
 
 _CONTEXT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_NAME_BYTES = 255  # one path component, as UTF-8
@@ -59,9 +60,11 @@ class Tokens:
 
 
 class Contexts:
-    """The search contexts in the data folder, opened on first use."""
+    """The search contexts in the data folder, opened on first use. They share one
+    feature extractor (its worker processes), which closes with them."""
 
-    def __init__(self, data_dir: str) -> None:
+    def __init__(self, data_dir: str, extractor: Extractor | None = None) -> None:
+        self.extractor = extractor or Extractor(default_workers(4))
         self.data_dir = data_dir
         self.storage_dir = os.path.join(data_dir, "storage")
         self.staging_dir = os.path.join(data_dir, "staging")  # same file system: atomic moves
@@ -82,7 +85,7 @@ class Contexts:
     def create(self) -> str:
         context_id = str(uuid.uuid4())
         with self._lock:
-            self._open[context_id] = LocalContext(self._path(context_id))
+            self._open[context_id] = self._context(self._path(context_id))
         return context_id
 
     def get(self, context_id: str) -> LocalContext:
@@ -94,7 +97,7 @@ class Contexts:
                     raise ApiError(
                         404, "ContextNotFound", f"search context {context_id!r} not found"
                     )
-                ctx = self._open[context_id] = LocalContext(path)
+                ctx = self._open[context_id] = self._context(path)
             return ctx
 
     def delete(self, context_id: str) -> None:
@@ -109,11 +112,15 @@ class Contexts:
                 if os.path.exists(path + suffix):
                     os.remove(path + suffix)
 
+    def _context(self, path: str) -> LocalContext:
+        return LocalContext(path, self.extractor)
+
     def close(self) -> None:
         with self._lock:
             for ctx in self._open.values():
                 ctx.close()
             self._open.clear()
+        self.extractor.close()
 
     # -- storage (images saved by the /image operations, read by imageId) -------------
 

@@ -39,6 +39,7 @@ from featsync.errors import AlreadyExists, NotFound
 from featsync.localcontext import answers, auth, inputs, transport
 from featsync.localcontext.auth import TokenBudget
 from featsync.localcontext.contexts import ApiError, Contexts, Tokens
+from featsync.localcontext.extractor import Extractor
 from featsync.localcontext.transport import MAX_BODY, Gate, Limits
 from featsync.model import SearchResult, Secret
 
@@ -80,10 +81,11 @@ def create_app(
     log: Any = None,
     access_log: bool = False,
     token_budget: TokenBudget | None = None,
+    extractor: Extractor | None = None,
 ) -> Flask:
     app = Flask("featsync.serve")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
-    contexts = Contexts(data_dir)
+    contexts = Contexts(data_dir, extractor)
     tokens = Tokens(token_lifetime_s)
     app.extensions["featsync.contexts"] = contexts
     app.extensions["featsync.gate"] = auth.gate_for(tokens, log if access_log else None)
