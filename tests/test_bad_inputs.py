@@ -71,7 +71,7 @@ def test_a_worker_past_its_time_limit_is_stopped_and_replaced() -> None:
         extractor.close()
 
 
-def test_closing_the_extractor_under_a_busy_call_ends_it_as_transient_not_as_the_images_fault() -> (
+def test_closing_the_extractor_ends_busy_and_waiting_calls_as_transient_not_the_images_fault() -> (
     None
 ):
     extractor = Extractor(1, time_limit=60.0)
@@ -84,14 +84,23 @@ def test_closing_the_extractor_under_a_busy_call_ends_it_as_transient_not_as_the
         except BaseException as exc:
             seen.append(exc)
 
+    def wait_for_a_worker() -> None:
+        try:
+            extractor.extract(textured_bytes(1), "queued.jpg")  # the one worker is busy
+        except BaseException as exc:
+            seen.append(exc)
+
     t = threading.Thread(target=hang)
     t.start()
+    queued = threading.Thread(target=wait_for_a_worker)
     try:
         wait_for(lambda: bool(extractor._busy), 60, "the worker to take the job")
+        queued.start()
         extractor.close()
         t.join(30)
-        assert not t.is_alive()
-        assert len(seen) == 1 and isinstance(seen[0], Transient), seen
+        queued.join(30)
+        assert not t.is_alive() and not queued.is_alive()
+        assert len(seen) == 2 and all(isinstance(e, Transient) for e in seen), seen
         assert extractor.crashes == 0
         with pytest.raises(Transient, match="stopped"):
             extractor.extract(textured_bytes(1), "late.jpg")

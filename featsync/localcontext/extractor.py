@@ -316,9 +316,21 @@ class Extractor:
         return rows.reshape(-1, DESCRIPTOR_BYTES)
 
     def _take(self) -> _Worker | None:
-        if self._closed:
-            raise Transient("the feature extractor was stopped")
-        return self._idle.get()
+        """A free slot (a worker, or None: start one), once one is free; Transient
+        once the extractor is closed, also for a caller that was waiting."""
+        while True:
+            if self._closed:
+                raise Transient("the feature extractor was stopped")
+            try:
+                slot = self._idle.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if self._closed:
+                if slot is not None:
+                    slot.discard()
+                self._idle.put(None)
+                raise Transient("the feature extractor was stopped")
+            return slot
 
     def _give_back(self, worker: _Worker | None) -> None:
         if worker is not None:
