@@ -24,7 +24,14 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from featsync.errors import AlreadyExists, Fatal, ItemRejected, NotFound, Transient
+from featsync.errors import (
+    AlreadyExists,
+    Fatal,
+    ItemRejected,
+    NotFound,
+    SourceChanged,
+    Transient,
+)
 from featsync.model import (
     Action,
     Kind,
@@ -36,7 +43,7 @@ from featsync.model import (
     SearchContext,
 )
 from featsync.plan import retry_delay
-from featsync.scan import Changed, digest_of, open_checked, same_content_stat, stat_key
+from featsync.scan import SHORT_OF, Changed, hash_open, open_checked, stat_key, still_same
 
 Clock = Callable[[], float]
 Hold = Callable[[str], bool]  # is this path (relative to the root) still being written?
@@ -99,44 +106,41 @@ def _send(
             digest, size, mtime, inode = f.digest, f.size, f.mtime_ns, f.inode  # wait for a change
             return result(
                 None,
-                error=f"file is {_mb(f.size)}, more than [sync] max_file_size "
-                f"({_mb(gate.max_file_size)})",
+                error=f"file is {f.size:,} bytes ({_mb(f.size)}), more than "
+                f"[sync] max_file_size = {gate.max_file_size:,} bytes",
                 kind="rejected",
             )
+        path = os.path.join(root, f.relpath)
         try:
-            fd, st = open_checked(
-                os.path.join(root, f.relpath),
-                gate.follow_symlinks,
-                f.inode,
-                f.size,
-                f.mtime_ns,
-                f.device,
-            )
+            fd, st = open_checked(path, gate.follow_symlinks, f.inode, f.size, f.mtime_ns, f.device)
         except Changed as exc:
             return result(None, kind="deferred", error=f"file not sent: {exc}")
-        except OSError as exc:
-            return result(None, error=f"cannot read file: {exc.strerror or exc}", kind="rejected")
         try:
-            # Hash, then send, from this one descriptor. If the file is written to
-            # meanwhile, the ledger keeps the stat of before, so the next scan reads
-            # it again and sends what it has become.
-            digest = digest_of(fd)
-            if not same_content_stat(st, os.fstat(fd)):
-                digest = None
+            # Hash, then send, from this one descriptor; then look again: if the file
+            # was written to meanwhile, what the context took may be neither version.
+            digest = hash_open(fd, st)
+            if digest is None:
                 return result(None, kind="deferred", error="file changed while it was read")
             size, mtime, inode = stat_key(st, racy_cutoff_ns)
-            image = OpenImage(fd, st.st_size, action.image_id)
-            if action.kind is Kind.ADD:
-                try:
-                    return result(Kind.ADD, ctx.add_features(action.image_id, image))
-                except AlreadyExists:
-                    return result(Kind.UPDATE, ctx.update_features(action.image_id, image))
             try:
-                return result(Kind.UPDATE, ctx.update_features(action.image_id, image))
-            except NotFound:
-                return result(Kind.ADD, ctx.add_features(action.image_id, image))
+                done, count = _call(ctx, action, OpenImage(fd, st.st_size, action.image_id))
+            except (ItemRejected, SourceChanged):
+                if still_same(fd, st):
+                    raise
+                digest = None
+                return result(None, kind="deferred", error="file changed while it was sent")
+            if not still_same(fd, st):
+                # Recorded as sent, but as of no known content (no digest, no mtime that
+                # a stat can equal): the next scan reads it and sends it again.
+                digest, mtime = "", 0
+            return result(done, count)
         finally:
             os.close(fd)
+    except OSError as exc:  # opening or reading the file (EIO, EMFILE, ...)
+        why = f"cannot read file: {exc.strerror or exc}"
+        return result(None, error=why, kind="transient" if exc.errno in SHORT_OF else "rejected")
+    except SourceChanged as exc:
+        return result(None, kind="deferred", error=str(exc))
     except ItemRejected as exc:
         return result(None, error=str(exc), kind="rejected")
     except Transient as exc:
@@ -147,6 +151,20 @@ def _send(
         return result(None, error=str(exc), kind="transient")
     except Exception as exc:  # a bug or an odd input: this image's failure, not the batch's
         return result(None, error=_unexpected(exc), kind="internal")
+
+
+def _call(ctx: SearchContext, action: Action, image: OpenImage) -> tuple[Kind, int | None]:
+    """Add or update; "already there" turns an add into an update, "not there" the
+    other way round."""
+    if action.kind is Kind.ADD:
+        try:
+            return Kind.ADD, ctx.add_features(action.image_id, image)
+        except AlreadyExists:
+            return Kind.UPDATE, ctx.update_features(action.image_id, image)
+    try:
+        return Kind.UPDATE, ctx.update_features(action.image_id, image)
+    except NotFound:
+        return Kind.ADD, ctx.add_features(action.image_id, image)
 
 
 def _unexpected(exc: BaseException) -> str:

@@ -37,7 +37,14 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from featsync.errors import AlreadyExists, Fatal, ItemRejected, NotFound, Transient
+from featsync.errors import (
+    AlreadyExists,
+    Fatal,
+    ItemRejected,
+    NotFound,
+    SourceChanged,
+    Transient,
+)
 from featsync.model import ImageData, ImageFeatures, OpenImage, SearchResult, Secret
 
 API = "/imaging/ai/imageSearch"
@@ -200,7 +207,8 @@ class _Upload:
             else:
                 piece = self._tail[pos - body_end : end - body_end]
             if not piece:  # the file shrank under us: send no garbage, fail the call
-                raise OSError(f"image file {self._name()!r} shrank while it was sent")
+                # (not an OSError: urllib3 would take that for the network and retry)
+                raise SourceChanged(f"image file {self._name()!r} shrank while it was sent")
             out += piece
             self._pos += len(piece)
         return bytes(out)
@@ -349,8 +357,6 @@ class AsposeContext:
                 )
             except requests.RequestException as exc:
                 raise Transient(f"{what}: {_describe(exc)}") from None
-            except OSError as exc:  # the image file could not be read while it was sent
-                raise ItemRejected(f"{what}: cannot read the image: {exc}") from None
             if r.status_code != 401:
                 break
             self._forget_token(token)  # expired or revoked: one fresh token, one more try

@@ -321,11 +321,13 @@ def _serve(args: argparse.Namespace) -> int:
     for name in ("connection_limit", "idle_timeout", "token_failures"):
         if getattr(args, name) < 1:
             raise Fatal(f"--{name.replace('_', '-')} must be at least 1")
-    if args.max_pixels < 1:
-        raise Fatal("--max-pixels must be at least 1")
-    for name in ("header_timeout", "token_failure_interval", "extract_timeout"):
-        if not getattr(args, name) > 0:
-            raise Fatal(f"--{name.replace('_', '-')} must be more than 0")
+    if not 1 <= args.max_pixels <= 10**10:
+        raise Fatal("--max-pixels must be a whole number from 1 to 10000000000")
+    if not 1.0 <= args.extract_timeout <= 3600.0:  # as [context] extract_timeout; nan fails
+        raise Fatal("--extract-timeout must be a number of seconds from 1 to 3600")
+    for name in ("header_timeout", "token_failure_interval"):
+        if not 0 < getattr(args, name) <= 86400:  # inf and nan fail too
+            raise Fatal(f"--{name.replace('_', '-')} must be a number of seconds up to 86400")
     faults = Faults(
         latency_s=args.latency,
         error_rate=args.error_rate,
@@ -347,7 +349,13 @@ def _serve(args: argparse.Namespace) -> int:
         args.access_log,
         TokenBudget(args.token_failures, args.token_failure_interval),
         # one pool of extraction workers for every context, no more workers than CPUs
-        Extractor(default_workers(args.threads), args.extract_timeout, args.max_pixels),
+        # callers wait at most 10 s for a worker, then get 503 (threads stay free)
+        Extractor(
+            default_workers(args.threads),
+            args.extract_timeout,
+            args.max_pixels,
+            max_wait=10.0,
+        ),
     )
 
     def ready(host: str, port: int, limits: Limits) -> None:

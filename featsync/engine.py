@@ -75,6 +75,7 @@ def scan_rules(settings: Settings) -> ScanRules:
         id_prefix=s.id_prefix,
         follow_symlinks=s.follow_symlinks,
         marker=settings.safety.marker,
+        max_file_size=s.max_file_size,
     )
 
 

@@ -19,6 +19,11 @@ class ItemRejected(FeatsyncError):
     """This one image cannot be synced as it is; record why and go on with the rest."""
 
 
+class SourceChanged(FeatsyncError):
+    """The image file changed while it was being sent: nothing is the image's fault;
+    the next scan judges it again."""
+
+
 class NotFound(FeatsyncError):
     """The search context holds no features for this image ID."""
 

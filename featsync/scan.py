@@ -49,6 +49,7 @@ class ScanRules:
     id_prefix: str = ""
     follow_symlinks: bool = False
     marker: str = ""
+    max_file_size: int | None = None  # bigger files are not read (apply rejects them)
 
 
 def image_id_for(relpath: str, prefix: str = "") -> str:
@@ -168,6 +169,10 @@ def open_checked(
     return fd, st
 
 
+# OS errors that say the machine is short of something, not that the file is bad.
+SHORT_OF = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.ENOSPC})
+
+
 def digest_of(fd: int) -> str:
     """SHA-256 of an open file from its start, read in chunks (memory stays flat)."""
     os.lseek(fd, 0, os.SEEK_SET)
@@ -175,25 +180,40 @@ def digest_of(fd: int) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def same_content_stat(before: os.stat_result, after: os.stat_result) -> bool:
-    return (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns)
+def still_same(fd: int, seen: os.stat_result) -> bool:
+    """Whether the open file is as `seen` said: size, mtime and ctime (a writer that
+    puts the mtime back, as `cp -p` or `touch -r` do, still moves the ctime)."""
+    now = os.fstat(fd)
+    return (now.st_size, now.st_mtime_ns, now.st_ctime_ns) == (
+        seen.st_size,
+        seen.st_mtime_ns,
+        seen.st_ctime_ns,
+    )
+
+
+def hash_open(fd: int, seen: os.stat_result) -> str | None:
+    """SHA-256 of the open file, or None if it changed while it was read."""
+    digest = digest_of(fd)
+    return digest if still_same(fd, seen) else None
+
+
+def unhashed(st: os.stat_result) -> str:
+    """What stands for the digest of a file too big to read: it changes with the stat."""
+    return f"unhashed:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
 def hash_settled(path: str, seen: os.stat_result, follow_symlinks: bool = False) -> str | None:
     """SHA-256 of the file, or None if it is not what `seen` described any more."""
     try:
-        fd, _ = open_checked(
+        fd, st = open_checked(
             path, follow_symlinks, signed_inode(seen.st_ino), seen.st_size, seen.st_mtime_ns
         )
     except Changed:
         return None
     try:
-        digest = digest_of(fd)
-        if not same_content_stat(seen, os.fstat(fd)):
-            return None
+        return hash_open(fd, st)
     finally:
         os.close(fd)
-    return digest
 
 
 def scan(
@@ -236,6 +256,7 @@ def scan(
     posix = os.sep == "/"
     prefix = rules.id_prefix
     follow = rules.follow_symlinks
+    too_big = rules.max_file_size
     unchanged: list[str] = []
     files: dict[str, LocalFile] = {}
     relpaths: dict[str, str] = {}  # image ID -> path, for files that are not unchanged
@@ -332,13 +353,16 @@ def scan(
                 continue
             if tick is not None:
                 tick()
-            try:
-                digest = hash_settled(entry.path, st, follow)
-            except OSError as exc:
-                why = f"cannot read: {exc.strerror or exc}"
-                unreadable[image_id] = why
-                fail(entry.path, why)
-                continue
+            if too_big is not None and st.st_size > too_big:
+                digest: str | None = unhashed(st)  # never read; apply says why
+            else:
+                try:
+                    digest = hash_settled(entry.path, st, follow)
+                except OSError as exc:
+                    why = f"cannot read: {exc.strerror or exc}"
+                    unreadable[image_id] = why
+                    fail(entry.path, why)
+                    continue
             if digest is None:
                 unsettled.add(image_id)
                 problem("file_unsettled", image_id=image_id)

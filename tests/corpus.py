@@ -158,6 +158,12 @@ def build_cases() -> dict[str, tuple[Case, bytes | None]]:
     _add("bad/column-1x500.png", "rejected", tiny((1, 500)), "too small to describe: 1x500")
     _add("bad/strip-500x2.png", "rejected", tiny((500, 2)), "too small to describe: 500x2")
     _add("bad/oversized.jpg", "rejected", oversized(), "max_file_size")
+    _add(
+        "bad/strip-5000x16.png",
+        "rejected",
+        encode(textured_image(46, (5000, 16)), "PNG"),
+        "too elongated to describe: 5000x16",
+    )
     _add("odd/flat.png", "weak", flat())
     _add("odd/cmyk.jpg", "synced", cmyk_jpeg())
     _add("odd/sixteen-bit.png", "synced", sixteen_bit_png())

@@ -19,10 +19,17 @@ from structlog.testing import capture_logs
 from featsync import config
 from featsync.aspose import AsposeContext, ClientSettings
 from featsync.engine import Engine, open_context
-from featsync.errors import ConfigError, Fatal, ItemRejected, NotFound, Transient
+from featsync.errors import (
+    ConfigError,
+    Fatal,
+    ItemRejected,
+    NotFound,
+    SourceChanged,
+    Transient,
+)
 from featsync.ledger import SqlLedger
 from featsync.localcontext import LocalContext
-from featsync.model import Secret, State
+from featsync.model import OpenImage, Secret, State
 from featsync.samples import textured_bytes
 from tests.conftest import (
     CLIENT_ID,
@@ -454,3 +461,25 @@ def test_serve_speaks_the_wire_protocol_as_the_contract_says(server: Server) -> 
         assert nowhere.status_code == 404 and "error" in nowhere.json()
     finally:
         s.close()
+
+
+def test_a_file_that_shrinks_while_it_is_uploaded_is_source_changed_not_a_network_error(
+    server: Server, tmp_path: Path
+) -> None:
+    """The upload streams from the open file: if it ends early, the call fails at once
+    as SourceChanged (apply defers the image), not as a connection error that urllib3
+    would retry and that would make the service look down."""
+    data = textured_bytes(3)
+    path = tmp_path / "shrinks.jpg"
+    path.write_bytes(data)
+    ctx = new_context(server)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with capture_logs() as logs, pytest.raises(SourceChanged, match="shrank"):
+            ctx.add_features("shrinks.jpg", OpenImage(fd, len(data) + 1000, "shrinks.jpg"))
+        assert [e for e in logs if e["event"] == "http_retry"] == []
+        ctx.add_features("shrinks.jpg", OpenImage(fd, len(data), "shrinks.jpg"))
+        assert ctx.get_features("shrinks.jpg").features_count > 20
+    finally:
+        os.close(fd)
+        ctx.close()

@@ -8,6 +8,7 @@ synced and counted as weak, and the special files (FIFO, socket, device) never o
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -22,14 +23,24 @@ from typing import Any
 
 import pytest
 import requests
+import structlog
 from PIL import Image
 
+from featsync.engine import Engine
 from featsync.errors import ItemRejected, Transient
+from featsync.localcontext import LocalContext
 from featsync.localcontext.extractor import Extractor
 from featsync.model import OpenImage
 from featsync.samples import textured_bytes
 from tests import corpus
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, Server, Workspace, wait_for
+from tests.conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    Server,
+    Workspace,
+    set_mtime_past,
+    wait_for,
+)
 from tests.test_cli import featsync
 from tests.test_daemon import DAEMON, Daemons
 
@@ -44,14 +55,31 @@ def _png(size: tuple[int, int]) -> bytes:
 
 
 def test_a_native_crash_in_a_worker_is_that_images_rejection_and_the_next_image_works() -> None:
-    # min_side=1 lets the 500x1 image reach OpenCV's AKAZE, which corrupts its heap and
+    # min_side=1 lets the 200x1 image reach OpenCV's AKAZE, which corrupts its heap and
     # aborts the process (the crash featsync's own check keeps away in normal use).
     extractor = Extractor(1, min_side=1)
     try:
-        with pytest.raises(ItemRejected, match=r"crashed on image 'row\.png' \(killed by SIG"):
-            extractor.extract(_png((500, 1)), "row.png")
+        with pytest.raises(
+            ItemRejected, match=r"crashed on image 'row\.png' twice \(killed by SIG"
+        ):
+            extractor.extract(_png((200, 1)), "row.png")
         assert extractor.crashes == 1
         assert len(extractor.extract(textured_bytes(1), "next.jpg")) > 20  # a new worker
+    finally:
+        extractor.close()
+
+
+def test_a_worker_killed_from_outside_costs_no_image_its_sync() -> None:
+    """The OOM killer or an operator may kill a worker: an idle one is replaced before
+    the next image is sent to it; the next image is not blamed."""
+    extractor = Extractor(1)
+    try:
+        assert len(extractor.extract(textured_bytes(1), "first.jpg")) > 20
+        [idle] = [w for w in extractor._idle.queue if w is not None]
+        idle.proc.kill()
+        idle.proc.wait()
+        assert len(extractor.extract(textured_bytes(2), "next.jpg")) > 20
+        assert extractor.crashes == 0
     finally:
         extractor.close()
 
@@ -311,10 +339,103 @@ def test_a_file_over_max_file_size_is_rejected_unread_and_waits_until_it_changes
     big.write_bytes(textured_bytes(1) + b"\0" * 60_000)
     first = ws.cycle()
     [failed] = first.events("image_failed")
-    assert "max_file_size" in failed["error"] and first.calls == {}
+    assert first.calls == {}
+    assert f"file is {big.stat().st_size:,} bytes" in failed["error"]
+    assert "more than [sync] max_file_size = 50,000 bytes" in failed["error"]
+    ledger = ws.ledger()
+    try:  # the scan never read it: its "digest" stands for its stat
+        assert ledger.load()["big.jpg"].digest.startswith("unhashed:")
+    finally:
+        ledger.close()
     assert ws.cycle().report.plan.waiting == ("big.jpg",)
     big.write_bytes(textured_bytes(1))  # smaller now: tried at once
     assert ws.cycle().calls == {"add": 1}
+
+
+class RewritingContext:
+    """The real embedded context; while a call runs, the file is rewritten in place with
+    other bytes of the same size and put back, its mtime restored (as `cp -p` would):
+    only the ctime tells."""
+
+    def __init__(self, inner: LocalContext, path: Path, other: bytes) -> None:
+        self.inner, self.path, self.other = inner, path, other
+        self.rewrites = 0
+
+    def add_features(self, image_id: str, image: Any) -> int | None:
+        if not self.rewrites:
+            self.rewrites += 1
+            original, st = self.path.read_bytes(), self.path.stat()
+            with open(self.path, "r+b") as fh:
+                fh.write(self.other)
+            try:
+                return self.inner.add_features(image_id, image)  # of `other`
+            finally:
+                with open(self.path, "r+b") as fh:
+                    fh.write(original)
+                os.utime(self.path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return self.inner.add_features(image_id, image)
+
+    def update_features(self, image_id: str, image: Any) -> int | None:
+        return self.inner.update_features(image_id, image)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_file_rewritten_while_it_is_sent_is_sent_again_by_the_next_cycle(
+    ws: Workspace,
+) -> None:
+    """The context took features of bytes the file held for a moment only: the ledger
+    must not call it synced as it is, or the wrong features would stay for good."""
+    original = textured_bytes(1)
+    other = textured_bytes(2, size=(160, 120))  # smaller; padded to the same size:
+    other += b"\0" * (len(original) - len(other))  # a JPEG decoder ignores the tail
+    path = ws.images / "a.jpg"
+    path.write_bytes(original)
+    set_mtime_past(path)
+    settings = ws.settings()
+    ledger = ws.ledger()
+    ctx = LocalContext(settings.context.path)
+    try:
+        rewriting = RewritingContext(ctx, path, other)
+        first = Engine(settings, ledger, rewriting, structlog.get_logger()).cycle()
+        assert first.applied is not None and first.applied.added == 1, first.applied
+        assert rewriting.rewrites == 1
+        assert ctx.get_features("a.jpg").features == ctx.extract("x", other).features
+        row = ledger.load()["a.jpg"]
+        assert (row.state, row.digest, row.mtime_ns) == ("synced", "", 0)
+        second = Engine(settings, ledger, ctx, structlog.get_logger()).cycle()
+        assert second.applied is not None and second.applied.updated == 1
+        assert ctx.get_features("a.jpg").features == ctx.extract("x", original).features
+        assert ledger.load()["a.jpg"].digest == hashlib.sha256(original).hexdigest()
+    finally:
+        ctx.close()
+        ledger.close()
+
+
+def test_running_out_of_file_descriptors_is_transient_not_the_images_fault(
+    ws: Workspace,
+) -> None:
+    ws.write_config(sync={"folder": "images", "concurrency": 8}, log={"format": "json"})
+    for n in range(40):
+        ws.image(f"i{n:02}.jpg", n)
+    failed: list[dict[str, Any]] = []
+    for limit in (20, 22, 24):  # tight enough to bite somewhere, loose enough to start
+        done = featsync(
+            "reconcile",
+            "--config",
+            str(ws.config_path),
+            cwd=ws.base,
+            prefix=("sh", "-c", f'ulimit -n {limit} && exec "$@"', "sh"),
+        )
+        events = [json.loads(x) for x in done.stderr.splitlines() if x.startswith("{")]
+        failed += [e for e in events if e["event"] == "image_failed"]
+    assert failed, "the limit was meant to bite"
+    assert {e["error_kind"] for e in failed} == {"transient"}, failed
+    assert all("Too many open files" in e["error"] for e in failed), failed
+    again = featsync("reconcile", "--config", str(ws.config_path), cwd=ws.base)
+    assert again.returncode == 0, again.stderr  # with descriptors to spare, all synced
+    assert len(ws.remote_ids()) == 40
 
 
 def test_an_error_nobody_foresaw_is_that_images_failure_and_the_cycle_finishes(
@@ -382,3 +503,50 @@ def test_a_stop_signal_to_everyone_does_not_blame_the_image_being_extracted(
     assert proc.returncode == 0, err
     failed = [x for x in err.splitlines() if '"image_failed"' in x]
     assert failed == [], failed
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--extract-timeout", "inf"),
+        ("--extract-timeout", "nan"),
+        ("--extract-timeout", "1e-9"),
+        ("--max-pixels", "0"),
+        ("--header-timeout", "inf"),
+    ],
+)
+def test_serve_refuses_an_out_of_range_limit_naming_it(
+    tmp_path: Path, option: str, value: str
+) -> None:
+    env = {"FEATSYNC_CLIENT_ID": "x", "FEATSYNC_CLIENT_SECRET": "y"}
+    done = featsync(
+        "serve", "--port", "0", "--data", str(tmp_path), option, value, cwd=tmp_path, env=env
+    )
+    assert done.returncode == 2 and option in done.stderr, done.stderr
+
+
+def test_a_busy_extractor_makes_a_caller_wait_at_most_max_wait() -> None:
+    """featsync serve's threads must not all be held by callers queued for a worker:
+    past max_wait a caller gets Transient (serve answers 503 with Retry-After)."""
+    extractor = Extractor(1, time_limit=60.0, max_wait=0.5)
+    read_end, write_end = os.pipe()
+    seen: list[BaseException] = []
+
+    def hang() -> None:
+        try:
+            extractor.extract(OpenImage(read_end, 10, "endless.jpg"), "endless.jpg")
+        except BaseException as exc:
+            seen.append(exc)
+
+    t = threading.Thread(target=hang)
+    t.start()
+    try:
+        wait_for(lambda: bool(extractor._busy), 60, "the worker to take the job")
+        with pytest.raises(Transient, match="busy"):
+            extractor.extract(textured_bytes(1), "queued.jpg")
+    finally:
+        extractor.close()
+        t.join(30)
+        os.close(read_end)
+        os.close(write_end)
+    assert len(seen) == 1 and isinstance(seen[0], Transient)

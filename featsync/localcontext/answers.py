@@ -12,7 +12,7 @@ from typing import Any
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from featsync.errors import AlreadyExists, FeatsyncError, ItemRejected, NotFound
+from featsync.errors import AlreadyExists, FeatsyncError, ItemRejected, NotFound, Transient
 from featsync.localcontext.contexts import ApiError
 from featsync.model import ImageFeatures, SearchResult
 
@@ -71,6 +71,10 @@ def map_errors(app: Flask, log: Any) -> None:
             return error(400, "AlreadyExists", str(exc))
         if isinstance(exc, ItemRejected):
             return error(400, "BadRequest", str(exc))
+        if isinstance(exc, Transient):  # every extractor busy: the client backs off
+            busy = error(503, "ServiceUnavailable", str(exc))
+            busy.headers["Retry-After"] = "2"
+            return busy
         if log is not None:
             log.error(
                 "serve_error",

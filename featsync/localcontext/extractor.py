@@ -93,29 +93,29 @@ def _recv_header(sock: socket.socket, with_fd: bool = False) -> tuple[dict[str, 
 
 # -- the pool, in the syncing process -----------------------------------------------------
 
-
 # A worker's first act, before any import: ignore the stop signals that reach every
 # process of a terminal's group (Ctrl-C) or of a systemd unit's cgroup (SIGTERM); the
-# pool decides when a worker ends.
-# The worker is started with them blocked (the mask is inherited), so that not even
-# the interpreter's start-up is a window where one of them kills it.
+# pool decides when a worker ends. It is started with them blocked (the mask is
+# inherited), so that not even the interpreter's start-up is a window for them.
 _IGNORED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _BOOT = (
-    "import signal as s, sys\n"
-    "stops = (s.SIGINT, s.SIGTERM, s.SIGHUP)\n"
-    "for n in stops: s.signal(n, s.SIG_IGN)\n"
-    "s.pthread_sigmask(s.SIG_UNBLOCK, stops)\n"
-    "from featsync.localcontext.extractor import _work\n"
-    "sys.exit(_work(int(sys.argv[1])))\n"
+    "import signal as s, sys; stops = (s.SIGINT, s.SIGTERM, s.SIGHUP); "
+    "[s.signal(n, s.SIG_IGN) for n in stops]; s.pthread_sigmask(s.SIG_UNBLOCK, stops); "
+    "from featsync.localcontext.extractor import _work; sys.exit(_work(int(sys.argv[1])))"
 )
+WORKER_MEMORY = 4 << 30  # bytes of address space per worker: an image past it is refused
 
 
 class _Worker:
     """One worker process and the parent's end of its socket."""
 
     def __init__(self) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the worker)
+        try:
+            parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except BaseException:
+            self.stderr.close()
+            raise
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _IGNORED)
         try:
             self.proc = subprocess.Popen(
@@ -124,9 +124,7 @@ class _Worker:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=self.stderr,
-                # Ctrl-C in a terminal goes to the whole process group: a worker must not
-                # die of it mid-image (that would be reported as the image's fault).
-                start_new_session=True,
+                start_new_session=True,  # nothing sent to our group reaches it
             )
         except BaseException:
             parent.close()
@@ -137,6 +135,9 @@ class _Worker:
             child.close()
         self.sock = parent
         self.ready = False
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     def wait_ready(self) -> None:
         """Wait for the worker's first word (its imports done), so that starting it never
@@ -179,13 +180,14 @@ class _Worker:
             size = self.stderr.tell()
             self.stderr.seek(max(0, size - 400))
             text = self.stderr.read().decode("utf-8", "replace")
-        except OSError:
+        except (OSError, ValueError):
             return ""
         lines = [x.strip() for x in text.splitlines() if x.strip()]
         return lines[-1][:200] if lines else ""
 
-    def end(self) -> int | None:
-        """Kill the worker (if it still runs) and reap it; its exit status."""
+    def end(self) -> tuple[int | None, str]:
+        """Kill the worker (if it still runs), reap it, close its files: its exit status
+        and its last words."""
         with contextlib.suppress(OSError):
             self.sock.close()
         if self.proc.poll() is None:
@@ -195,11 +197,9 @@ class _Worker:
             code = self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:  # pragma: no cover (SIGKILL cannot be refused)
             code = None
-        return code
-
-    def discard(self) -> None:
-        self.end()
+        words = self.last_words()
         self.stderr.close()
+        return code, words
 
 
 class _Died(Exception):
@@ -208,11 +208,6 @@ class _Died(Exception):
 
 class _NoStart(Exception):
     pass
-
-
-# Signals a worker dies of only when someone sends them (it ignores them itself):
-# never the image's fault.
-_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT})
 
 
 class _TooSlow(Exception):
@@ -233,8 +228,11 @@ class Extractor:
     """A pool of extraction worker processes, shared by any number of threads.
 
     Workers start on first use and are replaced after a crash or a timeout. A thread
-    that finds every worker busy waits for one; only the work itself counts against
-    `time_limit`.
+    that finds every worker busy waits for one (at most `max_wait` seconds, if set:
+    then Transient, "busy"); only the work itself counts against `time_limit`. A worker
+    that dies on an image is given one more try on a fresh worker before the image is
+    blamed, so a worker killed from outside (the OOM killer, an operator) costs no
+    image its sync.
     """
 
     def __init__(
@@ -243,11 +241,13 @@ class Extractor:
         time_limit: float = DEFAULT_TIME_LIMIT,
         max_pixels: int | None = None,
         min_side: int | None = None,
+        max_wait: float | None = None,
     ) -> None:
         from featsync.localcontext.features import DEFAULT_MAX_PIXELS, MIN_SIDE
 
         self.workers = max(1, workers)
         self.time_limit = time_limit
+        self.max_wait = max_wait
         self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
         # Below MIN_SIDE OpenCV may crash (the worker dies, the image is rejected all
         # the same); only the tests lower it, to crash a worker for real.
@@ -272,62 +272,80 @@ class Extractor:
         header = {"name": name, "max_pixels": self.max_pixels, "min_side": self.min_side}
         worker = self._take()
         try:
-            if worker is None:
-                worker = _Worker()
-            with self._lock:
-                self._busy.add(worker)
-            payload = worker.run(header, image, self.time_limit)
-        except _NoStart:
-            assert worker is not None
-            with self._lock:
-                self._busy.discard(worker)
-            worker.end()
-            words = worker.last_words()
-            worker.stderr.close()
-            worker = None
-            raise Transient(
-                "the feature extractor could not start" + (f": {words}" if words else "")
-            ) from None
-        except (_Died, _TooSlow) as exc:
-            assert worker is not None
-            with self._lock:
-                self._busy.discard(worker)
-                closing = self._closed
-            code = worker.end()
-            words = worker.last_words()
-            worker.stderr.close()
-            worker = None
-            if closing:
-                raise Transient("the feature extractor was stopped") from None
-            if code is not None and -code in _STOP_SIGNALS:  # someone stopped it: not the image
-                raise Transient(
-                    f"the feature extractor was stopped from outside ({_how_it_died(code)})"
-                ) from None
-            self.crashes += 1
-            if isinstance(exc, _TooSlow):
-                raise ItemRejected(
-                    f"the feature extractor took longer than {self.time_limit:g} s "
-                    f"on image {name!r} (stopped)"
-                ) from None
-            raise ItemRejected(_crashed(name, code, words)) from None
+            for last_try in (False, True):
+                worker = self._ready(worker)
+                try:
+                    payload = worker.run(header, image, self.time_limit)
+                    break
+                except (_Died, _TooSlow) as exc:
+                    code, words = self._lose(worker)
+                    worker = None
+                    if self._closed:
+                        raise Transient("the feature extractor was stopped") from None
+                    if isinstance(exc, _TooSlow):
+                        self.crashes += 1
+                        raise ItemRejected(
+                            f"the feature extractor took longer than {self.time_limit:g} s "
+                            f"on image {name!r} (stopped)"
+                        ) from None
+                    if last_try:
+                        self.crashes += 1
+                        raise ItemRejected(_crashed(name, code, words)) from None
         finally:
             self._give_back(worker)
         rows = np.frombuffer(payload, dtype=np.uint8)
         return rows.reshape(-1, DESCRIPTOR_BYTES)
 
+    def _ready(self, worker: _Worker | None) -> _Worker:
+        """`worker` if it still lives (an idle one may have been killed: no image's
+        fault), else a new one, started and ready; Transient if none can be had."""
+        if worker is not None and worker.alive():
+            self._mark_busy(worker)
+            return worker
+        if worker is not None:
+            self._lose(worker)
+        try:
+            worker = _Worker()
+        except OSError as exc:
+            raise Transient(f"cannot start a feature extractor: {exc.strerror or exc}") from None
+        self._mark_busy(worker)
+        try:
+            worker.wait_ready()
+        except _NoStart:
+            _code, words = self._lose(worker)
+            raise Transient(
+                "the feature extractor could not start" + (f": {words}" if words else "")
+            ) from None
+        return worker
+
+    def _mark_busy(self, worker: _Worker) -> None:
+        with self._lock:
+            self._busy.add(worker)
+
+    def _lose(self, worker: _Worker) -> tuple[int | None, str]:
+        with self._lock:
+            self._busy.discard(worker)
+        return worker.end()
+
     def _take(self) -> _Worker | None:
         """A free slot (a worker, or None: start one), once one is free; Transient
-        once the extractor is closed, also for a caller that was waiting."""
+        once the extractor is closed (also for a caller that was waiting), or after
+        `max_wait` seconds."""
+        deadline = None if self.max_wait is None else time.monotonic() + self.max_wait
         while True:
             if self._closed:
                 raise Transient("the feature extractor was stopped")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise Transient(
+                    f"every feature extractor is busy (waited {self.max_wait:g} s); try again later"
+                )
             try:
                 slot = self._idle.get(timeout=0.5)
             except queue.Empty:
                 continue
             if self._closed:
                 if slot is not None:
-                    slot.discard()
+                    slot.end()
                 self._idle.put(None)
                 raise Transient("the feature extractor was stopped")
             return slot
@@ -337,7 +355,7 @@ class Extractor:
             with self._lock:
                 self._busy.discard(worker)
                 if self._closed:
-                    worker.discard()
+                    worker.end()
                     worker = None
         self._idle.put(worker)
 
@@ -356,12 +374,12 @@ class Extractor:
             except queue.Empty:
                 break
             if idle is not None:
-                idle.discard()
+                idle.end()
 
 
 def _crashed(name: str, code: int | None, words: str) -> str:
     tail = f": {words}" if words else ""
-    return f"the feature extractor crashed on image {name!r} ({_how_it_died(code)}{tail})"
+    return f"the feature extractor crashed on image {name!r} twice ({_how_it_died(code)}{tail})"
 
 
 # -- the worker process --------------------------------------------------------------------
@@ -386,15 +404,19 @@ def _orphan_watch(parent: int) -> None:
 
 
 def _work(fd: int) -> int:
-    """Serve jobs on socket `fd` until the pool closes it."""
-    # (_BOOT ignored the stop signals already; again here for `python -m`.)
-    for sig in _IGNORED:
-        signal.signal(sig, signal.SIG_IGN)
+    """Serve jobs on socket `fd` until the pool closes it (started by _BOOT)."""
+    import resource
+
     threading.Thread(target=_orphan_watch, args=(os.getppid(),), daemon=True).start()
     sock = socket.socket(fileno=fd)
     from featsync.localcontext import features  # the heavy imports, once per worker
 
     features.warm_up()
+    # A bound on the worker's memory: an image that needs more fails with MemoryError
+    # (its rejection), instead of the OOM killer choosing a process.
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = WORKER_MEMORY if hard == resource.RLIM_INFINITY else min(hard, WORKER_MEMORY)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     _send_msg(sock, {"ready": True})
     while True:
         try:
@@ -430,7 +452,3 @@ def _work(fd: int) -> int:
             sock.sendall(data)
         except OSError:
             return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_work(int(sys.argv[1])))

@@ -20,12 +20,13 @@ import warnings
 from typing import IO, Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from featsync.errors import ItemRejected
 
 MAX_SIDE = 1024  # pixels, longest side after downscaling
 MIN_SIDE = 16  # pixels: AKAZE needs room for its scale space (a 500x1 image crashes it)
+MAX_ASPECT = 256  # long side : short side; a thinner strip is refused (memory, see decode)
 DEFAULT_MAX_PIXELS = 250_000_000  # a 144-megapixel camera photo passes, a bomb does not
 MAX_KEYPOINTS = 500  # the Aspose example shows ~500 per image
 DESCRIPTOR_BYTES = 61  # full-size AKAZE M-LDB descriptor, 486 bits padded to bytes
@@ -61,14 +62,14 @@ def _size_text(size: tuple[int, int]) -> str:
 
 
 def _to_grey(img: Image.Image) -> Image.Image:
-    """Mode "L", whatever the mode: wide modes stretched, transparency on white."""
+    """Mode "L", whatever the mode: wide modes stretched, transparency on white.
+    (Called on the downscaled image: its copies are small.)"""
     if img.mode in _WIDE:
-        if img.mode.startswith("I;16"):
-            img = img.convert("I")
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img.convert("F") if img.mode.startswith("I;16") else img)
+        arr = arr.astype(np.float32)
         finite = np.isfinite(arr)
         if not finite.all():
-            arr = np.where(finite, arr, 0.0)
+            arr = np.where(finite, arr, np.float32(0.0))
         lo, hi = float(arr.min()), float(arr.max())
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
         return Image.fromarray(((arr - lo) * scale).round().astype(np.uint8), "L")
@@ -79,6 +80,30 @@ def _to_grey(img: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("L")
     return img.convert("L")
+
+
+def _shrink(img: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """Downscale in the image's own mode (before any full-size conversion): LANCZOS
+    with a cheap reduce first; BOX for the modes reduce does not take (16-bit);
+    palette and bilevel images are converted first (resizing them would be NEAREST)."""
+    if img.mode in ("P", "PA", "1"):
+        img = img.convert("RGBA" if img.mode != "1" else "L")
+    try:
+        return img.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    except ValueError:
+        return img.resize(target, Image.Resampling.BOX)
+
+
+# EXIF orientation -> the transpose that shows the image upright (as ImageOps does)
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def decode(
@@ -99,21 +124,30 @@ def decode(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             Image.MAX_IMAGE_PIXELS = max_pixels
             img: Image.Image = Image.open(fh)
-            if min(img.size) < min_side:
+            w, h = img.size
+            if min(w, h) < min_side:
                 raise ItemRejected(
                     f"image {name!r} is too small to describe: {_size_text(img.size)} "
                     f"(each side needs at least {min_side})"
                 )
+            if max(w, h) > MAX_ASPECT * min(w, h):
+                # Downscaled, its short side would be under min_side, or its long side
+                # too long for AKAZE's memory (a 3,000,000 x 16 strip takes 4.7 GB).
+                raise ItemRejected(
+                    f"image {name!r} is too elongated to describe: {_size_text(img.size)} "
+                    f"(the long side may be at most {MAX_ASPECT} times the short one)"
+                )
+            orientation = img.getexif().get(0x0112)
             img.draft("L", (MAX_SIDE, MAX_SIDE))  # JPEG: DCT-domain downscale, cheap
-            img = ImageOps.exif_transpose(img) or img
-            img = _to_grey(img)
             w, h = img.size
             # Downscale to MAX_SIDE on the long side, unless that would make the short
-            # side thinner than min_side (a 100000x20 strip stays 80000x16).
-            factor = max(MAX_SIDE / max(w, h), min_side / max(1, min(w, h)))
+            # side thinner than min_side (a 10000x20 strip becomes 8000x16).
+            factor = max(MAX_SIDE / max(w, h), min_side / min(w, h))
             if factor < 1.0:
-                target = (max(1, round(w * factor)), max(1, round(h * factor)))
-                img = img.resize(target, Image.Resampling.LANCZOS)
+                img = _shrink(img, (max(1, round(w * factor)), max(1, round(h * factor))))
+            img = _to_grey(img)
+            if orientation in _UPRIGHT:
+                img = img.transpose(_UPRIGHT[orientation])
             return np.asarray(img, dtype=np.uint8)
     except ItemRejected:
         raise
