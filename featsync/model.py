@@ -180,8 +180,9 @@ class Outcome(NamedTuple):
 @dataclass(frozen=True, slots=True)
 class OpenImage:
     """An image file that apply opened and checked against the scan (regular file, the
-    same inode and size): read it from `fd` with ``os.pread`` (never by its path again,
-    never moving the offset), `size` bytes. The opener closes it."""
+    same inode and size): read it from `fd` (never by its path again), `size` bytes,
+    from the start (pread, or seek to 0 first: apply hashed it before). The opener
+    closes it."""
 
     fd: int
     size: int
