@@ -7,10 +7,13 @@ folder could not be fully seen; 2 a bad config or a fatal error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from featsync import __version__, logs
@@ -218,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _reconcile(settings: Settings, dry_run: bool, confirm_deletes: bool) -> int:
-    from featsync.engine import Engine, describe, open_context
+    from featsync.engine import Engine, Stopped, describe, open_context
     from featsync.ledger import SqlLedger
     from featsync.lock import SyncLock
 
@@ -230,9 +233,12 @@ def _reconcile(settings: Settings, dry_run: bool, confirm_deletes: bool) -> int:
         try:
             context = open_context(settings, logs.get())
             try:
-                report = Engine(settings, ledger, context, logs.get()).cycle(
-                    dry_run=dry_run, confirm_deletes=confirm_deletes
-                )
+                with _stop_on_signals() as stop:
+                    engine = Engine(settings, ledger, context, logs.get(), stop=stop.is_set)
+                    report = engine.cycle(dry_run=dry_run, confirm_deletes=confirm_deletes)
+            except Stopped:
+                logs.get().info("cycle_stopped", reason="signal, while scanning")
+                return EXIT_NOT_IN_STEP
             finally:
                 context.close()
         finally:
@@ -242,6 +248,28 @@ def _reconcile(settings: Settings, dry_run: bool, confirm_deletes: bool) -> int:
     if dry_run:
         print("\n".join(describe(report.plan)))
     return EXIT_OK if report.in_step else EXIT_NOT_IN_STEP
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """SIGINT (Ctrl-C) or SIGTERM: send nothing more, let the calls in flight finish and
+    be recorded, end the cycle with its summary; a second one stops at once."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        logs.get().warning(
+            "reconcile_stopping", signal=signal.Signals(signum).name, then="Ctrl-C again"
+        )
+
+    before = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def _retry(settings: Settings, image_ids: list[str], every: bool) -> int:

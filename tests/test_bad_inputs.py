@@ -550,3 +550,42 @@ def test_a_busy_extractor_makes_a_caller_wait_at_most_max_wait() -> None:
         os.close(read_end)
         os.close(write_end)
     assert len(seen) == 1 and isinstance(seen[0], Transient)
+
+
+def test_ctrl_c_stops_reconcile_cleanly_with_its_summary_and_nothing_lost(ws: Workspace) -> None:
+    ws.write_config(sync={"folder": "images", "concurrency": 2}, log={"format": "json"})
+    for n in range(60):
+        (ws.images / f"i{n:02}.jpg").write_bytes(textured_bytes(n, size=(640, 480)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "featsync", "reconcile", "--config", str(ws.config_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    try:
+        for line in proc.stderr:  # the first image synced: now Ctrl-C
+            lines.append(line)
+            if '"image_added"' in line:
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        lines += proc.stderr.readlines()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == 1, "".join(lines)
+    assert not any("Traceback" in x for x in lines), "".join(lines)
+    events = [json.loads(x) for x in lines if x.startswith("{")]
+    [summary] = [e for e in events if e["event"] == "cycle_finished"]
+    assert summary["not_sent"] > 0 and summary["added"] < 60, summary
+    assert any(e["event"] == "reconcile_stopping" for e in events)
+    added = {e["image_id"] for e in events if e["event"] == "image_added"}
+    assert added == ws.remote_ids()  # every acknowledged call is in the context and ledger
+    again = featsync("reconcile", "--config", str(ws.config_path), cwd=ws.base)
+    assert again.returncode == 0, again.stderr
+    assert len(ws.remote_ids()) == 60
