@@ -8,6 +8,7 @@ synced and counted as weak, and the special files (FIFO, socket, device) never o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -465,9 +466,13 @@ def _tree(pid: int) -> list[int]:
     """The process and every descendant, from /proc."""
     out = [pid]
     for p in out:
-        for task in os.listdir(f"/proc/{p}/task"):
-            with open(f"/proc/{p}/task/{task}/children", encoding="ascii") as fh:
-                out += [int(x) for x in fh.read().split()]
+        with contextlib.suppress(OSError):  # a thread or process may end meanwhile
+            for task in os.listdir(f"/proc/{p}/task"):
+                with (
+                    contextlib.suppress(OSError),
+                    open(f"/proc/{p}/task/{task}/children", encoding="ascii") as fh,
+                ):
+                    out += [int(x) for x in fh.read().split()]
     return out
 
 
@@ -500,6 +505,8 @@ def test_a_stop_signal_to_everyone_does_not_blame_the_image_being_extracted(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
     assert proc.returncode == 0, err
     failed = [x for x in err.splitlines() if '"image_failed"' in x]
     assert failed == [], failed
