@@ -283,7 +283,9 @@ def _run_phase(
         if not running:
             res.not_sent += sum(1 for _ in todo)
             return
-        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        # With a timeout: a signal delivered to another thread runs its Python handler
+        # only when the main thread runs again (a bare lock wait never wakes for it).
+        done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
         for fut in done:
             action = running.pop(fut)
             try:

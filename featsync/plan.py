@@ -139,6 +139,7 @@ def over_limits(
     """
     added = {a.file.digest for a in sends if a.file is not None}
     added |= {rows[a.image_id].digest for a in sends if a.image_id in rows}
+    added.discard("")  # content unknown (never read, or sent while it changed): no match
     lost = sum(1 for a in deletes if rows[a.image_id].digest not in added)
     if lost > policy.max_delete_count:
         return f"{lost} deletes exceed safety.max_delete_count = {policy.max_delete_count}"

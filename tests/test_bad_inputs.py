@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,42 +100,51 @@ def test_a_worker_past_its_time_limit_is_stopped_and_replaced() -> None:
         extractor.close()
 
 
+@contextlib.contextmanager
+def calls_in_threads(extractor: Extractor) -> Iterator[tuple[Callable[..., None], list[Any]]]:
+    """`start(image, name)` runs extractor.extract in a thread of its own; what each
+    call ended with (descriptors or the exception) lands in the list. An image given
+    as None is a "file" that never ends (the read end of a pipe nobody writes to): the
+    worker waits on it until it is stopped. Every thread is joined at the end."""
+    read_end, write_end = os.pipe()
+    ended: list[Any] = []
+    threads: list[threading.Thread] = []
+
+    def call(image: bytes | None, name: str) -> None:
+        try:
+            ended.append(extractor.extract(image or OpenImage(read_end, 10, name), name))
+        except BaseException as exc:
+            ended.append(exc)
+
+    def start(image: bytes | None, name: str) -> None:
+        threads.append(threading.Thread(target=call, args=(image, name)))
+        threads[-1].start()
+
+    try:
+        yield start, ended
+    finally:
+        extractor.close()
+        for t in threads:
+            t.join(30)
+        os.close(read_end)
+        os.close(write_end)
+    assert not any(t.is_alive() for t in threads)
+
+
 def test_closing_the_extractor_ends_busy_and_waiting_calls_as_transient_not_the_images_fault() -> (
     None
 ):
     extractor = Extractor(1, time_limit=60.0)
-    read_end, write_end = os.pipe()
-    seen: list[BaseException] = []
-
-    def hang() -> None:
-        try:
-            extractor.extract(OpenImage(read_end, 10, "endless.jpg"), "endless.jpg")
-        except BaseException as exc:
-            seen.append(exc)
-
-    def wait_for_a_worker() -> None:
-        try:
-            extractor.extract(textured_bytes(1), "queued.jpg")  # the one worker is busy
-        except BaseException as exc:
-            seen.append(exc)
-
-    t = threading.Thread(target=hang)
-    t.start()
-    queued = threading.Thread(target=wait_for_a_worker)
-    try:
+    with calls_in_threads(extractor) as (start, ended):
+        start(None, "endless.jpg")
         wait_for(lambda: bool(extractor._busy), 60, "the worker to take the job")
-        queued.start()
+        start(textured_bytes(1), "queued.jpg")  # waits: the one worker is busy
         extractor.close()
-        t.join(30)
-        queued.join(30)
-        assert not t.is_alive() and not queued.is_alive()
-        assert len(seen) == 2 and all(isinstance(e, Transient) for e in seen), seen
-        assert extractor.crashes == 0
-        with pytest.raises(Transient, match="stopped"):
-            extractor.extract(textured_bytes(1), "late.jpg")
-    finally:
-        os.close(read_end)
-        os.close(write_end)
+        wait_for(lambda: len(ended) == 2, 30, "both calls to end")
+    assert all(isinstance(e, Transient) for e in ended), ended
+    assert extractor.crashes == 0
+    with pytest.raises(Transient, match="stopped"):
+        extractor.extract(textured_bytes(1), "late.jpg")
 
 
 # -- the corpus under every entry point ------------------------------------------------------
@@ -536,27 +545,12 @@ def test_a_busy_extractor_makes_a_caller_wait_at_most_max_wait() -> None:
     """featsync serve's threads must not all be held by callers queued for a worker:
     past max_wait a caller gets Transient (serve answers 503 with Retry-After)."""
     extractor = Extractor(1, time_limit=60.0, max_wait=0.5)
-    read_end, write_end = os.pipe()
-    seen: list[BaseException] = []
-
-    def hang() -> None:
-        try:
-            extractor.extract(OpenImage(read_end, 10, "endless.jpg"), "endless.jpg")
-        except BaseException as exc:
-            seen.append(exc)
-
-    t = threading.Thread(target=hang)
-    t.start()
-    try:
+    with calls_in_threads(extractor) as (start, ended):
+        start(None, "endless.jpg")
         wait_for(lambda: bool(extractor._busy), 60, "the worker to take the job")
         with pytest.raises(Transient, match="busy"):
             extractor.extract(textured_bytes(1), "queued.jpg")
-    finally:
-        extractor.close()
-        t.join(30)
-        os.close(read_end)
-        os.close(write_end)
-    assert len(seen) == 1 and isinstance(seen[0], Transient)
+    assert len(ended) == 1 and isinstance(ended[0], Transient)
 
 
 def test_ctrl_c_stops_reconcile_cleanly_with_its_summary_and_nothing_lost(ws: Workspace) -> None:
@@ -596,3 +590,47 @@ def test_ctrl_c_stops_reconcile_cleanly_with_its_summary_and_nothing_lost(ws: Wo
     again = featsync("reconcile", "--config", str(ws.config_path), cwd=ws.base)
     assert again.returncode == 0, again.stderr
     assert len(ws.remote_ids()) == 60
+
+
+def test_a_second_ctrl_c_stops_reconcile_at_once(ws: Workspace, tmp_path: Path) -> None:
+    ws.write_config(sync={"folder": "images", "concurrency": 1}, log={"format": "json"})
+    for n in range(3):
+        (ws.images / f"i{n}.jpg").write_bytes(textured_bytes(n))
+    hang = (
+        "import os, sys, time\n"
+        "from featsync import cli\n"
+        "from featsync.localcontext import context\n"
+        "def slow(self, image_id, image):\n"
+        "    open(sys.argv[2], 'w').close()\n"
+        "    time.sleep(600)\n"
+        "context.LocalContext.add_features = slow\n"
+        "sys.exit(cli.main(['--config', sys.argv[1], 'reconcile']))\n"
+    )
+    started = tmp_path / "in-a-call"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", hang, str(ws.config_path), str(started)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert proc.stderr is not None
+    try:
+        wait_for(started.exists, 60, "a call under way")
+        os.killpg(proc.pid, signal.SIGINT)  # the first: waits for the call in flight
+        seen = ""
+        while "reconcile_stopping" not in seen:  # (two signals at once would be one)
+            line = proc.stderr.readline()
+            assert line, "reconcile ended on the first signal"
+            seen += line
+        assert proc.poll() is None
+        os.killpg(proc.pid, signal.SIGINT)  # the second: now
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert '"reconcile_stopped_at_once"' in err and "Traceback" not in err
+    assert featsync("reconcile", "--config", str(ws.config_path), cwd=ws.base).returncode == 0

@@ -253,3 +253,14 @@ def test_leaving_out_the_rows_of_unchanged_images_changes_nothing(
     partial = {i: r for i, r in rows.items() if i not in snapshot.unchanged}
     policy = Policy(max_delete_fraction=fraction, max_delete_count=count)
     assert plan(snapshot, partial, policy, NOW) == plan(snapshot, rows, policy, NOW)
+
+
+def test_rows_of_unknown_content_never_count_as_a_move() -> None:
+    """A digest of "" means the content is not known (sent while it changed, never
+    read): four such images gone and a fifth re-sent must not excuse the deletes."""
+    gone = [row(f"gone{n}", digest="") for n in range(4)]
+    rows = rows_of(*gone, row("kept", digest=""), *[row(f"k{n}") for n in range(20)])
+    s = snap(f("kept", "h-now"), unchanged=tuple(f"k{n}" for n in range(20)))
+    p = plan(s, rows, Policy(max_delete_count=2), NOW)
+    assert kinds(p) == [("update", "kept")]
+    assert len(p.withheld) == 4 and "max_delete_count" in (p.withheld_reason or "")

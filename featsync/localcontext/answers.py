@@ -71,7 +71,9 @@ def map_errors(app: Flask, log: Any) -> None:
             return error(400, "AlreadyExists", str(exc))
         if isinstance(exc, ItemRejected):
             return error(400, "BadRequest", str(exc))
-        if isinstance(exc, Transient):  # every extractor busy: the client backs off
+        if isinstance(exc, Transient):  # the extractor busy or stopping: the client backs off
+            if log is not None:
+                log.warning("serve_unavailable", path=request.path, error=str(exc))
             busy = error(503, "ServiceUnavailable", str(exc))
             busy.headers["Retry-After"] = "2"
             return busy

@@ -2,7 +2,7 @@
 
 Decoding and AKAZE are native code: a degenerate image can abort the process inside
 OpenCV (a 500x1 image corrupts its heap) or keep it busy for minutes. They run in a
-small pool of worker processes (Python running ``_work`` below), each
+small pool of worker processes (featsync.localcontext.worker), each
 talking to the pool over its own unix socket. A worker that dies, or does not answer
 within the time limit (and is then killed), is that one image's rejection
 (``ItemRejected``, with the signal and the last words it wrote on stderr); the pool
@@ -12,31 +12,28 @@ An image travels as bytes, or as an open file descriptor passed over the socket
 (SCM_RIGHTS): the worker decodes straight from the file the sync opened and checked,
 so a big file is never read whole into the syncing process.
 
-Framing, both ways: a 4-byte big-endian length, a JSON header, then the payload the
-header announces (image bytes one way, descriptors the other).
+The worker's side, and the framing both sides speak, are in
+featsync.localcontext.worker.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import queue
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from typing import IO, Any
+from typing import Any
 
 from featsync.errors import ItemRejected, Transient
+from featsync.localcontext.worker import recv_exact, recv_header, send_msg
 from featsync.model import OpenImage
 
-_LEN = struct.Struct(">I")
-_MAX_HEADER = 1 << 20
 DEFAULT_TIME_LIMIT = 60.0  # seconds per image; a 250-megapixel PNG takes a few
 START_LIMIT = 120.0  # seconds for a new worker to import its libraries and say it is ready
 
@@ -44,51 +41,6 @@ START_LIMIT = 120.0  # seconds for a new worker to import its libraries and say 
 def default_workers(wanted: int) -> int:
     """Worker processes for `wanted` calls at once: never more than the CPUs."""
     return max(1, min(wanted, os.cpu_count() or 1))
-
-
-# -- framing -----------------------------------------------------------------------------
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            raise EOFError
-        buf += chunk
-    return bytes(buf)
-
-
-def _send_msg(sock: socket.socket, header: dict[str, Any], fds: list[int] | None = None) -> None:
-    raw = json.dumps(header).encode("utf-8")
-    frame = _LEN.pack(len(raw)) + raw
-    if fds:
-        sent = socket.send_fds(sock, [frame], fds)
-        if sent < len(frame):
-            sock.sendall(frame[sent:])
-    else:
-        sock.sendall(frame)
-
-
-def _recv_header(sock: socket.socket, with_fd: bool = False) -> tuple[dict[str, Any], int | None]:
-    fd: int | None = None
-    if with_fd:
-        first, fds, _flags, _addr = socket.recv_fds(sock, _LEN.size, 1)
-        if not first:
-            raise EOFError
-        fd = fds[0] if fds else None
-        for extra in fds[1:]:
-            os.close(extra)
-        head = first + _recv_exact(sock, _LEN.size - len(first))
-    else:
-        head = _recv_exact(sock, _LEN.size)
-    (n,) = _LEN.unpack(head)
-    if n > _MAX_HEADER:
-        raise EOFError
-    header = json.loads(_recv_exact(sock, n))
-    if not isinstance(header, dict):
-        raise EOFError
-    return header, fd
 
 
 # -- the pool, in the syncing process -----------------------------------------------------
@@ -101,9 +53,8 @@ _IGNORED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _BOOT = (
     "import signal as s, sys; stops = (s.SIGINT, s.SIGTERM, s.SIGHUP); "
     "[s.signal(n, s.SIG_IGN) for n in stops]; s.pthread_sigmask(s.SIG_UNBLOCK, stops); "
-    "from featsync.localcontext.extractor import _work; sys.exit(_work(int(sys.argv[1])))"
+    "from featsync.localcontext.worker import work; sys.exit(work(int(sys.argv[1])))"
 )
-WORKER_MEMORY = 4 << 30  # bytes of address space per worker: an image past it is refused
 
 
 class _Worker:
@@ -125,6 +76,9 @@ class _Worker:
                 stdout=subprocess.DEVNULL,
                 stderr=self.stderr,
                 start_new_session=True,  # nothing sent to our group reaches it
+                # one thread for the math libraries: the pool is the parallelism, and
+                # their per-CPU threads would eat into the worker's memory bound
+                env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
             )
         except BaseException:
             parent.close()
@@ -144,7 +98,7 @@ class _Worker:
         counts against an image's time limit; _NoStart if it does not come."""
         self.sock.settimeout(START_LIMIT)
         try:
-            hello, _ = _recv_header(self.sock)
+            hello, _ = recv_header(self.sock)
         except (EOFError, OSError, ValueError):
             raise _NoStart from None
         if not hello.get("ready"):
@@ -159,12 +113,12 @@ class _Worker:
         sock.settimeout(limit)
         try:
             if isinstance(image, bytes):
-                _send_msg(sock, {**header, "size": len(image)})
+                send_msg(sock, {**header, "size": len(image)})
                 sock.sendall(image)
             else:
-                _send_msg(sock, {**header, "fd": True}, [image.fd])
-            answer, _ = _recv_header(sock)
-            payload = _recv_exact(sock, int(answer.get("bytes", 0)))
+                send_msg(sock, {**header, "fd": True}, [image.fd])
+            answer, _ = recv_header(sock)
+            payload = recv_exact(sock, int(answer.get("bytes", 0)))
         except TimeoutError:
             raise _TooSlow from None
         except (EOFError, OSError, ValueError):
@@ -351,13 +305,15 @@ class Extractor:
             return slot
 
     def _give_back(self, worker: _Worker | None) -> None:
-        if worker is not None:
-            with self._lock:
+        # Under the lock, so that close() (which drains the queue after setting _closed
+        # under it) cannot miss a live worker put back meanwhile.
+        with self._lock:
+            closing = self._closed and worker is not None
+            if worker is not None:
                 self._busy.discard(worker)
-                if self._closed:
-                    worker.end()
-                    worker = None
-        self._idle.put(worker)
+            self._idle.put(None if closing else worker)
+        if closing and worker is not None:
+            worker.end()
 
     def close(self) -> None:
         """Stop every worker: idle ones now, busy ones as their jobs end (their callers
@@ -380,75 +336,3 @@ class Extractor:
 def _crashed(name: str, code: int | None, words: str) -> str:
     tail = f": {words}" if words else ""
     return f"the feature extractor crashed on image {name!r} twice ({_how_it_died(code)}{tail})"
-
-
-# -- the worker process --------------------------------------------------------------------
-
-
-def _source(sock: socket.socket, header: dict[str, Any], fd: int | None) -> bytes | IO[bytes]:
-    if header.get("fd"):
-        if fd is None:
-            raise ItemRejected("no file descriptor came with the job")
-        with contextlib.suppress(OSError):  # not seekable: Pillow reads it whole
-            os.lseek(fd, 0, os.SEEK_SET)
-        return os.fdopen(fd, "rb")
-    return _recv_exact(sock, int(header.get("size", 0)))
-
-
-def _orphan_watch(parent: int) -> None:
-    """End the worker if the syncing process is gone (even by kill -9) while an image
-    keeps it busy; an idle worker ends anyway when its socket closes."""
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(0)
-
-
-def _work(fd: int) -> int:
-    """Serve jobs on socket `fd` until the pool closes it (started by _BOOT)."""
-    import resource
-
-    threading.Thread(target=_orphan_watch, args=(os.getppid(),), daemon=True).start()
-    sock = socket.socket(fileno=fd)
-    from featsync.localcontext import features  # the heavy imports, once per worker
-
-    features.warm_up()
-    # A bound on the worker's memory: an image that needs more fails with MemoryError
-    # (its rejection), instead of the OOM killer choosing a process.
-    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = WORKER_MEMORY if hard == resource.RLIM_INFINITY else min(hard, WORKER_MEMORY)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    _send_msg(sock, {"ready": True})
-    while True:
-        try:
-            header, job_fd = _recv_header(sock, with_fd=True)
-        except (EOFError, OSError, ValueError):
-            return 0
-        source: bytes | IO[bytes] | None = None
-        try:
-            source = _source(sock, header, job_fd)
-            job_fd = None  # the file object owns it now
-            desc = features.extract(
-                source,
-                str(header.get("name", "")),
-                int(header.get("max_pixels") or features.DEFAULT_MAX_PIXELS),
-                int(header.get("min_side", features.MIN_SIDE)),
-            )
-            data = desc.tobytes()
-            answer: dict[str, Any] = {"ok": True, "bytes": len(data)}
-        except ItemRejected as exc:
-            answer, data = {"ok": False, "error": str(exc), "bytes": 0}, b""
-        except Exception as exc:
-            name = header.get("name", "")
-            why = f"{type(exc).__name__}: {exc}"
-            answer = {"ok": False, "error": f"feature extraction failed on {name!r}: {why}"}
-            answer["bytes"], data = 0, b""
-        finally:
-            if job_fd is not None:
-                os.close(job_fd)
-            if source is not None and not isinstance(source, bytes):
-                source.close()
-        try:
-            _send_msg(sock, answer)
-            sock.sendall(data)
-        except OSError:
-            return 0

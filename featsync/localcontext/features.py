@@ -91,7 +91,12 @@ def _shrink(img: Image.Image, target: tuple[int, int]) -> Image.Image:
     try:
         return img.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
     except ValueError:
+        pass
+    try:
         return img.resize(target, Image.Resampling.BOX)
+    except ValueError:  # Pillow before 11 resizes no 16-bit image: widen it first
+        wide = img.convert("I") if img.mode.startswith("I;16") else _to_grey(img)
+        return wide.resize(target, Image.Resampling.LANCZOS)
 
 
 # EXIF orientation -> the transpose that shows the image upright (as ImageOps does)
