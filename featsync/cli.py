@@ -162,28 +162,43 @@ def _reconcile(settings: Settings, dry_run: bool, confirm_deletes: bool) -> int:
 @contextlib.contextmanager
 def _stop_on_signals() -> Iterator[threading.Event]:
     """SIGINT (Ctrl-C) or SIGTERM: send nothing more, let the calls in flight finish and
-    be recorded, end the cycle with its summary; a second one stops at once."""
+    be recorded, end the cycle with its summary; a second one stops at once.
+
+    The handler only sets flags (it runs in the main thread between two bytecodes, maybe
+    while that thread holds the log's write lock: logging there would deadlock); a small
+    thread says that the stop was heard.
+    """
     stop = threading.Event()
+    caught: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
-        if stop.is_set():
+        if caught:
             # Now, without waiting for the calls in flight: the ledger is one transaction
             # per outcome, the lock goes with the process, and a call whose outcome is
             # not recorded is repeated once by the next run (every call is idempotent).
-            logs.get().warning("reconcile_stopped_at_once", signal=signal.Signals(signum).name)
-            sys.stderr.flush()
+            # A raw write, no lock: a line of its own even if it cuts into another.
+            line = {"event": "reconcile_stopped_at_once", "signal": signal.Signals(signum).name}
+            os.write(2, b"\n" + json.dumps(line).encode() + b"\n")
             os._exit(128 + signum)
+        caught.append(signum)
         stop.set()
-        logs.get().warning(
-            "reconcile_stopping", signal=signal.Signals(signum).name, then="Ctrl-C again"
-        )
+
+    def announce() -> None:
+        stop.wait()
+        if caught:
+            name = signal.Signals(caught[0]).name
+            logs.get().warning("reconcile_stopping", signal=name, then="Ctrl-C again")
 
     before = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    herald = threading.Thread(target=announce, name="featsync-stop", daemon=True)
+    herald.start()
     try:
         yield stop
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+        stop.set()  # ends the herald if no signal came
+        herald.join()
 
 
 def _retry(settings: Settings, image_ids: list[str], every: bool) -> int:

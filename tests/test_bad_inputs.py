@@ -553,6 +553,27 @@ def test_a_busy_extractor_makes_a_caller_wait_at_most_max_wait() -> None:
     assert len(ended) == 1 and isinstance(ended[0], Transient)
 
 
+class _Lines(list[str]):
+    reader: threading.Thread
+
+
+def _read_lines(proc: subprocess.Popen[str]) -> _Lines:
+    """Lines of `proc`'s stderr as they come, read by a thread (so that a test waits on
+    them with a deadline, never on a blocking read); the pipe is closed at EOF."""
+    lines = _Lines()
+    assert proc.stderr is not None
+    stream = proc.stderr
+
+    def read() -> None:
+        with stream:
+            for line in stream:
+                lines.append(line)
+
+    lines.reader = threading.Thread(target=read, daemon=True)
+    lines.reader.start()
+    return lines
+
+
 def test_ctrl_c_stops_reconcile_cleanly_with_its_summary_and_nothing_lost(ws: Workspace) -> None:
     ws.write_config(sync={"folder": "images", "concurrency": 2}, log={"format": "json"})
     for n in range(60):
@@ -564,21 +585,18 @@ def test_ctrl_c_stops_reconcile_cleanly_with_its_summary_and_nothing_lost(ws: Wo
         text=True,
         start_new_session=True,
     )
-    assert proc.stderr is not None
-    lines: list[str] = []
+    lines = _read_lines(proc)
     try:
-        for line in proc.stderr:  # the first image synced: now Ctrl-C
-            lines.append(line)
-            if '"image_added"' in line:
-                os.killpg(proc.pid, signal.SIGINT)
-                break
-        lines += proc.stderr.readlines()
+        # the first image synced: now Ctrl-C, while the log is busiest (a handler that
+        # logged itself could deadlock on the log's lock right here)
+        wait_for(lambda: any('"image_added"' in x for x in lines), 60, "a first image")
+        os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        proc.stderr.close()
+    lines.reader.join(30)
     assert proc.returncode == 1, "".join(lines)
     assert not any("Traceback" in x for x in lines), "".join(lines)
     events = [json.loads(x) for x in lines if x.startswith("{")]
