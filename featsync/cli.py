@@ -244,7 +244,9 @@ def _status(settings: Settings, as_json: bool) -> int:
         print(json.dumps(data, indent=2, ensure_ascii=False))
     else:
         print("\n".join(_status_lines(data)))
-    return EXIT_NOT_IN_STEP if data["failures"] else EXIT_OK
+    last = data["last_cycle"]
+    held_back = last is not None and (last["withheld_deletes"] or not last["complete"])
+    return EXIT_NOT_IN_STEP if data["failures"] or held_back else EXIT_OK
 
 
 def _aspose(settings: Settings) -> Any:

@@ -47,8 +47,8 @@ class CycleReport:
         p = self.plan
         if p.withheld or p.waiting or p.unreadable or p.unsettled or not self.snapshot.complete:
             return False
-        if self.applied is None:
-            return p.empty
+        if self.applied is None:  # a dry run: would it call the context? (refreshing
+            return not p.actions  # the ledger's stat keys or forgetting is no call)
         a = self.applied
         return not (a.failed or a.deferred or a.not_sent or a.fatal)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Workspace
+from tests.conftest import Workspace, set_mtime_past
 
 
 def featsync(
@@ -156,3 +156,35 @@ def test_an_unreadable_file_is_failed_and_an_unlistable_folder_deletes_nothing(
     secret.chmod(0o644)
     assert featsync("reconcile", cwd=ws.base, prefix=prefix).returncode == 0
     assert ws.remote_ids() == {"top.jpg", "sub/inner.jpg", "secret.jpg"}
+
+
+def test_a_dry_run_that_would_send_nothing_exits_0_even_after_a_touch(ws: Workspace) -> None:
+    """A touch only refreshes the ledger's stat keys: no call, so a script asking "is
+    there work?" must hear no (issue 10: this failed the lock test under load)."""
+    a = ws.image("a.jpg", 1)
+    set_mtime_past(a, 600)
+    assert featsync("reconcile", cwd=ws.base).returncode == 0
+    set_mtime_past(a, 60)  # a touch: same content, another mtime
+    look = featsync("reconcile", "--dry-run", cwd=ws.base)
+    assert look.returncode == 0, look.stdout
+    assert "plan: 0 add, 0 update, 0 delete" in look.stdout
+    a.write_bytes(ws.image("b.jpg", 2).read_bytes())  # a real change: work to do
+    assert featsync("reconcile", "--dry-run", cwd=ws.base).returncode == 1
+
+
+def test_status_exits_1_while_deletes_are_withheld_and_0_once_in_step(ws: Workspace) -> None:
+    ws.write_config(sync={"folder": "images"}, safety={"max_delete_count": 1})
+    for n in range(4):
+        ws.image(f"i{n}.jpg", n)
+    assert featsync("reconcile", cwd=ws.base).returncode == 0
+    assert featsync("status", cwd=ws.base).returncode == 0
+    kept = {n: (ws.images / f"i{n}.jpg").read_bytes() for n in range(3)}
+    for n in range(3):
+        (ws.images / f"i{n}.jpg").unlink()
+    assert featsync("reconcile", cwd=ws.base).returncode == 1  # 3 deletes > 1: withheld
+    status = featsync("status", cwd=ws.base)
+    assert status.returncode == 1 and "3 withheld deletes" in status.stdout, status.stdout
+    for n, data in kept.items():
+        (ws.images / f"i{n}.jpg").write_bytes(data)
+    assert featsync("reconcile", cwd=ws.base).returncode == 0
+    assert featsync("status", cwd=ws.base).returncode == 0
