@@ -45,7 +45,7 @@ from featsync.model import ImageData, ImageFeatures, SearchResult, Secret
 from featsync.upload import Upload
 
 API = "/imaging/ai/imageSearch"
-TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})  # 408: request timeout
 CONTEXT_NOT_FOUND = "ContextNotFound"  # the error code featsync serve gives a missing context
 
 
@@ -137,6 +137,25 @@ def error_reason(response: requests.Response) -> tuple[str, str]:
     return "", json.dumps(body)[:200]
 
 
+def _no_redirect(r: requests.Response, what: str, key: str) -> None:
+    """A redirect answer is a configuration error: fatal, naming the key to fix."""
+    if 300 <= r.status_code < 400:
+        where = r.headers.get("Location", "")
+        raise Fatal(
+            f"{what}: the server answered HTTP {r.status_code}, a redirect to {where!r}; "
+            f"featsync does not follow redirects: check {key}"
+        )
+
+
+def _tls_refused(what: str, exc: requests.exceptions.SSLError) -> str:
+    """Why a TLS connection failed, and what to do: fatal, retrying cannot help."""
+    return (
+        f"{what}: TLS failed ({type(exc).__name__}: certificate not trusted, expired or "
+        "for another name?); install the CA (REQUESTS_CA_BUNDLE, or the system store) "
+        "or fix the certificate; context.verify_tls = false is for tests only"
+    )
+
+
 def _describe(exc: requests.RequestException) -> str:
     """A short reason for a failed request (no headers in it, so no token)."""
     if isinstance(exc, requests.ConnectTimeout):
@@ -224,9 +243,12 @@ class AsposeContext:
             "client_secret": self._secret.reveal(),
         }
         try:
-            r = self._session.post(url, data=form, timeout=self._timeout)
+            r = self._session.post(url, data=form, timeout=self._timeout, allow_redirects=False)
+        except requests.exceptions.SSLError as exc:
+            raise Fatal(_tls_refused(f"token endpoint {url}", exc)) from None
         except requests.RequestException as exc:
             raise Transient(f"token endpoint {url}: {_describe(exc)}") from None
+        _no_redirect(r, f"token endpoint {url}", "context.auth_url")
         if r.status_code in TRANSIENT_STATUS:
             raise Transient(f"token endpoint {url}: HTTP {r.status_code}")
         if r.status_code != 200:
@@ -283,11 +305,21 @@ class AsposeContext:
                 body = Upload(image)
                 headers["Content-Type"] = body.content_type
             try:
+                # No redirects: following one would turn a POST into a GET whose 200
+                # looks like success (and would carry the token elsewhere).
                 r = self._session.request(
-                    method, url, data=body, headers=headers, timeout=self._timeout
+                    method,
+                    url,
+                    data=body,
+                    headers=headers,
+                    timeout=self._timeout,
+                    allow_redirects=False,
                 )
+            except requests.exceptions.SSLError as exc:
+                raise Fatal(_tls_refused(what, exc)) from None
             except requests.RequestException as exc:
                 raise Transient(f"{what}: {_describe(exc)}") from None
+            _no_redirect(r, what, "context.base_url")
             if r.status_code != 401:
                 break
             self._forget_token(token)  # expired or revoked: one fresh token, one more try

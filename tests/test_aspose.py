@@ -229,7 +229,9 @@ def test_credentials_come_from_the_environment_or_files_credentials_directory_fi
 
 
 class OddServer(http.server.ThreadingHTTPServer):
-    answers: dict[tuple[str, str], tuple[int, bytes]]
+    # (method, path) -> (status, body) or (status, body, headers)
+    answers: dict[tuple[str, str], tuple[Any, ...]]
+    seen: list[tuple[str, str]]
 
 
 class OddHandler(http.server.BaseHTTPRequestHandler):
@@ -239,11 +241,18 @@ class OddHandler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         self.rfile.read(length)
         path = self.path.split("?")[0]
-        if path == "/connect/token":
+        self.server.seen.append((self.command, path))
+        headers: dict[str, str] = {}
+        if (self.command, path) in self.server.answers:
+            status, body, *more = self.server.answers[(self.command, path)]
+            headers = more[0] if more else {}
+        elif path == "/connect/token":
             status, body = 200, b'{"access_token": "t0k3n", "expires_in": 3600}'
         else:
-            status, body = self.server.answers.get((self.command, path), (404, b"{}"))
+            status, body = 404, b"{}"
         self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -258,6 +267,7 @@ class OddHandler(http.server.BaseHTTPRequestHandler):
 def odd() -> Iterator[tuple[OddServer, AsposeContext]]:
     srv = OddServer(("127.0.0.1", 0), OddHandler)
     srv.answers = {}
+    srv.seen = []
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{srv.server_address[1]}"
@@ -483,3 +493,65 @@ def test_a_file_that_shrinks_while_it_is_uploaded_is_source_changed_not_a_networ
     finally:
         os.close(fd)
         ctx.close()
+
+
+def test_a_redirect_is_a_config_error_and_is_never_followed(
+    odd: tuple[OddServer, AsposeContext],
+) -> None:
+    """Following a 301 would turn an add into a GET whose 200 looks like success."""
+    srv, client = odd
+    srv.answers[("POST", FEATURES)] = (301, b"", {"Location": "https://elsewhere.example/x"})
+    with pytest.raises(Fatal, match=r"HTTP 301, a redirect to .*elsewhere.*check context.base_url"):
+        client.add_features("a.jpg", b"x")
+    assert [m for m, p in srv.seen if p == FEATURES] == ["POST"]  # no GET behind it
+    srv.answers[("POST", "/connect/token")] = (302, b"", {"Location": "/login"})
+    client._forget_token("t0k3n")
+    with pytest.raises(Fatal, match=r"check context\.auth_url"):
+        client.delete_features("a.jpg")
+
+
+def test_a_408_is_transient_not_the_images_fault(odd: tuple[OddServer, AsposeContext]) -> None:
+    srv, client = odd
+    srv.answers[("PUT", FEATURES)] = (408, b'{"error": {"message": "request timeout"}}')
+    with pytest.raises(Transient, match="HTTP 408"):
+        client.update_features("a.jpg", b"x")
+
+
+def test_an_untrusted_certificate_is_fatal_with_the_fix(tmp_path: Path) -> None:
+    """Retrying cannot make a certificate trusted: the run stops and says what to do."""
+    import shutil
+    import ssl
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is needed to make a self-signed certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    srv = OddServer(("127.0.0.1", 0), OddHandler)
+    srv.answers, srv.seen = {}, []
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    srv.socket = tls.wrap_socket(srv.socket, server_side=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    url = f"https://127.0.0.1:{srv.server_address[1]}"
+    settings = ClientSettings(
+        base_url=url + "/v3.0",
+        auth_url=url + "/connect/token",
+        context_id="c1",
+        trust_env=False,
+        max_retries=0,
+    )
+    client = AsposeContext(settings, "id", Secret("s"))
+    try:
+        with pytest.raises(Fatal, match=r"TLS failed.*REQUESTS_CA_BUNDLE"):
+            client.get_features("a.jpg")
+    finally:
+        client.close()
+        srv.shutdown()
+        srv.server_close()
+        thread.join()
