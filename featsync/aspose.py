@@ -218,6 +218,13 @@ class AsposeContext:
     def __repr__(self) -> str:
         return f"AsposeContext({self.settings.base_url!r}, context {self.settings.context_id!r})"
 
+    def identity(self) -> str:
+        s = self.settings
+        where = "".join(
+            f", {k} {v!r}" for k, v in (("storage", s.storage), ("folder", s.folder)) if v
+        )
+        return f"Aspose context {s.context_id!r} at {s.base_url}{where}"
+
     def close(self) -> None:
         self._session.close()
 

@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
         help="send deletes even past safety.max_delete_count / max_delete_fraction, "
         "and adopt the folder's current device as the expected one",
     )
+    rec.add_argument(
+        "--resync",
+        action="store_true",
+        help="the configured search context is not the one the ledger mirrors (a new "
+        "store, another Aspose context): send every image of the folder to it",
+    )
     sub.add_parser(
         "run",
         parents=[common],
@@ -108,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings.log.format, settings.log.level)
     try:
         if args.command == "reconcile":
-            return _reconcile(settings, args.dry_run, args.confirm_deletes)
+            return _reconcile(settings, args.dry_run, args.confirm_deletes, args.resync)
         if args.command == "run":
             from featsync import daemon
 
@@ -129,11 +135,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FATAL
 
 
-def _reconcile(settings: Settings, dry_run: bool, confirm_deletes: bool) -> int:
+def _reconcile(settings: Settings, dry_run: bool, confirm_deletes: bool, resync: bool) -> int:
     from featsync.engine import Engine, Stopped, describe, open_context
     from featsync.ledger import SqlLedger
     from featsync.lock import SyncLock
 
+    if resync and dry_run:
+        print(
+            "featsync: --resync sends every image again; a dry run cannot show that "
+            "plan (it would be: add every image of the folder)",
+            file=sys.stderr,
+        )
+        return EXIT_FATAL
     lock = SyncLock(settings.ledger.url)
     if not dry_run:  # a dry run writes nothing: it may look while a daemon syncs
         lock.acquire()
@@ -144,7 +157,9 @@ def _reconcile(settings: Settings, dry_run: bool, confirm_deletes: bool) -> int:
             try:
                 with _stop_on_signals() as stop:
                     engine = Engine(settings, ledger, context, logs.get(), stop=stop.is_set)
-                    report = engine.cycle(dry_run=dry_run, confirm_deletes=confirm_deletes)
+                    report = engine.cycle(
+                        dry_run=dry_run, confirm_deletes=confirm_deletes, resync=resync
+                    )
             except Stopped:
                 logs.get().info("cycle_stopped", reason="signal, while scanning")
                 return EXIT_NOT_IN_STEP

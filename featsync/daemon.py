@@ -26,7 +26,14 @@ from dataclasses import fields
 from typing import Any
 
 from featsync import config, logs
-from featsync.engine import CycleReport, Engine, Stopped, open_context, scan_rules
+from featsync.engine import (
+    CycleReport,
+    Engine,
+    Stopped,
+    bind_context,
+    open_context,
+    scan_rules,
+)
 from featsync.errors import FeatsyncError
 from featsync.ledger import SqlLedger
 from featsync.lock import SyncLock
@@ -88,7 +95,13 @@ class Daemon:
         try:
             ledger = SqlLedger(settings.ledger.url)
             try:
-                return lock, ledger, open_context(settings, self.log)
+                context = open_context(settings, self.log)
+                try:  # another context than the ledger mirrors: refuse to start (exit 2)
+                    bind_context(ledger, context, self.log)
+                except BaseException:
+                    context.close()
+                    raise
+                return lock, ledger, context
             except BaseException:
                 ledger.close()
                 raise

@@ -118,6 +118,32 @@ def client_settings(settings: Settings) -> ClientSettings:
     )
 
 
+def bind_context(
+    ledger: SqlLedger, context: SearchContext, log: Any, resync: bool = False, dry_run: bool = False
+) -> None:
+    """The ledger mirrors one search context: on first use record which; afterwards
+    refuse another (switched in the config, or a store deleted and made anew), unless
+    told to resync, which sends every image again to the one configured now."""
+    want, have = context.identity(), ledger.context_identity()
+    if have == want and not resync:
+        return
+    if have is None and not resync:  # a new ledger, or one from before bindings
+        if not dry_run:
+            ledger.bind_context(want)
+        return
+    if resync:
+        if not dry_run:
+            n = ledger.resync(want, time.time())
+            log.warning("context_resync", previous=have, context=want, images=n)
+        return
+    raise Fatal(
+        f"the ledger mirrors {have}, but the configuration names {want}: nothing was "
+        "sent. If the new context is meant (a new store, another Aspose context), run "
+        "`featsync reconcile --resync` to send every image of the folder to it; "
+        "otherwise put the configuration (or the store) back"
+    )
+
+
 class Stopped(Exception):
     """A stop was requested while a cycle was scanning: it ends without sending."""
 
@@ -170,10 +196,13 @@ class Engine:
         dry_run: bool = False,
         confirm_deletes: bool = False,
         scope: Collection[str] | None = None,
+        resync: bool = False,
     ) -> CycleReport:
         """One cycle over the whole folder, or over `scope` (paths relative to the root:
-        files, and folders with all below them) after watch events."""
+        files, and folders with all below them) after watch events. `resync`: the
+        configured context is new to the ledger: send every image to it."""
         with self.lock:
+            bind_context(self.ledger, self.context, self.log, resync, dry_run)
             return self._cycle(dry_run, confirm_deletes, scope)
 
     def _count_in_flight(self, n: int) -> None:

@@ -277,6 +277,37 @@ class SqlLedger:
     def set_device(self, device: int) -> None:
         self._set_meta("root_device", str(device))
 
+    def context_identity(self) -> str | None:
+        """The search context this ledger mirrors (SearchContext.identity), if recorded."""
+        return self._meta("context")
+
+    def bind_context(self, identity: str) -> None:
+        self._set_meta("context", identity)
+
+    def resync(self, identity: str, now: float) -> int:
+        """Mirror another context from now on: nothing is known to be in it. Every image
+        is marked not held and not synced (the next cycle adds each file, forgets the
+        gone ones), in one transaction with the new binding; returns how many."""
+        with self._tx() as conn:
+            done = conn.execute(
+                images.update()
+                .where(images.c.state != State.DELETED.value)
+                .values(
+                    state=State.FAILED,
+                    remote=False,
+                    digest="",
+                    mtime_ns=0,
+                    attempts=0,
+                    next_attempt_at=None,
+                    last_error="not yet sent to the search context (resync)",
+                    error_kind="transient",
+                    updated_at=now,
+                )
+            )
+            conn.execute(meta.delete().where(meta.c.key == "context"))
+            conn.execute(meta.insert().values(key="context", value=identity))
+        return int(done.rowcount or 0)
+
     def counts(self, min_features: int | None = None) -> dict[str, int]:
         """Images by state; with `min_features`, also "weak": synced images whose
         features count is known and below it (they are counted as synced too)."""

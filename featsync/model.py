@@ -249,6 +249,9 @@ class SearchContext(Protocol):
 
     def find_duplicates(self, threshold: float) -> list[list[SearchResult]]: ...
 
+    def identity(self) -> str:
+        """Which context this is, as a ledger records it: a new or replaced one differs."""
+
     def close(self) -> None: ...
 
 

@@ -81,6 +81,9 @@ class CountingContext:
     def find_duplicates(self, threshold: float) -> list[list[SearchResult]]:
         return self.inner.find_duplicates(threshold)
 
+    def identity(self) -> str:
+        return self.inner.identity()
+
     def close(self) -> None:
         self.inner.close()
 

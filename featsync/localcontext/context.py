@@ -13,6 +13,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from featsync.errors import AlreadyExists, Fatal, ItemRejected, NotFound
@@ -72,10 +73,21 @@ class LocalContext:
                     f"search context store {path!r} has schema version {row[0]}, newer than "
                     f"this featsync understands ({SCHEMA_VERSION})"
                 )
+            # The store's own random ID, made once: a ledger records which context it
+            # mirrors, and a new or replaced store is not the one it knew.
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex,)
+            )
+            self._store_id = str(
+                self._db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
+            )
         except (sqlite3.Error, OSError) as exc:
             raise Fatal(f"cannot open search context store {path!r}: {exc}") from exc
         # Descriptors of every entry, loaded on the first search and kept in step after.
         self._cache: dict[str, matching.Descriptors] | None = None
+
+    def identity(self) -> str:
+        return f"local store {self._store_id} ({self.path})"
 
     def close(self) -> None:
         with self._lock:
