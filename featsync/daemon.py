@@ -17,6 +17,7 @@ Cycles run behind the engine's lock: they never overlap.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import sys
 import threading
@@ -323,8 +324,10 @@ class Daemon:
     def _outage(self, error: str) -> None:
         first = self.settings.daemon.outage_wait
         self.outage_wait = min(max(OUTAGE_WAIT_CAP_S, first), max(first, self.outage_wait * 2))
-        self.outage_until = time.monotonic() + self.outage_wait
-        self.log.warning("sync_paused", error=error, retry_in_s=self.outage_wait)
+        # ±10% jitter: daemons that lost the same service do not come back in step
+        pause = round(self.outage_wait * random.uniform(0.9, 1.1), 2)
+        self.outage_until = time.monotonic() + pause
+        self.log.warning("sync_paused", error=error, retry_in_s=pause)
         self._status()
 
     def _facts(self) -> dict[str, Any]:
