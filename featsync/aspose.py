@@ -7,7 +7,7 @@ send it), status 200 for every success, errors as ``{"error": {...}}`` or the le
 
 Errors are classified here, where they happen:
 
-- connection errors, timeouts, 429, 500, 502, 503, 504 are retried by urllib3's
+- connection errors, timeouts, 408, 429, 500, 502, 503, 504 are retried by urllib3's
   ``Retry`` mounted on the session (exponential backoff with jitter, ``Retry-After``
   honoured up to ``backoff_max``; POST, PUT and DELETE too, on purpose: a repeated
   add finds the features there and becomes an update, a repeated delete finds
@@ -15,7 +15,12 @@ Errors are classified here, where they happen:
 - 401 fetches a new token once and repeats the call once; a second 401, a 403, or a
   token endpoint that refuses the client are ``Fatal`` for the run;
 - 404 is ``NotFound`` (or ``Fatal`` when it is the search context that is missing);
-- any other 4xx rejects the one image (``ItemRejected``) with the server's reason.
+- any other 4xx rejects the one image (``ItemRejected``) with the server's reason;
+- a redirect is never followed, and is ``Fatal`` naming the URL to fix; so is a TLS
+  certificate that is not trusted (retrying cannot help).
+
+Reading the answers (fields in any case, error reasons, the retry policy) is
+featsync.aspose_wire.
 
 The token and the client secret are never put in a log line, an exception or a repr.
 """
@@ -23,17 +28,24 @@ The token and the client secret are never put in a log line, an exception or a r
 from __future__ import annotations
 
 import base64
-import json
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
+from featsync.aspose_wire import (
+    TRANSIENT_STATUS,
+    RetryLogged,
+    describe,
+    error_reason,
+    field,
+    no_redirect,
+    tls_refused,
+)
 from featsync.errors import (
     AlreadyExists,
     Fatal,
@@ -45,7 +57,6 @@ from featsync.model import ImageData, ImageFeatures, SearchResult, Secret
 from featsync.upload import Upload
 
 API = "/imaging/ai/imageSearch"
-TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})  # 408: request timeout
 CONTEXT_NOT_FOUND = "ContextNotFound"  # the error code featsync serve gives a missing context
 
 
@@ -66,113 +77,6 @@ class ClientSettings:
     pool_size: int = 16
 
 
-class _Retry(Retry):
-    """urllib3's Retry with ``Retry-After`` capped and each retry logged."""
-
-    def __init__(self, *args: Any, log: Any = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.log = log
-
-    def new(self, **kw: Any) -> Self:
-        new = super().new(**kw)
-        new.log = self.log
-        return new
-
-    def get_retry_after(self, response: Any) -> float | None:
-        after = super().get_retry_after(response)
-        return None if after is None else min(after, self.backoff_max)
-
-    def increment(
-        self,
-        method: str | None = None,
-        url: str | None = None,
-        response: Any = None,
-        error: Exception | None = None,
-        _pool: Any = None,
-        _stacktrace: Any = None,
-    ) -> Self:
-        new = super().increment(method, url, response, error, _pool, _stacktrace)
-        if self.log is not None:
-            self.log.info(
-                "http_retry",
-                method=method,
-                path=(url or "").split("?")[0],
-                status=getattr(response, "status", None),
-                error=type(error).__name__ if error is not None else None,
-                retries_left=new.total,
-            )
-        return new
-
-
-def _field(data: Any, name: str) -> Any:
-    """A JSON object's field by name, whatever its case (v3 camelCase, v2 PascalCase)."""
-    if not isinstance(data, dict):
-        return None
-    if name in data:
-        return data[name]
-    lower = name.lower()
-    for key, value in data.items():
-        if isinstance(key, str) and key.lower() == lower:
-            return value
-    return None
-
-
-def error_reason(response: requests.Response) -> tuple[str, str]:
-    """(error code, readable reason) from an Aspose error body, or the body's start."""
-    try:
-        body = response.json()
-    except ValueError:
-        text = response.text.strip().replace("\n", " ")
-        return "", (text[:200] or response.reason or "no reason given")
-    err = _field(body, "error")
-    if isinstance(err, dict):
-        code = str(_field(err, "code") or "")
-        parts = [str(_field(err, k)) for k in ("message", "description") if _field(err, k)]
-        return code, ": ".join(parts) or code or "no reason given"
-    if isinstance(err, str):  # OAuth style: {"error": "invalid_client", "error_description": ...}
-        return err, str(_field(body, "error_description") or err)
-    message = _field(body, "message")
-    if message:
-        return "", str(message)
-    return "", json.dumps(body)[:200]
-
-
-def _no_redirect(r: requests.Response, what: str, key: str) -> None:
-    """A redirect answer is a configuration error: fatal, naming the key to fix."""
-    if 300 <= r.status_code < 400:
-        where = r.headers.get("Location", "")
-        raise Fatal(
-            f"{what}: the server answered HTTP {r.status_code}, a redirect to {where!r}; "
-            f"featsync does not follow redirects: check {key}"
-        )
-
-
-def _tls_refused(what: str, exc: requests.exceptions.SSLError) -> str:
-    """Why a TLS connection failed, and what to do: fatal, retrying cannot help."""
-    return (
-        f"{what}: TLS failed ({type(exc).__name__}: certificate not trusted, expired or "
-        "for another name?); install the CA (REQUESTS_CA_BUNDLE, or the system store) "
-        "or fix the certificate; context.verify_tls = false is for tests only"
-    )
-
-
-def _describe(exc: requests.RequestException) -> str:
-    """A short reason for a failed request (no headers in it, so no token)."""
-    if isinstance(exc, requests.ConnectTimeout):
-        return "connection timed out"
-    if isinstance(exc, requests.ReadTimeout):
-        return "no answer within the read timeout"
-    if isinstance(exc, requests.exceptions.SSLError):
-        return "TLS error (certificate not trusted?)"
-    if isinstance(exc, requests.ConnectionError):
-        return "connection failed or was dropped"
-    if isinstance(
-        exc, requests.exceptions.ChunkedEncodingError | requests.exceptions.ContentDecodingError
-    ):
-        return "the connection broke in the middle of the answer"
-    return type(exc).__name__
-
-
 class AsposeContext:
     """A search context in Aspose.Imaging Cloud (or in ``featsync serve``)."""
 
@@ -190,7 +94,7 @@ class AsposeContext:
         session = requests.Session()
         session.trust_env = settings.trust_env
         session.verify = settings.verify_tls
-        retry = _Retry(
+        retry = RetryLogged(
             total=settings.max_retries,
             connect=settings.max_retries,
             read=settings.max_retries,
@@ -252,10 +156,10 @@ class AsposeContext:
         try:
             r = self._session.post(url, data=form, timeout=self._timeout, allow_redirects=False)
         except requests.exceptions.SSLError as exc:
-            raise Fatal(_tls_refused(f"token endpoint {url}", exc)) from None
+            raise Fatal(tls_refused(f"token endpoint {url}", exc)) from None
         except requests.RequestException as exc:
-            raise Transient(f"token endpoint {url}: {_describe(exc)}") from None
-        _no_redirect(r, f"token endpoint {url}", "context.auth_url")
+            raise Transient(f"token endpoint {url}: {describe(exc)}") from None
+        no_redirect(r, f"token endpoint {url}", "context.auth_url")
         if r.status_code in TRANSIENT_STATUS:
             raise Transient(f"token endpoint {url}: HTTP {r.status_code}")
         if r.status_code != 200:
@@ -268,11 +172,11 @@ class AsposeContext:
             body = r.json()
         except ValueError:
             raise Transient(f"token endpoint {url}: the answer is not JSON") from None
-        token = _field(body, "access_token")
+        token = field(body, "access_token")
         if not isinstance(token, str) or not token:
             raise Transient(f"token endpoint {url}: no access_token in the answer")
         try:
-            lifetime = float(_field(body, "expires_in") or 3600)
+            lifetime = float(field(body, "expires_in") or 3600)
         except (TypeError, ValueError):
             lifetime = 3600.0
         # Refresh a little before it runs out: a tenth of its life, at most a minute.
@@ -323,10 +227,10 @@ class AsposeContext:
                     allow_redirects=False,
                 )
             except requests.exceptions.SSLError as exc:
-                raise Fatal(_tls_refused(what, exc)) from None
+                raise Fatal(tls_refused(what, exc)) from None
             except requests.RequestException as exc:
-                raise Transient(f"{what}: {_describe(exc)}") from None
-            _no_redirect(r, what, "context.base_url")
+                raise Transient(f"{what}: {describe(exc)}") from None
+            no_redirect(r, what, "context.base_url")
             if r.status_code != 401:
                 break
             self._forget_token(token)  # expired or revoked: one fresh token, one more try
@@ -363,14 +267,14 @@ class AsposeContext:
             "/create", {"detector": detector, "matchingAlgorithm": algorithm}, in_context=False
         )
         body = self._json(self._request("POST", url, "create search context"), "create")
-        context_id = _field(body, "id")
+        context_id = field(body, "id")
         if not isinstance(context_id, str) or not context_id:
             raise Transient("create search context: no id in the answer")
         return context_id
 
     def status(self) -> str:
         r = self._request("GET", self._url("/status"), "search context status")
-        return str(_field(self._json(r, "status"), "searchStatus") or "")
+        return str(field(self._json(r, "status"), "searchStatus") or "")
 
     def delete_context(self) -> None:
         self._request("DELETE", self._url(""), "delete search context")
@@ -424,11 +328,11 @@ class AsposeContext:
         r = self._request("GET", self._url("/features", {"imageId": image_id}), what)
         body = self._json(r, what)
         try:
-            blob = base64.b64decode(_field(body, "features") or "", validate=True)
+            blob = base64.b64decode(field(body, "features") or "", validate=True)
             return ImageFeatures(
-                str(_field(body, "imageId") or image_id),
-                int(_field(body, "featuresCount") or 0),
-                int(_field(body, "featureLengthInBits") or 0),
+                str(field(body, "imageId") or image_id),
+                int(field(body, "featuresCount") or 0),
+                int(field(body, "featureLengthInBits") or 0),
                 blob,
             )
         except (TypeError, ValueError) as exc:
@@ -450,13 +354,13 @@ class AsposeContext:
         # a body on the GET, see the contract, section 2.1).
         method = "GET" if image is None else "POST"
         body = self._json(self._request(method, url, "find similar", image), "find similar")
-        return _results(_field(body, "results"))
+        return _results(field(body, "results"))
 
     def find_duplicates(self, threshold: float) -> list[list[SearchResult]]:
         url = self._url("/findDuplicates", {"similarityThreshold": f"{threshold:g}"})
         body = self._json(self._request("GET", url, "find duplicates"), "find duplicates")
-        groups = _field(body, "duplicates") or []
-        return [_results(_field(g, "duplicateImages")) for g in groups]
+        groups = field(body, "duplicates") or []
+        return [_results(field(g, "duplicateImages")) for g in groups]
 
 
 def _results(items: Any) -> list[SearchResult]:
@@ -464,7 +368,7 @@ def _results(items: Any) -> list[SearchResult]:
     for item in items or []:
         try:
             out.append(
-                SearchResult(str(_field(item, "imageId") or ""), float(_field(item, "similarity")))
+                SearchResult(str(field(item, "imageId") or ""), float(field(item, "similarity")))
             )
         except (TypeError, ValueError):
             raise Transient(f"malformed search result {item!r}") from None

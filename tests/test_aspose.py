@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
+import ssl
 import subprocess
 import threading
 from collections import Counter
@@ -265,12 +267,20 @@ class OddHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def odd() -> Iterator[tuple[OddServer, AsposeContext]]:
+    with odd_server() as (srv, client):
+        yield srv, client
+
+
+@contextlib.contextmanager
+def odd_server(tls: ssl.SSLContext | None = None) -> Iterator[tuple[OddServer, AsposeContext]]:
+    """An OddServer on loopback (HTTPS with `tls`) and a client of context "c1" on it."""
     srv = OddServer(("127.0.0.1", 0), OddHandler)
-    srv.answers = {}
-    srv.seen = []
+    srv.answers, srv.seen = {}, []
+    if tls is not None:
+        srv.socket = tls.wrap_socket(srv.socket, server_side=True)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{srv.server_address[1]}"
     settings = ClientSettings(
         base_url=url + "/v3.0",
         auth_url=url + "/connect/token",
@@ -280,11 +290,13 @@ def odd() -> Iterator[tuple[OddServer, AsposeContext]]:
         backoff_max=0.1,
     )
     client = AsposeContext(settings, "id", Secret("s"))
-    yield srv, client
-    client.close()
-    srv.shutdown()
-    srv.server_close()
-    thread.join()
+    try:
+        yield srv, client
+    finally:
+        client.close()
+        srv.shutdown()
+        srv.server_close()
+        thread.join()
 
 
 FEATURES = "/v3.0/imaging/ai/imageSearch/c1/features"
@@ -520,7 +532,6 @@ def test_a_408_is_transient_not_the_images_fault(odd: tuple[OddServer, AsposeCon
 def test_an_untrusted_certificate_is_fatal_with_the_fix(tmp_path: Path) -> None:
     """Retrying cannot make a certificate trusted: the run stops and says what to do."""
     import shutil
-    import ssl
 
     openssl = shutil.which("openssl")
     if openssl is None:
@@ -531,27 +542,7 @@ def test_an_untrusted_certificate_is_fatal_with_the_fix(tmp_path: Path) -> None:
          "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True,
     )  # fmt: skip
-    srv = OddServer(("127.0.0.1", 0), OddHandler)
-    srv.answers, srv.seen = {}, []
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(cert, key)
-    srv.socket = tls.wrap_socket(srv.socket, server_side=True)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    url = f"https://127.0.0.1:{srv.server_address[1]}"
-    settings = ClientSettings(
-        base_url=url + "/v3.0",
-        auth_url=url + "/connect/token",
-        context_id="c1",
-        trust_env=False,
-        max_retries=0,
-    )
-    client = AsposeContext(settings, "id", Secret("s"))
-    try:
-        with pytest.raises(Fatal, match=r"TLS failed.*REQUESTS_CA_BUNDLE"):
-            client.get_features("a.jpg")
-    finally:
-        client.close()
-        srv.shutdown()
-        srv.server_close()
-        thread.join()
+    with odd_server(tls) as (_srv, client), pytest.raises(Fatal, match=r"TLS failed.*CA_BUNDLE"):
+        client.get_features("a.jpg")
