@@ -9,6 +9,7 @@ the folder to the configured context and binds the ledger to it.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -106,3 +107,28 @@ def test_the_daemon_refuses_to_start_on_another_context(ws: Workspace) -> None:
     )
     assert done.returncode == 2, done.stderr
     assert "--resync" in done.stderr and "daemon_started" not in done.stderr
+
+
+def test_a_reload_onto_another_context_is_refused_and_the_daemon_syncs_on(
+    ws: Workspace,
+) -> None:
+    from tests.test_daemon import Daemons, configure, wait_in_step, write
+
+    configure(ws)
+    write(ws.images / "a.jpg", 1)
+    daemons = Daemons(ws)
+    try:
+        run = daemons.start()
+        wait_in_step(ws, run)
+        good = ws.config_path.read_text(encoding="utf-8")
+        configure(ws, context={"path": "another-store.db"})
+        run.proc.send_signal(signal.SIGHUP)
+        run.wait_event("config_reload_failed")
+        assert "--resync" in run.events("config_reload_failed")[0]["error"]
+        ws.config_path.write_text(good, encoding="utf-8")  # for the helpers; no SIGHUP
+        write(ws.images / "b.jpg", 2)  # still syncing, into the context it had
+        wait_in_step(ws, run)
+        assert ws.remote_ids() == {"a.jpg", "b.jpg"}
+        assert run.stop() == 0
+    finally:
+        daemons.close()
