@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 
 from featsync import quickcache
 from featsync.errors import Fatal
+from featsync.ledger_reports import LedgerReports
 from featsync.model import Kind, LedgerRow, LocalFile, Outcome, QuickKey, State
 from featsync.schema import (
     GENERATION_TRIGGERS,
@@ -46,7 +47,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-class SqlLedger:
+class SqlLedger(LedgerReports):
     """The ledger over any SQLAlchemy URL; SQLite (WAL) by default."""
 
     def __init__(self, url: str) -> None:
@@ -307,85 +308,6 @@ class SqlLedger:
             conn.execute(meta.delete().where(meta.c.key == "context"))
             conn.execute(meta.insert().values(key="context", value=identity))
         return int(done.rowcount or 0)
-
-    def counts(self, min_features: int | None = None) -> dict[str, int]:
-        """Images by state; with `min_features`, also "weak": synced images whose
-        features count is known and below it (they are counted as synced too)."""
-        with self._tx() as conn:
-            rows = conn.execute(
-                sa.select(images.c.state, sa.func.count()).group_by(images.c.state)
-            ).all()
-            weak = None
-            if min_features is not None:
-                weak = conn.execute(
-                    sa.select(sa.func.count()).where(
-                        images.c.state == State.SYNCED.value,
-                        images.c.features_count < min_features,
-                    )
-                ).scalar()
-        out = {s.value: 0 for s in State}
-        out.update({state: n for state, n in rows})
-        if weak is not None:
-            out["weak"] = int(weak)
-        return out
-
-    def weak(self, min_features: int, limit: int = 20) -> list[dict[str, Any]]:
-        """Synced images with fewer than `min_features` features, fewest first."""
-        with self._tx() as conn:
-            rows = conn.execute(
-                sa.select(images.c.image_id, images.c.features_count)
-                .where(
-                    images.c.state == State.SYNCED.value,
-                    images.c.features_count < min_features,
-                )
-                .order_by(images.c.features_count, images.c.image_id)
-                .limit(limit)
-            ).all()
-        return [{"image_id": r[0], "features_count": r[1]} for r in rows]
-
-    def failures(self) -> list[dict[str, Any]]:
-        cols = (
-            images.c.image_id,
-            images.c.last_error,
-            images.c.error_kind,
-            images.c.attempts,
-            images.c.next_attempt_at,
-            images.c.remote,
-        )
-        with self._tx() as conn:
-            rows = conn.execute(
-                sa.select(*cols).where(images.c.state == State.FAILED).order_by(images.c.image_id)
-            ).all()
-        return [
-            {
-                "image_id": r.image_id,
-                "error": r.last_error,
-                "error_kind": r.error_kind,
-                "attempts": r.attempts,
-                "next_attempt_at": r.next_attempt_at,
-            }
-            for r in rows
-        ]
-
-    def history_of(self, image_id: str) -> list[dict[str, Any]]:
-        with self._tx() as conn:
-            rows = (
-                conn.execute(
-                    sa.select(history).where(history.c.image_id == image_id).order_by(history.c.id)
-                )
-                .mappings()
-                .all()
-            )
-        return [dict(r) for r in rows]
-
-    def last_cycle(self) -> dict[str, Any] | None:
-        with self._tx() as conn:
-            row = (
-                conn.execute(sa.select(cycles).order_by(cycles.c.id.desc()).limit(1))
-                .mappings()
-                .first()
-            )
-        return dict(row) if row is not None else None
 
     # -- writes ----------------------------------------------------------------
 
