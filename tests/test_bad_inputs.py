@@ -485,6 +485,18 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
+def _session_of(*argv: str) -> subprocess.Popen[str]:
+    """A process in a session of its own (a signal to its group reaches it and its
+    children only), its stderr piped as text."""
+    return subprocess.Popen(
+        list(argv),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
 @pytest.mark.parametrize("how", ["sigint-to-the-group", "sigterm-to-every-process"])
 def test_a_stop_signal_to_everyone_does_not_blame_the_image_being_extracted(
     ws: Workspace, how: str
@@ -495,13 +507,7 @@ def test_a_stop_signal_to_everyone_does_not_blame_the_image_being_extracted(
     ws.write_config(sync={"folder": "images"}, log={"format": "json"})
     for n in range(40):
         (ws.images / f"i{n:02}.jpg").write_bytes(textured_bytes(n, size=(640, 480)))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "featsync", "run", "--config", str(ws.config_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _session_of(sys.executable, "-m", "featsync", "run", "--config", str(ws.config_path))
     try:
         wait_for(lambda: len(_tree(proc.pid)) > 1, 60, "extraction workers")
         if how == "sigint-to-the-group":
@@ -578,12 +584,8 @@ def test_ctrl_c_stops_reconcile_cleanly_with_its_summary_and_nothing_lost(ws: Wo
     ws.write_config(sync={"folder": "images", "concurrency": 2}, log={"format": "json"})
     for n in range(60):
         (ws.images / f"i{n:02}.jpg").write_bytes(textured_bytes(n, size=(640, 480)))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "featsync", "reconcile", "--config", str(ws.config_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    proc = _session_of(
+        sys.executable, "-m", "featsync", "reconcile", "--config", str(ws.config_path)
     )
     lines = _read_lines(proc)
     try:
@@ -625,13 +627,7 @@ def test_a_second_ctrl_c_stops_reconcile_at_once(ws: Workspace, tmp_path: Path) 
         "sys.exit(cli.main(['--config', sys.argv[1], 'reconcile']))\n"
     )
     started = tmp_path / "in-a-call"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", hang, str(ws.config_path), str(started)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _session_of(sys.executable, "-c", hang, str(ws.config_path), str(started))
     assert proc.stderr is not None
     try:
         wait_for(started.exists, 60, "a call under way")
