@@ -25,9 +25,10 @@ from pathlib import Path
 import structlog
 
 from featsync import config
-from featsync.engine import Engine, open_context
+from featsync.engine import Engine
 from featsync.ledger import SqlLedger
 from featsync.samples import textured_bytes
+from featsync.wiring import open_context
 
 TARGET = 0.85
 CLIENT_ID, CLIENT_SECRET = "bench", "bench-secret"

@@ -33,8 +33,9 @@ import structlog
 from PIL import Image
 
 from featsync import config
-from featsync.engine import Engine, open_context
+from featsync.engine import Engine
 from featsync.ledger import SqlLedger
+from featsync.wiring import open_context
 
 TARGET = 2.5
 

@@ -136,9 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _reconcile(settings: Settings, dry_run: bool, confirm_deletes: bool, resync: bool) -> int:
-    from featsync.engine import Engine, Stopped, describe, open_context
+    from featsync.engine import Engine, Stopped, describe
     from featsync.ledger import SqlLedger
     from featsync.lock import SyncLock
+    from featsync.wiring import open_context
 
     if resync and dry_run:
         print(
@@ -265,7 +266,7 @@ def _status(settings: Settings, as_json: bool) -> int:
 
 
 def _aspose(settings: Settings) -> Any:
-    from featsync.engine import open_context
+    from featsync.wiring import open_context
 
     if settings.context.kind != "aspose":
         raise Fatal(
@@ -303,7 +304,7 @@ def _context(settings: Settings, action: str, yes: bool) -> int:
 
 
 def _features(settings: Settings, action: str, image_id: str, file: str | None) -> int:
-    from featsync.engine import open_context
+    from featsync.wiring import open_context
 
     data = b""
     if file is not None:

@@ -27,14 +27,7 @@ from dataclasses import fields
 from typing import Any
 
 from featsync import config, logs
-from featsync.engine import (
-    CycleReport,
-    Engine,
-    Stopped,
-    bind_context,
-    open_context,
-    scan_rules,
-)
+from featsync.engine import CycleReport, Engine, Stopped, bind_context
 from featsync.errors import FeatsyncError
 from featsync.ledger import SqlLedger
 from featsync.lock import SyncLock
@@ -42,6 +35,7 @@ from featsync.model import RootState, SearchContext
 from featsync.rescans import Rescans
 from featsync.systemd import Notifier, Pulse
 from featsync.watch import ROOT_CHANGED, Handler, Pending, Watcher
+from featsync.wiring import open_context, scan_rules
 
 # After an outage (transient errors in a row, or a fatal error such as refused
 # credentials), the next try waits [daemon] outage_wait, doubling up to this cap.

@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from featsync import config
 from featsync.aspose import AsposeContext, ClientSettings
-from featsync.engine import Engine, open_context
+from featsync.engine import Engine
 from featsync.errors import (
     ConfigError,
     Fatal,
@@ -33,6 +33,7 @@ from featsync.ledger import SqlLedger
 from featsync.localcontext import LocalContext
 from featsync.model import OpenImage, Secret, State
 from featsync.samples import textured_bytes
+from featsync.wiring import open_context
 from tests.conftest import (
     CLIENT_ID,
     CLIENT_SECRET,

@@ -299,7 +299,8 @@ def swap_then_apply(p, root, *args, **kwargs):
 
 engine.apply_plan = swap_then_apply
 ledger = SqlLedger(settings.ledger.url)
-ctx = engine.open_context(settings)
+from featsync.wiring import open_context
+ctx = open_context(settings)
 with capture_logs() as logs:
     report = engine.Engine(settings, ledger, ctx, structlog.get_logger()).cycle()
 held = sorted(ctx.image_ids())
