@@ -14,10 +14,36 @@ Errors are classified here, where they happen:
   nothing and is a success) and become ``Transient`` once the retries are spent;
 - 401 fetches a new token once and repeats the call once; a second 401, a 403, or a
   token endpoint that refuses the client are ``Fatal`` for the run;
-- 404 is ``NotFound`` (or ``Fatal`` when it is the search context that is missing);
-- any other 4xx rejects the one image (``ItemRejected``) with the server's reason;
 - a redirect is never followed, and is ``Fatal`` naming the URL to fix; so is a TLS
   certificate that is not trusted (retrying cannot help).
+
+A wrong ``[context] base_url`` (another service, a wrong path prefix or API version)
+makes every call fail with 400, 404 or 405. That must stop the run with one message
+naming base_url, not reject (quarantine) every image one by one, nor count a delete as
+done. So:
+
+- 405 is ``Fatal``: the method of a call is fixed by the operation, never by the image;
+- 404 is ``NotFound`` only on a call that looks an image up (update, delete, get) and
+  only once the server has shown it is the imageSearch API (below); a 404 whose body
+  is not an Aspose error (an HTML page, a plain "Not Found"), or on a call that looks no
+  image up (add, create, status), is ``Fatal``: the route is missing (the search
+  context is, if the server says ``ContextNotFound``);
+- any other 4xx rejects the one image (``ItemRejected``) with the server's reason, once
+  the server has shown it is the imageSearch API; a run of ``SAME_REFUSALS_FATAL``
+  different images refused with one and the same answer that is not an Aspose error
+  body, with no success between, is ``Fatal`` naming base_url and that answer.
+
+"Shown it is the imageSearch API": before the first 404 or refusal is blamed on an
+image, the client asks the search context's status once (``GET …/{id}/status``); a
+200 with a ``searchStatus`` is the API (remembered for the client's life, as a status
+call that succeeds is), anything else is ``Fatal`` naming base_url (and stands for
+``NOT_API_HOLDS_S``, so the calls in flight do not each ask). A body's shape alone
+cannot tell: ``featsync serve`` (Flask) answers an unknown route with an Aspose-shaped
+``{"error": {"code": "NotFound"}}``, the same code as a missing image, and another API
+version of Aspose would write its errors the same way. And a refusal's sameness alone
+cannot either: five corrupt images in a row may get the same reason from Aspose itself
+(its refusals are JSON error bodies, so they never count towards the run). The cost is
+one status call in a run that meets a 404 or a refusal.
 
 Reading the answers (fields in any case, error reasons, the retry policy) is
 featsync.aspose_wire.
@@ -38,12 +64,16 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from featsync.aspose_wire import (
+    SAME_REFUSALS_FATAL,
     TRANSIENT_STATUS,
+    RefusalRun,
     RetryLogged,
+    aspose_error,
     describe,
     error_reason,
     field,
     no_redirect,
+    shown_url,
     tls_refused,
 )
 from featsync.errors import (
@@ -58,6 +88,7 @@ from featsync.upload import Upload
 
 API = "/imaging/ai/imageSearch"
 CONTEXT_NOT_FOUND = "ContextNotFound"  # the error code featsync serve gives a missing context
+NOT_API_HOLDS_S = 5.0  # how long "base_url is not the imageSearch API" stands unasked
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +121,10 @@ class AsposeContext:
         self._token_lock = threading.Lock()
         self._access: str | None = None
         self._refresh_at = 0.0
+        self._probe_lock = threading.Lock()
+        self._is_api = False  # the status route answered as the imageSearch API does
+        self._not_api: tuple[float, str] | None = None  # (when, what status answered)
+        self._refusals = RefusalRun()
         self._timeout = (settings.connect_timeout, settings.read_timeout)
         session = requests.Session()
         session.trust_env = settings.trust_env
@@ -164,6 +199,8 @@ class AsposeContext:
             raise Transient(f"token endpoint {url}: HTTP {r.status_code}")
         if r.status_code != 200:
             _code, reason = error_reason(r)
+            secret = self._secret.reveal()  # the form carried it: an echo must not show it
+            reason = reason.replace(secret, "[secret]") if secret else reason
             raise Fatal(
                 f"token endpoint {url} refused client {self._client_id!r} "
                 f"(HTTP {r.status_code}: {reason}); check the client ID and secret"
@@ -205,9 +242,10 @@ class AsposeContext:
         qs = urlencode(query, quote_via=quote)
         return f"{base}{path}" + (f"?{qs}" if qs else "")
 
-    def _request(
+    def _send(
         self, method: str, url: str, what: str, image: ImageData | None = None
-    ) -> requests.Response:
+    ) -> tuple[requests.Response, str]:
+        """One call, with a fresh token and one more try after a 401; (answer, token)."""
         for attempt in (1, 2):
             token = self._token()
             headers = {"Authorization": f"Bearer {token}"}
@@ -235,23 +273,119 @@ class AsposeContext:
                 break
             self._forget_token(token)  # expired or revoked: one fresh token, one more try
             if attempt == 2:
-                _code, reason = error_reason(r)
+                _code, reason = self._reason(r, token)
                 raise Fatal(f"{what}: the server refused a fresh token (HTTP 401: {reason})")
-        if r.status_code == 200:
-            return r
+        return r, token
+
+    def _reason(self, r: requests.Response, token: str) -> tuple[str, str]:
+        """The error's code and reason, the token blanked out: a server that is not the
+        API (an echo service, a debug page) may repeat the request, headers and all."""
         code, reason = error_reason(r)
+        return code, reason.replace(token, "[token]") if token else reason
+
+    def _request(
+        self,
+        method: str,
+        url: str,
+        what: str,
+        image: ImageData | None = None,
+        image_id: str | None = None,
+        lookup: bool = False,
+    ) -> requests.Response:
+        """A call, its failure classified (see the module docstring). `image_id`: the
+        call is about this image (a refusal may be its fault); `lookup`: the call looks
+        the image up (a 404 may mean it is not there)."""
+        r, token = self._send(method, url, what, image)
         status = r.status_code
+        if status == 200:
+            self._refusals.reset()
+            return r
+        code, reason = self._reason(r, token)
         if status in TRANSIENT_STATUS:
             raise Transient(f"{what}: HTTP {status} ({reason}), retries spent")
+        ours = aspose_error(r)
         if status == 403:
             raise Fatal(f"{what}: forbidden (HTTP 403: {reason})")
+        if status == 405:  # the operation fixes the method: never the image's fault
+            raise Fatal(self._not_the_api(what, f"HTTP 405 ({reason})"))
         if status == 404:
             if code == CONTEXT_NOT_FOUND:
-                raise Fatal(f"search context {self.settings.context_id!r} not found ({reason})")
+                raise Fatal(self._context_missing(reason))
+            if not ours:
+                raise Fatal(self._not_the_api(what, f"HTTP 404, not an Aspose error ({reason})"))
+            if not lookup:  # no image is looked up: the context or the route is missing
+                raise Fatal(
+                    f"{what}: HTTP 404 ({reason}): no search context "
+                    f"{self.settings.context_id!r} or no such route at "
+                    f"{shown_url(self.settings.base_url)}; check [context] base_url "
+                    "and context_id"
+                )
+            self._check_api(what, f"HTTP 404 ({reason})")
             raise NotFound(f"{what}: not found ({reason})")
         if code == "AlreadyExists":
             raise AlreadyExists(f"{what}: {reason}")
+        if image_id is not None:
+            self._check_api(what, f"HTTP {status} ({reason})")
+            if ours:  # the API itself refused an upload: the route works
+                self._refusals.reset()
+            elif self._refusals.refused(image_id, (status, reason)) >= SAME_REFUSALS_FATAL:
+                raise Fatal(
+                    f"{what}: {SAME_REFUSALS_FATAL} different images in a row were refused "
+                    f"with the same answer, HTTP {status} ({reason}), which is not an Aspose "
+                    "error: something at "
+                    f"{shown_url(self.settings.base_url)} refuses every call, not the "
+                    "images; check [context] base_url (and any proxy); the images refused "
+                    "meanwhile wait: `featsync retry --all` after the fix"
+                )
         raise ItemRejected(f"HTTP {status}: {reason}")
+
+    def _check_api(self, what: str, answer: str) -> None:
+        """Before a 404 or a refusal is blamed on an image: is the server at base_url the
+        imageSearch API? A yes is remembered; a no for NOT_API_HOLDS_S only (the calls in
+        flight share it; a daemon's next cycle asks again). Fatal naming base_url if not."""
+        if self._is_api:
+            return
+        with self._probe_lock:
+            if self._is_api:
+                return
+            seen = self._not_api
+            if seen is None or time.monotonic() - seen[0] > NOT_API_HOLDS_S:
+                seen = self._ask_status(what, answer)
+                if seen is None:
+                    self._is_api = True
+                    return
+                self._not_api = seen
+        raise Fatal(self._not_the_api(what, f"{answer}, and its search context {seen[1]}"))
+
+    def _ask_status(self, what: str, answer: str) -> tuple[float, str] | None:
+        """None if the status route answers as the API does, else (now, its answer)."""
+        r, token = self._send("GET", self._url("/status"), "search context status")
+        if r.status_code == 200:
+            try:
+                state = field(r.json(), "searchStatus")
+            except ValueError:
+                state = None
+            if isinstance(state, str) and state:
+                return None
+        elif r.status_code in TRANSIENT_STATUS:
+            raise Transient(
+                f"{what}: {answer}; the status check that tells an image's fault from a "
+                f"wrong base_url answered HTTP {r.status_code}"
+            )
+        code, reason = self._reason(r, token)
+        if r.status_code == 404 and code == CONTEXT_NOT_FOUND:
+            raise Fatal(self._context_missing(reason))
+        return time.monotonic(), f"status HTTP {r.status_code} ({reason})"
+
+    def _not_the_api(self, what: str, answer: str) -> str:
+        return (
+            f"{what}: {answer}: the server at {shown_url(self.settings.base_url)} is not "
+            "the Aspose imageSearch API (another service, a wrong path prefix or API "
+            "version?); nothing is the images' fault; check [context] base_url"
+        )
+
+    def _context_missing(self, reason: str) -> str:
+        return f"search context {self.settings.context_id!r} not found ({reason})"
 
     def _json(self, r: requests.Response, what: str) -> Any:
         try:
@@ -274,7 +408,10 @@ class AsposeContext:
 
     def status(self) -> str:
         r = self._request("GET", self._url("/status"), "search context status")
-        return str(field(self._json(r, "status"), "searchStatus") or "")
+        state = str(field(self._json(r, "status"), "searchStatus") or "")
+        if state:
+            self._is_api = True
+        return state
 
     def delete_context(self) -> None:
         self._request("DELETE", self._url(""), "delete search context")
@@ -296,9 +433,8 @@ class AsposeContext:
         what = f"add features of {image_id!r}"
         url = self._url("/features", {"imageId": image_id})
         try:
-            self._request("POST", url, what, image)
-        except NotFound as exc:  # a missing image cannot be the reason for a 404 on add
-            raise Fatal(f"search context {self.settings.context_id!r} not found ({exc})") from None
+            # Not a lookup: a missing image cannot be the reason for a 404 on add.
+            self._request("POST", url, what, image, image_id)
         except ItemRejected:
             # The contract does not say what a POST for an existing ID answers: if the
             # features are there, say so, and the caller sends an update instead.
@@ -309,12 +445,12 @@ class AsposeContext:
 
     def update_features(self, image_id: str, image: ImageData) -> int | None:
         url = self._url("/features", {"imageId": image_id})
-        self._request("PUT", url, f"update features of {image_id!r}", image)
+        self._request("PUT", url, f"update features of {image_id!r}", image, image_id, True)
         return None
 
     def delete_features(self, image_id: str) -> None:
         url = self._url("/features", {"imageId": image_id})
-        self._request("DELETE", url, f"delete features of {image_id!r}")
+        self._request("DELETE", url, f"delete features of {image_id!r}", None, image_id, True)
 
     def _exists(self, image_id: str) -> bool:
         try:
@@ -325,7 +461,8 @@ class AsposeContext:
 
     def get_features(self, image_id: str) -> ImageFeatures:
         what = f"get features of {image_id!r}"
-        r = self._request("GET", self._url("/features", {"imageId": image_id}), what)
+        url = self._url("/features", {"imageId": image_id})
+        r = self._request("GET", url, what, None, image_id, True)
         body = self._json(r, what)
         try:
             blob = base64.b64decode(field(body, "features") or "", validate=True)
@@ -353,7 +490,9 @@ class AsposeContext:
         # With image data: POST (featsync serve takes it; the official SDKs cannot send
         # a body on the GET, see the contract, section 2.1).
         method = "GET" if image is None else "POST"
-        body = self._json(self._request(method, url, "find similar", image), "find similar")
+        # With an image ID it is looked up (in the storage): a 404 may be its absence.
+        r = self._request(method, url, "find similar", image, lookup=image_id is not None)
+        body = self._json(r, "find similar")
         return _results(field(body, "results"))
 
     def find_duplicates(self, threshold: float) -> list[list[SearchResult]]:

@@ -1,11 +1,14 @@
-"""Reading Aspose's answers: JSON fields in any case, the reason in an error body, how
-a failed request is described (never with a header, so never with the token), which
-statuses are worth a retry, and urllib3's ``Retry`` with each retry logged."""
+"""Reading Aspose's answers: JSON fields in any case, the reason in an error body,
+whether a body is an Aspose error at all, a run of identical refusals, how a failed
+request is described (never with a header, so never with the token), which statuses are
+worth a retry, and urllib3's ``Retry`` with each retry logged."""
 
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any, Self
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 from urllib3.util.retry import Retry
@@ -13,6 +16,12 @@ from urllib3.util.retry import Retry
 from featsync.errors import Fatal
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})  # 408: request timeout
+
+# Different images in a row refused with one and the same answer that is not an Aspose
+# error body, with no success between: the refusal is of the route (a proxy or another
+# service at base_url), not of the images. Aspose's own refusals never count (see
+# RefusalRun).
+SAME_REFUSALS_FATAL = 5
 
 
 class RetryLogged(Retry):
@@ -84,6 +93,60 @@ def error_reason(response: requests.Response) -> tuple[str, str]:
     if message:
         return "", str(message)
     return "", json.dumps(body)[:200]
+
+
+def aspose_error(response: requests.Response) -> bool:
+    """Whether the body is an error as the Aspose API writes it: ``{"error": {...}}``
+    (v3) or the legacy ``{"Message": "..."}``. An HTML page, plain text, an empty body or
+    JSON of another shape comes from something else: a proxy, another service, a web
+    server that has no such route."""
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(field(body, "error"), dict) or isinstance(field(body, "message"), str)
+
+
+class RefusalRun:
+    """Identical refusals of different images in a row, with nothing else between.
+
+    Only answers that are not Aspose error bodies are counted: five corrupt images in a
+    row may well get the same reason from Aspose itself (its refusals are JSON errors),
+    while the same HTML page or plain "Bad Request" for five different images is the
+    answer of something that refuses every call. Thread-safe: the calls run in a pool.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._answer: tuple[int, str] | None = None
+        self._images: set[str] = set()
+
+    def reset(self) -> None:
+        """A success, or an answer from the API proper: the run is broken."""
+        with self._lock:
+            self._answer, self._images = None, set()
+
+    def refused(self, image_id: str, answer: tuple[int, str]) -> int:
+        """Count one refusal (status, reason); how many different images the run holds."""
+        with self._lock:
+            if answer != self._answer:
+                self._answer, self._images = answer, set()
+            self._images.add(image_id)
+            return len(self._images)
+
+
+def shown_url(url: str) -> str:
+    """A URL fit for a message: no user:password part, no query."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:  # a port that is not a number: show none
+        port = None
+    netloc = host + (f":{port}" if port is not None else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def no_redirect(r: requests.Response, what: str, key: str) -> None:

@@ -234,7 +234,11 @@ def test_credentials_come_from_the_environment_or_files_credentials_directory_fi
 class OddServer(http.server.ThreadingHTTPServer):
     # (method, path) -> (status, body) or (status, body, headers)
     answers: dict[tuple[str, str], tuple[Any, ...]]
+    # The answer to every other call but the token's: a server that is not the API.
+    # "{auth}" in its body is replaced by the request's Authorization header (an echo).
+    fallback: tuple[int, bytes] | None
     seen: list[tuple[str, str]]
+    url: str
 
 
 class OddHandler(http.server.BaseHTTPRequestHandler):
@@ -251,6 +255,11 @@ class OddHandler(http.server.BaseHTTPRequestHandler):
             headers = more[0] if more else {}
         elif path == "/connect/token":
             status, body = 200, b'{"access_token": "t0k3n", "expires_in": 3600}'
+        elif self.server.fallback is not None:
+            status, body = self.server.fallback
+            body = body.replace(b"{auth}", self.headers.get("Authorization", "").encode())
+        elif path.endswith("/status"):  # the API: asked before an image is blamed
+            status, body = 200, b'{"id": "c1", "searchStatus": "Idle"}'
         else:
             status, body = 404, b"{}"
         self.send_response(status)
@@ -276,12 +285,12 @@ def odd() -> Iterator[tuple[OddServer, AsposeContext]]:
 def odd_server(tls: ssl.SSLContext | None = None) -> Iterator[tuple[OddServer, AsposeContext]]:
     """An OddServer on loopback (HTTPS with `tls`) and a client of context "c1" on it."""
     srv = OddServer(("127.0.0.1", 0), OddHandler)
-    srv.answers, srv.seen = {}, []
+    srv.answers, srv.seen, srv.fallback = {}, [], None
     if tls is not None:
         srv.socket = tls.wrap_socket(srv.socket, server_side=True)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
-    url = f"{'https' if tls else 'http'}://127.0.0.1:{srv.server_address[1]}"
+    url = srv.url = f"{'https' if tls else 'http'}://127.0.0.1:{srv.server_address[1]}"
     settings = ClientSettings(
         base_url=url + "/v3.0",
         auth_url=url + "/connect/token",
