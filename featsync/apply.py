@@ -83,6 +83,8 @@ def _send(
         return Outcome(action, None, None, 0, 0, 0, None, "not sent", "not_sent", 0.0)
     digest: str | None = None
     size = mtime = inode = 0
+    reached = False  # an add was sent: the context may hold it, unless it said no
+    existed: list[bool] = []  # the add met "already there" (so the context holds it)
 
     def result(
         done: Kind | None,
@@ -91,7 +93,7 @@ def _send(
         kind: str | None = None,
     ) -> Outcome:
         ms = round((time.perf_counter() - started) * 1000, 1)
-        return Outcome(action, done, digest, size, mtime, inode, count, error, kind, ms)
+        return Outcome(action, done, digest, size, mtime, inode, count, error, kind, ms, reached)
 
     try:
         if action.kind is Kind.DELETE:
@@ -122,9 +124,21 @@ def _send(
             if digest is None:
                 return result(None, kind="deferred", error="file changed while it was read")
             size, mtime, inode = stat_key(st, racy_cutoff_ns)
+            if action.kind is Kind.ADD:
+                # Intent before the call: from here on the context may hold it.
+                gate.intent(action.image_id, f.relpath)
+                reached = True
             try:
-                done, count = _call(ctx, action, OpenImage(fd, st.st_size, action.image_id))
-            except (ItemRejected, SourceChanged):
+                done, count = _call(
+                    ctx, action, OpenImage(fd, st.st_size, action.image_id), existed
+                )
+            except ItemRejected:
+                reached = bool(existed)  # a "no" to the add itself: nothing was added
+                if still_same(fd, st):
+                    raise
+                digest = None
+                return result(None, kind="deferred", error="file changed while it was sent")
+            except SourceChanged:
                 if still_same(fd, st):
                     raise
                 digest = None
@@ -153,13 +167,16 @@ def _send(
         return result(None, error=_unexpected(exc), kind="internal")
 
 
-def _call(ctx: SearchContext, action: Action, image: OpenImage) -> tuple[Kind, int | None]:
-    """Add or update; "already there" turns an add into an update, "not there" the
-    other way round."""
+def _call(
+    ctx: SearchContext, action: Action, image: OpenImage, existed: list[bool]
+) -> tuple[Kind, int | None]:
+    """Add or update; "already there" turns an add into an update (noted in
+    `existed`), "not there" the other way round."""
     if action.kind is Kind.ADD:
         try:
             return Kind.ADD, ctx.add_features(action.image_id, image)
         except AlreadyExists:
+            existed.append(True)
             return Kind.UPDATE, ctx.update_features(action.image_id, image)
     try:
         return Kind.UPDATE, ctx.update_features(action.image_id, image)
@@ -196,12 +213,21 @@ def apply_plan(
     after `breaker` transient failures in a row the worker backs off (see above).
     """
     res = ApplyResult()
-    gate = _Gate(res, policy, stop, progress, breaker, hold, in_flight)
+
+    def intent(image_id: str, relpath: str) -> None:
+        ledger.record_intent(image_id, relpath, clock())
+
+    gate = _Gate(res, policy, stop, progress, breaker, hold, in_flight, intent)
     now = clock()
     ledger.record_restat(plan.restat, now)
     ledger.forget(plan.forget, now)
     if plan.unreadable:
-        ledger.record_unreadable(plan.unreadable, now, lambda tries: retry_delay(tries, policy))
+        ledger.record_unreadable(
+            plan.unreadable,
+            now,
+            lambda tries: retry_delay(tries, policy),
+            dict(plan.unreadable_paths),
+        )
         for image_id, why in plan.unreadable:
             res.failed += 1
             res.failures.append((image_id, why))
@@ -235,6 +261,7 @@ class _Gate:
     breaker: int
     hold: Hold
     in_flight: Callable[[int], None]
+    intent: Callable[[str, str], None]  # (image ID, path): an add is about to be sent
     transient_run: int = 0  # transient failures in a row
 
     @property

@@ -152,9 +152,9 @@ def _reconcile(settings: Settings, dry_run: bool, confirm_deletes: bool, resync:
     if not dry_run:  # a dry run writes nothing: it may look while a daemon syncs
         lock.acquire()
     try:
-        ledger = SqlLedger(settings.ledger.url)
+        ledger = SqlLedger(settings.ledger.url, read_only=dry_run)
         try:
-            context = open_context(settings, logs.get())
+            context = open_context(settings, logs.get(), read_only=dry_run)
             try:
                 with _stop_on_signals() as stop:
                     engine = Engine(settings, ledger, context, logs.get(), stop=stop.is_set)
@@ -244,7 +244,7 @@ def _status(settings: Settings, as_json: bool) -> int:
     from featsync.ledger import SqlLedger
     from featsync.lock import SyncLock
 
-    ledger = SqlLedger(settings.ledger.url)
+    ledger = SqlLedger(settings.ledger.url, read_only=True)
     try:
         data: dict[str, Any] = {
             "folder": settings.sync.folder,
@@ -252,6 +252,7 @@ def _status(settings: Settings, as_json: bool) -> int:
             "counts": ledger.counts(settings.sync.min_features),
             "weak": ledger.weak(settings.sync.min_features),
             "failures": ledger.failures(),
+            "withheld_deletes": ledger.withheld_ids(),
             "last_cycle": ledger.last_cycle(),
         }
     finally:
@@ -262,6 +263,7 @@ def _status(settings: Settings, as_json: bool) -> int:
         print("\n".join(_status_lines(data)))
     last = data["last_cycle"]
     held_back = last is not None and (last["withheld_deletes"] or not last["complete"])
+    held_back = held_back or bool(data["withheld_deletes"]) or last is None  # never synced
     return EXIT_NOT_IN_STEP if data["failures"] or held_back else EXIT_OK
 
 
@@ -367,6 +369,15 @@ def _status_lines(data: dict[str, Any]) -> list[str]:
         )
     for w in data["weak"]:
         lines.append(f"weak: {w['image_id']}: {w['features_count']} features (hardly ever found)")
+    withheld = data["withheld_deletes"]
+    if withheld:
+        shown = ", ".join(withheld[:10]) + (
+            f" and {len(withheld) - 10} more" if len(withheld) > 10 else ""
+        )
+        lines.append(
+            f"withheld deletes: {len(withheld)} ({shown}); they stay withheld until the "
+            "files come back or `featsync reconcile --confirm-deletes`"
+        )
     for f in data["failures"]:
         lines.append(
             f"failed: {f['image_id']}: {f['error']} "

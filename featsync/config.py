@@ -71,6 +71,7 @@ class SafetySettings:
     max_delete_fraction: float
     max_delete_count: int
     marker: str
+    delete_window: float  # seconds: deletes sent within it count together
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +232,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, Any]]] = {
         "max_delete_fraction": (_fraction, 0.5),
         "max_delete_count": (_int_range(0, 10**9), 10_000),
         "marker": (_marker, ""),
+        "delete_window": (_seconds(0, 30 * 86400), 3600.0),
     },
     "log": {
         "format": (_choice("auto", "json", "console"), "auto"),

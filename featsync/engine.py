@@ -122,8 +122,16 @@ class Engine:
         self.in_flight = 0  # calls under way right now
         self.lock = threading.Lock()
 
-    def policy(self, confirm_deletes: bool = False, held: int | None = None) -> Policy:
+    def policy(
+        self,
+        confirm_deletes: bool = False,
+        held: int | None = None,
+        now: float | None = None,
+        pending_gone: int = 0,
+    ) -> Policy:
         s, sync = self.settings.safety, self.settings.sync
+        now = time.time() if now is None else now
+        recent = self.ledger.recent_deletes(now - s.delete_window) if s.delete_window else 0
         return Policy(
             max_delete_count=s.max_delete_count,
             max_delete_fraction=s.max_delete_fraction,
@@ -131,6 +139,8 @@ class Engine:
             expected_device=self.ledger.device(),
             confirm_deletes=confirm_deletes,
             held=held,
+            recent_deletes=recent,
+            pending_gone=pending_gone,
             max_file_size=sync.max_file_size,
             min_features=sync.min_features,
             follow_symlinks=sync.follow_symlinks,
@@ -143,13 +153,32 @@ class Engine:
         confirm_deletes: bool = False,
         scope: Collection[str] | None = None,
         resync: bool = False,
+        pending_gone: int = 0,
     ) -> CycleReport:
         """One cycle over the whole folder, or over `scope` (paths relative to the root:
         files, and folders with all below them) after watch events. `resync`: the
-        configured context is new to the ledger: send every image to it."""
+        configured context is new to the ledger: send every image to it.
+        `pending_gone`: files the daemon saw go that a later cycle will judge (they
+        count against the delete limits now, so deleting a folder in bursts gains
+        nothing)."""
         with self.lock:
             bind_context(self.ledger, self.context, self.log, resync, dry_run)
-            return self._cycle(dry_run, confirm_deletes, scope)
+            return self._cycle(dry_run, confirm_deletes, scope, pending_gone)
+
+    def _release_withheld(self, snapshot: Snapshot) -> None:
+        """Files whose deletes were withheld and that are there again."""
+        flagged = self.ledger.withheld_ids()
+        if not flagged:
+            return
+        s = snapshot
+        back = [
+            i
+            for i in flagged
+            if i in s.files or i in s.unchanged or i in s.unsettled or i in s.unreadable
+        ]
+        if back:
+            self.ledger.release_withheld(back)
+            self.log.info("deletes_released", count=len(back), reason="the files are back")
 
     def _count_in_flight(self, n: int) -> None:
         self.in_flight = n
@@ -191,20 +220,32 @@ class Engine:
         return snapshot, self.ledger.rows_for(wanted), None
 
     def _cycle(
-        self, dry_run: bool, confirm_deletes: bool, scope: Collection[str] | None
+        self,
+        dry_run: bool,
+        confirm_deletes: bool,
+        scope: Collection[str] | None,
+        pending_gone: int = 0,
     ) -> CycleReport:
         started_wall = time.time()
         started = time.perf_counter()
         log = self.log
         snapshot, rows, held = self._look(dry_run, scope)
-        policy = self.policy(confirm_deletes, held)
+        policy = self.policy(confirm_deletes, held, started_wall, pending_gone)
         p = plan(snapshot, rows, policy, started_wall)
         if snapshot.root_state is not RootState.OK:
             log.error("folder_unavailable", folder=snapshot.root, state=snapshot.root_state.value)
         if p.withheld:
             log.warning("deletes_withheld", count=len(p.withheld), reason=p.withheld_reason)
+        updates = p.count(Kind.UPDATE)
+        if updates > max(1.0, policy.max_delete_fraction * p.held):
+            # Not withheld (the files are there), but worth a look: a tool rewrote the
+            # folder, or another folder was copied over it under the same names.
+            log.warning("mass_update", count=updates, held=p.held)
         if dry_run:
             return CycleReport(snapshot, p, None, _ms(started))
+        if p.withheld and not p.doubtful:  # kept withheld until confirmed or back
+            self.ledger.withhold([a.image_id for a in p.withheld], started_wall)
+        self._release_withheld(snapshot)
 
         # First sight of the root (or an operator confirming a new mount): remember its
         # device, so that an unmounted folder is recognised later.
@@ -229,6 +270,8 @@ class Engine:
             in_flight=self._count_in_flight,
         )
         report = CycleReport(snapshot, p, applied, _ms(started))
+        if confirm_deletes and applied.fatal is None:
+            self.ledger.confirm_deletes(time.time())
         counts = {
             "added": applied.added,
             "updated": applied.updated,

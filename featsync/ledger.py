@@ -12,9 +12,13 @@ ORM identity-mapped objects cost about five times as much.
 
 from __future__ import annotations
 
+import functools
+import os
+import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -24,6 +28,7 @@ from featsync.errors import Fatal
 from featsync.ledger_reports import LedgerReports
 from featsync.model import Kind, LedgerRow, LocalFile, Outcome, QuickKey, State
 from featsync.schema import (
+    ADDED_COLUMNS,
     GENERATION_TRIGGERS,
     ROW_COLUMNS,
     SCHEMA_VERSION,
@@ -34,14 +39,60 @@ from featsync.schema import (
     metadata,
     quick_cache,
 )
+from featsync.sqlitefiles import read_only_uri
 
 _IN_CHUNK = 500  # image IDs per IN (...) query, well below any database's parameter limit
+BUSY_TIMEOUT_MS = 10_000  # SQLite waits this long for a lock within one statement
+BUSY_WAIT_S = 120.0  # a call that still finds the database locked is tried again this long
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _busy(exc: BaseException) -> bool:
+    """Whether `exc` (or what it wraps) is SQLite's "database is locked" / "busy"."""
+    while exc is not None:
+        text = str(exc).lower()
+        if "database is locked" in text or "database is busy" in text:
+            return True
+        exc = exc.__cause__  # type: ignore[assignment]
+    return False
+
+
+def waits_when_locked(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run one ledger transaction again while another program holds the database
+    locked (a backup, an sqlite3 shell, a long report), up to BUSY_WAIT_S: a briefly
+    locked ledger is a pause, not the end of the run. Each transaction is all or
+    nothing, so running it again is safe."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        deadline = time.monotonic() + BUSY_WAIT_S
+        pause = 0.05
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Fatal as exc:
+                if not _busy(exc) or time.monotonic() >= deadline:
+                    if _busy(exc):
+                        raise Fatal(f"{exc} (still locked after {BUSY_WAIT_S:.0f} s)") from exc
+                    raise
+            time.sleep(pause)
+            pause = min(2.0, pause * 2)
+
+    return wrapper
+
+
+def _busy_timeout(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    cur.close()
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     # busy_timeout first: switching to WAL itself needs the lock.
-    cur.execute("PRAGMA busy_timeout = 10000")
+    cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     cur.execute("PRAGMA journal_mode = WAL")
     cur.execute("PRAGMA synchronous = NORMAL")
     cur.close()
@@ -50,8 +101,10 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 class SqlLedger(LedgerReports):
     """The ledger over any SQLAlchemy URL; SQLite (WAL) by default."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, read_only: bool = False) -> None:
         self.url = url
+        if read_only and self._open_read_only(url):
+            return
         try:
             self.engine: Engine = sa.create_engine(url)
             self.caches_quick_keys = self.engine.dialect.name == "sqlite"
@@ -71,6 +124,8 @@ class SqlLedger(LedgerReports):
                         f"ledger {self._where()} has schema version {found}, newer than this "
                         f"featsync understands ({SCHEMA_VERSION}); upgrade featsync"
                     )
+                elif int(found) < SCHEMA_VERSION:
+                    self._upgrade(conn)
                 if self.caches_quick_keys:
                     if self._generation(conn) is None:
                         conn.execute(meta.insert().values(key="generation", value="0"))
@@ -78,6 +133,55 @@ class SqlLedger(LedgerReports):
                         conn.exec_driver_sql(ddl)
         except sa.exc.SQLAlchemyError as exc:
             raise Fatal(f"cannot open ledger {self._where()}: {_reason(exc)}") from exc
+        self._compile()
+
+    def _open_read_only(self, url: str) -> bool:
+        """Open an SQLite ledger file only to look (status, a dry run): nothing written,
+        nothing created; a missing file is an empty ledger (in memory). False for
+        other databases: they are opened as usual (and not written to by a look)."""
+        u = make_url(url)
+        db = u.database
+        if u.get_backend_name() != "sqlite" or not db or db == ":memory:":
+            return False
+        try:
+            if not os.path.exists(db):
+                self.engine = sa.create_engine(
+                    "sqlite://",
+                    poolclass=sa.pool.StaticPool,
+                    connect_args={"check_same_thread": False},
+                )
+                with self.engine.begin() as conn:
+                    metadata.create_all(conn)
+                    conn.execute(
+                        meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION))
+                    )
+                self.caches_quick_keys = False
+                self._compile()
+                return True
+            uri = read_only_uri(db)
+            self.engine = sa.create_engine(
+                "sqlite://", creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False)
+            )
+            sa.event.listen(self.engine, "connect", _busy_timeout)
+            with self.engine.connect() as conn:
+                found = conn.execute(
+                    sa.select(meta.c.value).where(meta.c.key == "schema_version")
+                ).scalar()
+        except sa.exc.SQLAlchemyError as exc:
+            raise Fatal(f"cannot open ledger {self._where()}: {_reason(exc)}") from exc
+        version = int(found or 0)
+        if version != SCHEMA_VERSION:
+            newer = version > SCHEMA_VERSION
+            raise Fatal(
+                f"ledger {self._where()} has schema version {version}; this featsync "
+                f"{'understands only up to' if newer else 'reads'} {SCHEMA_VERSION}: "
+                + ("upgrade featsync" if newer else "run `featsync reconcile` once to upgrade it")
+            )
+        self.caches_quick_keys = False  # a look never writes the cache
+        self._compile()
+        return True
+
+    def _compile(self) -> None:
         # The hot queries, compiled once for this database to plain SQL (no parameters)
         # that _fetch runs on the DB-API cursor.
         every_row = sa.select(*ROW_COLUMNS)
@@ -99,6 +203,19 @@ class SqlLedger(LedgerReports):
                 .where(meta.c.key == "generation")
                 .scalar_subquery(),
             )
+        )
+
+    @staticmethod
+    def _upgrade(conn: Connection) -> None:
+        """Bring a ledger of an older schema up to this one, in place (new columns are
+        empty: their meaning starts now)."""
+        have = {(t, c["name"]) for t in ("images",) for c in sa.inspect(conn).get_columns(t)}
+        for table, column, sql_type in ADDED_COLUMNS:
+            if (table, column) not in have:
+                conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
+        conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS history_action_at ON history (action, at)")
+        conn.execute(
+            meta.update().where(meta.c.key == "schema_version").values(value=str(SCHEMA_VERSION))
         )
 
     def _sql(self, stmt: sa.Select[Any]) -> str:
@@ -126,6 +243,7 @@ class SqlLedger(LedgerReports):
         """Every image row (status, tests and tools; a cycle loads less, see below)."""
         return self._rows(self._rows_sql)
 
+    @waits_when_locked
     def quick_keys(self, write_cache: bool = True) -> set[QuickKey]:
         """(image ID, size, mtime_ns, inode) of every synced image.
 
@@ -162,6 +280,7 @@ class SqlLedger(LedgerReports):
         value = conn.execute(sa.select(meta.c.value).where(meta.c.key == "generation")).scalar()
         return None if value is None else int(value)
 
+    @waits_when_locked
     def rows_for(self, image_ids: Iterable[str]) -> dict[str, LedgerRow]:
         """The rows of these image IDs (those that have one), plus every failed row."""
         rows = self._rows(self._failed_sql)
@@ -174,6 +293,7 @@ class SqlLedger(LedgerReports):
                 rows.update((r[0], make(r)) for r in found)
         return rows
 
+    @waits_when_locked
     def rows_in_scope(
         self, image_ids: Iterable[str], prefixes: Iterable[str]
     ) -> dict[str, LedgerRow]:
@@ -198,6 +318,7 @@ class SqlLedger(LedgerReports):
                 rows.update((r[0], make(r)) for r in found)
         return rows
 
+    @waits_when_locked
     def held_count(self) -> int:
         """How many image IDs the context holds features for (by the ledger)."""
         with self._tx() as conn:
@@ -206,6 +327,7 @@ class SqlLedger(LedgerReports):
             ).scalar()
         return int(n or 0)
 
+    @waits_when_locked
     def failed_due(self, now: float) -> tuple[list[str], float | None]:
         """Failed image IDs whose next try is due, and when the next one after them is."""
         due = sa.func.coalesce(images.c.next_attempt_at, 0.0)
@@ -221,6 +343,27 @@ class SqlLedger(LedgerReports):
             ).scalar()
         return found, later
 
+    @waits_when_locked
+    def due_paths(self, now: float, id_prefix: str) -> list[str]:
+        """Paths (relative to the root, as found on disk) of the failed images whose next
+        try is due: what the daemon looks at again. A row from before paths were kept
+        falls back to its ID without the prefix."""
+        due = sa.func.coalesce(images.c.next_attempt_at, 0.0)
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(images.c.image_id, images.c.relpath)
+                .where(images.c.state == State.FAILED.value, due <= now)
+                .order_by(images.c.image_id)
+            ).all()
+        out = []
+        for image_id, relpath in rows:
+            if relpath:
+                out.append(relpath)
+            elif image_id.startswith(id_prefix):
+                out.append(image_id[len(id_prefix) :])
+        return out
+
+    @waits_when_locked
     def retry(self, image_ids: Sequence[str] | None, now: float) -> list[str]:
         """Clear the wait of these failed images (None: of every failed image), so the
         next cycle tries them; returns the IDs whose wait was cleared."""
@@ -243,6 +386,7 @@ class SqlLedger(LedgerReports):
         make = LedgerRow._make
         return {r[0]: make(r) for r in self._fetch(sql)}
 
+    @waits_when_locked
     def _fetch(self, sql: str) -> list[Any]:
         """Plain tuples from the DB-API cursor, for a query without parameters."""
         with self._tx() as conn:
@@ -256,6 +400,7 @@ class SqlLedger(LedgerReports):
                 cursor.close()
         return rows
 
+    @waits_when_locked
     def _meta(self, key: str) -> str | None:
         with self._tx() as conn:
             value: str | None = conn.execute(
@@ -263,6 +408,7 @@ class SqlLedger(LedgerReports):
             ).scalar()
             return value
 
+    @waits_when_locked
     def _set_meta(self, key: str, value: str) -> None:
         with self._tx() as conn:
             conn.execute(meta.delete().where(meta.c.key == key))
@@ -285,6 +431,7 @@ class SqlLedger(LedgerReports):
     def bind_context(self, identity: str) -> None:
         self._set_meta("context", identity)
 
+    @waits_when_locked
     def resync(self, identity: str, now: float) -> int:
         """Mirror another context from now on: nothing is known to be in it. Every image
         is marked not held and not synced (the next cycle adds each file, forgets the
@@ -302,6 +449,8 @@ class SqlLedger(LedgerReports):
                     next_attempt_at=None,
                     last_error="not yet sent to the search context (resync)",
                     error_kind="transient",
+                    failed_action=None,
+                    withheld_at=None,
                     updated_at=now,
                 )
             )
@@ -311,6 +460,7 @@ class SqlLedger(LedgerReports):
 
     # -- writes ----------------------------------------------------------------
 
+    @waits_when_locked
     def record(self, outcome: Outcome, now: float, next_attempt_at: float | None) -> None:
         """Write one action's outcome (and a history row if it changed the context)."""
         a = outcome.action
@@ -329,6 +479,8 @@ class SqlLedger(LedgerReports):
                     "last_error": None,
                     "error_kind": None,
                     "features_count": None,
+                    "failed_action": None,
+                    "withheld_at": None,
                     "updated_at": now,
                 }
                 conn.execute(images.update().where(images.c.image_id == a.image_id).values(values))
@@ -347,9 +499,13 @@ class SqlLedger(LedgerReports):
                     "last_error": None,
                     "error_kind": None,
                     "features_count": outcome.features_count,
+                    "failed_action": None,
+                    "withheld_at": None,
                     "updated_at": now,
                     "synced_at": now,
                 }
+                if a.file is not None:
+                    values["relpath"] = a.file.relpath
                 self._upsert(conn, a.image_id, values, now)
             conn.execute(
                 history.insert().values(
@@ -376,8 +532,16 @@ class SqlLedger(LedgerReports):
             "next_attempt_at": next_attempt_at,
             "last_error": outcome.error,
             "error_kind": outcome.error_kind,
+            "failed_action": a.kind.value,
             "updated_at": now,
         }
+        if a.kind is Kind.ADD:
+            # An add that reached the context and got no answer (a timeout, a dropped
+            # connection, an error after the call) may have added the features: the
+            # row says "may hold" (remote), so a delete follows if the file goes.
+            values["remote"] = outcome.reached
+        if a.file is not None:
+            values["relpath"] = a.file.relpath
         if outcome.digest is not None:  # remember what was tried, so an unchanged file waits
             values.update(
                 size=outcome.size,
@@ -385,7 +549,26 @@ class SqlLedger(LedgerReports):
                 inode=outcome.inode,
                 digest=outcome.digest,
             )
-        self._upsert(conn, a.image_id, values, now, new_remote=False)
+        self._upsert(conn, a.image_id, values, now, new_remote=outcome.reached)
+
+    @waits_when_locked
+    def record_intent(self, image_id: str, relpath: str, now: float) -> None:
+        """An add is about to be sent: from now on the context may hold this image, and
+        the row says so before the call, so that a crash or a lost answer cannot leave
+        features in the context that the ledger does not know of (the next cycle sends
+        it again if the file is there, a delete if it is gone; "not found" is done)."""
+        values: dict[str, Any] = {
+            "state": State.FAILED,
+            "remote": True,
+            "relpath": relpath,
+            "next_attempt_at": None,
+            "last_error": "sent to the search context; no answer recorded yet",
+            "error_kind": "unknown",
+            "failed_action": Kind.ADD.value,
+            "updated_at": now,
+        }
+        with self._tx() as conn:
+            self._upsert(conn, image_id, values, now)
 
     def _upsert(
         self,
@@ -414,6 +597,7 @@ class SqlLedger(LedgerReports):
         fresh.update(values)
         conn.execute(images.insert().values(fresh))
 
+    @waits_when_locked
     def record_restat(self, files: Sequence[LocalFile], now: float) -> None:
         """Content unchanged, stat changed (a touch, a copy back): refresh the quick-check keys."""
         if not files:
@@ -435,11 +619,13 @@ class SqlLedger(LedgerReports):
         with self._tx() as conn:
             conn.execute(stmt, params)
 
+    @waits_when_locked
     def record_unreadable(
         self,
         problems: Sequence[tuple[str, str]],
         now: float,
         wait: Callable[[int], float] = lambda _tries: 0.0,
+        paths: dict[str, str] | None = None,
     ) -> None:
         """Files that exist but could not be read: failed, with the reason, no call made.
         Each waits `wait(tries)` seconds before the daemon looks at it again by itself
@@ -458,11 +644,15 @@ class SqlLedger(LedgerReports):
                     "attempts": tries,
                     "last_error": why,
                     "error_kind": "unreadable",
+                    "failed_action": "read",
                     "updated_at": now,
                     "next_attempt_at": now + pause if pause else None,
                 }
+                if paths and image_id in paths:
+                    values["relpath"] = paths[image_id]
                 self._upsert(conn, image_id, values, now, new_remote=False)
 
+    @waits_when_locked
     def forget(self, image_ids: Sequence[str], now: float) -> None:
         """Images that failed before the context ever held them and are gone now."""
         if not image_ids:
@@ -478,10 +668,64 @@ class SqlLedger(LedgerReports):
                     next_attempt_at=None,
                     last_error=None,
                     error_kind=None,
+                    failed_action=None,
+                    withheld_at=None,
                     updated_at=now,
                 )
             )
 
+    @waits_when_locked
+    def withhold(self, image_ids: Sequence[str], now: float) -> None:
+        """The delete guard held back these deletes: keep them held back (persisted)
+        until the files come back or an operator confirms deletes."""
+        with self._tx() as conn:
+            for start in range(0, len(image_ids), _IN_CHUNK):
+                chunk = list(image_ids[start : start + _IN_CHUNK])
+                conn.execute(
+                    images.update()
+                    .where(images.c.image_id.in_(chunk), images.c.withheld_at.is_(None))
+                    .values(withheld_at=now)
+                )
+
+    @waits_when_locked
+    def withheld_ids(self) -> list[str]:
+        """Image IDs whose deletes are withheld (persisted)."""
+        with self._tx() as conn:
+            return list(
+                conn.execute(
+                    sa.select(images.c.image_id).where(images.c.withheld_at.is_not(None))
+                ).scalars()
+            )
+
+    @waits_when_locked
+    def release_withheld(self, image_ids: Sequence[str]) -> None:
+        """These files are back: their deletes are no longer withheld."""
+        with self._tx() as conn:
+            for start in range(0, len(image_ids), _IN_CHUNK):
+                conn.execute(
+                    images.update()
+                    .where(images.c.image_id.in_(list(image_ids[start : start + _IN_CHUNK])))
+                    .values(withheld_at=None)
+                )
+
+    @waits_when_locked
+    def recent_deletes(self, since: float) -> int:
+        """Deletes sent since `since` and not confirmed by an operator: the delete
+        guard's rolling window, so that pacing deletes over many cycles gains nothing."""
+        confirmed = float(self._meta("deletes_confirmed_at") or 0.0)
+        with self._tx() as conn:
+            n = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(history)
+                .where(history.c.action == Kind.DELETE.value, history.c.at > max(since, confirmed))
+            ).scalar()
+        return int(n or 0)
+
+    def confirm_deletes(self, now: float) -> None:
+        """An operator confirmed deletes: earlier ones no longer count in the window."""
+        self._set_meta("deletes_confirmed_at", repr(now))
+
+    @waits_when_locked
     def record_cycle(self, **fields: Any) -> None:
         with self._tx() as conn:
             conn.execute(cycles.insert().values(**fields))

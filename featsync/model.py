@@ -81,6 +81,8 @@ class LedgerRow(NamedTuple):
     remote: bool  # the context acknowledged holding features for this ID
     attempts: int
     next_attempt_at: float | None
+    failed_action: str | None = None  # the kind of the action that failed last
+    withheld_at: float | None = None  # its delete is withheld (persisted) since then
 
 
 class Action(NamedTuple):
@@ -112,6 +114,7 @@ class Snapshot:
     # Files that exist but could not be judged this time: they are neither synced nor deleted.
     unsettled: frozenset[str] = frozenset()  # changed while being read
     unreadable: Mapping[str, str] = field(default_factory=dict)  # image ID -> reason
+    unreadable_paths: Mapping[str, str] = field(default_factory=dict)  # image ID -> relpath
     problems: tuple[str, ...] = ()  # what made the scan incomplete
 
     @property
@@ -131,6 +134,10 @@ class Policy:
     # How many images the context holds, for the fraction limit of a targeted cycle
     # (whose rows are only those of the changed paths); None: count the plan's rows.
     held: int | None = None
+    # The rolling window of the delete guard: deletes sent lately (and not confirmed),
+    # and files a daemon already saw go that later cycles will judge.
+    recent_deletes: int = 0
+    pending_gone: int = 0
     retry_base_s: float = 30.0
     retry_factor: float = 5.0
     retry_cap_s: float = 24 * 3600.0
@@ -152,7 +159,10 @@ class Plan:
     unchanged: int = 0
     waiting: tuple[str, ...] = ()  # failed images whose next try is not due yet
     unreadable: tuple[tuple[str, str], ...] = ()
+    unreadable_paths: tuple[tuple[str, str], ...] = ()  # image ID -> path on disk
     unsettled: tuple[str, ...] = ()
+    doubtful: bool = False  # the folder is no evidence: deletes withheld for that alone
+    held: int = 0  # images the context held before this cycle
 
     def count(self, kind: Kind) -> int:
         return sum(1 for a in self.actions if a.kind is kind)
@@ -175,6 +185,9 @@ class Outcome(NamedTuple):
     error: str | None
     error_kind: str | None  # "rejected" | "transient" | "fatal"
     duration_ms: float
+    # A failed add that reached the context without a clear "no": it may hold the
+    # features now (the answer was lost, the call timed out, the server erred after).
+    reached: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +283,8 @@ class Ledger(Protocol):
 
     def record(self, outcome: Outcome, now: float, next_attempt_at: float | None) -> None: ...
 
+    def record_intent(self, image_id: str, relpath: str, now: float) -> None: ...
+
     def record_restat(self, files: Sequence[LocalFile], now: float) -> None: ...
 
     def record_unreadable(
@@ -277,6 +292,7 @@ class Ledger(Protocol):
         problems: Sequence[tuple[str, str]],
         now: float,
         wait: Callable[[int], float] = ...,
+        paths: dict[str, str] | None = None,
     ) -> None: ...
 
     def forget(self, image_ids: Sequence[str], now: float) -> None: ...

@@ -8,6 +8,8 @@ parameter, so every rule can be tested with plain values.
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from collections.abc import Mapping
 
 from featsync.model import (
@@ -76,7 +78,13 @@ def plan(snapshot: Snapshot, rows: Mapping[str, LedgerRow], policy: Policy, now:
             continue  # it exists; we just could not judge it this time
         if not row.remote:
             forget.append(image_id)
-        elif row.state == State.FAILED and not is_due(row, now):
+        elif (
+            row.state == State.FAILED
+            and row.failed_action == Kind.DELETE.value
+            and not is_due(row, now)
+        ):
+            # Only a failed delete waits: a gone file whose add or update was rejected
+            # is deleted now, not when that quarantine ends.
             waiting.append(image_id)
         else:
             deletes.append(Action(Kind.DELETE, image_id, None, row.version, row.attempts))
@@ -85,11 +93,26 @@ def plan(snapshot: Snapshot, rows: Mapping[str, LedgerRow], policy: Policy, now:
     deletes.sort(key=lambda a: a.image_id)
     forget.sort()
     doubtful = doubt(snapshot, policy)
+    held = held_count(rows, unchanged, policy)
     reason = doubtful
-    if reason is None and deletes and not policy.confirm_deletes:
-        reason = over_limits(deletes, sends, rows, unchanged, policy)
     withheld: tuple[Action, ...] = ()
-    if reason is not None:
+    if reason is None and deletes and not policy.confirm_deletes:
+        # Deletes withheld by an earlier cycle stay withheld until an operator
+        # confirms them (or the files come back); the others are judged afresh.
+        kept = [a for a in deletes if rows[a.image_id].withheld_at is not None]
+        if kept:
+            deletes = [a for a in deletes if rows[a.image_id].withheld_at is None]
+            withheld = tuple(kept)
+            since = min(rows[a.image_id].withheld_at or now for a in kept)
+            reason = (
+                f"{len(kept)} deletes withheld since {_when(since)} stay withheld until "
+                "their files come back or `featsync reconcile --confirm-deletes`"
+            )
+        over = over_limits(deletes, sends, rows, held, policy) if deletes else None
+        if over is not None:
+            reason = over
+            withheld, deletes = (*withheld, *deletes), []
+    elif reason is not None:
         withheld, deletes = tuple(deletes), []
     if doubtful is not None:
         forget = []  # keep the failure records until the folder can be trusted again
@@ -97,11 +120,14 @@ def plan(snapshot: Snapshot, rows: Mapping[str, LedgerRow], policy: Policy, now:
         actions=(*sends, *deletes),
         forget=tuple(forget),
         restat=tuple(restat),
-        withheld=withheld,
+        withheld=tuple(sorted(withheld, key=lambda a: a.image_id)),
         withheld_reason=reason if withheld else None,
+        doubtful=doubtful is not None,
+        held=held,
         unchanged=len(unchanged) + read_but_same,
         waiting=tuple(sorted(waiting)),
         unreadable=tuple(sorted(snapshot.unreadable.items())),
+        unreadable_paths=tuple(sorted(snapshot.unreadable_paths.items())),
         unsettled=tuple(sorted(snapshot.unsettled)),
     )
 
@@ -125,35 +151,55 @@ def doubt(snapshot: Snapshot, policy: Policy) -> str | None:
     return None
 
 
+def held_count(rows: Mapping[str, LedgerRow], unchanged: frozenset[str], policy: Policy) -> int:
+    """How many images the context holds before this cycle sends anything."""
+    if policy.held is not None:  # a targeted cycle sees a few rows; the ledger knows all
+        return policy.held
+    held = sum(1 for r in rows.values() if r.remote and r.image_id not in unchanged)
+    return held + len(unchanged)  # unchanged images are synced, so held, in rows or not
+
+
 def over_limits(
     deletes: list[Action],
     sends: list[Action],
     rows: Mapping[str, LedgerRow],
-    unchanged: frozenset[str],
+    held: int,
     policy: Policy,
 ) -> str | None:
     """Check the whole plan's deletes against the limits, before the first one is sent.
 
-    A delete whose content reappears under a new ID in the same plan is a move, not a
-    loss, and does not count: renaming a large folder is not a reason to stop.
+    They are judged against what the context held before this cycle (its adds do not
+    dilute them), together with the deletes sent within the rolling window and the
+    files already known to be gone that a later cycle will judge (pacing gains
+    nothing). A delete whose content reappears under a new ID in the same plan is a
+    move, not a loss: each new file excuses one delete of its content, no more.
     """
-    added = {a.file.digest for a in sends if a.file is not None}
-    added |= {rows[a.image_id].digest for a in sends if a.image_id in rows}
-    added.discard("")  # content unknown (never read, or sent while it changed): no match
-    lost = sum(1 for a in deletes if rows[a.image_id].digest not in added)
-    if lost > policy.max_delete_count:
-        return f"{lost} deletes exceed safety.max_delete_count = {policy.max_delete_count}"
-    if policy.held is not None:  # a targeted cycle sees a few rows; the ledger knows all
-        held = policy.held
-    else:
-        held = sum(1 for r in rows.values() if r.remote and r.image_id not in unchanged)
-        held += len(unchanged)  # unchanged images are synced, so held, whether in rows or not
-    if held and lost / held > policy.max_delete_fraction:
+    added: Counter[str] = Counter(a.file.digest for a in sends if a.file is not None)
+    added.update(rows[a.image_id].digest for a in sends if a.image_id in rows)
+    del added[""]  # content unknown (never read, or sent while it changed): no match
+    lost = 0
+    for a in deletes:
+        digest = rows[a.image_id].digest
+        if added[digest] > 0:
+            added[digest] -= 1
+        else:
+            lost += 1
+    earlier = policy.recent_deletes + policy.pending_gone
+    total = lost + earlier
+    also = f" (with {earlier} more deleted lately or gone meanwhile)" if earlier else ""
+    if total > policy.max_delete_count:
+        return f"{total} deletes{also} exceed safety.max_delete_count = {policy.max_delete_count}"
+    base = held + policy.recent_deletes  # what the context held before the window
+    if base and total / base > policy.max_delete_fraction:
         return (
-            f"{lost} deletes of {held} images ({lost / held:.0%}) exceed "
+            f"{total} deletes{also} of {base} images ({total / base:.0%}) exceed "
             f"safety.max_delete_fraction = {policy.max_delete_fraction}"
         )
     return None
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
 def assume_applied(rows: Mapping[str, LedgerRow], p: Plan, now: float) -> dict[str, LedgerRow]:

@@ -393,5 +393,6 @@ def scan(
         unchanged=same,
         unsettled=frozenset(unsettled),
         unreadable=unreadable,
+        unreadable_paths={i: relpaths[i] for i in unreadable},
         problems=tuple(problems),
     )

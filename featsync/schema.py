@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 1
+# 2: images.relpath, failed_action, withheld_at; history's (action, at) index
+SCHEMA_VERSION = 2
 
 metadata = sa.MetaData()
 
@@ -32,6 +33,20 @@ images = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("synced_at", sa.Float),
+    # The file's path relative to the root as found on disk (NFD names stay NFD): the
+    # daemon looks at a failed image again by this path, never by one rebuilt from its ID.
+    sa.Column("relpath", sa.Text),
+    sa.Column("failed_action", sa.Text),  # the kind of the action that failed last
+    # Set while the image's delete is withheld by the delete guard: it stays withheld,
+    # cycle after cycle, until the file comes back or an operator confirms deletes.
+    sa.Column("withheld_at", sa.Float),
+)
+
+# Columns added after schema version 1, added in place to an older ledger.
+ADDED_COLUMNS = (
+    ("images", "relpath", "TEXT"),
+    ("images", "failed_action", "TEXT"),
+    ("images", "withheld_at", "FLOAT"),
 )
 
 history = sa.Table(
@@ -44,6 +59,7 @@ history = sa.Table(
     sa.Column("action", sa.Text, nullable=False),
     sa.Column("features_count", sa.Integer),
     sa.Column("at", sa.Float, nullable=False),
+    sa.Index("history_action_at", "action", "at"),  # deletes in the last hour (delete guard)
 )
 
 cycles = sa.Table(
@@ -99,4 +115,6 @@ ROW_COLUMNS = (
     images.c.remote,
     images.c.attempts,
     images.c.next_attempt_at,
+    images.c.failed_action,
+    images.c.withheld_at,
 )

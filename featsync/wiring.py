@@ -29,7 +29,8 @@ def scan_rules(settings: Settings) -> ScanRules:
     )
 
 
-def open_context(settings: Settings, log: Any = None) -> SearchContext:
+def open_context(settings: Settings, log: Any = None, read_only: bool = False) -> SearchContext:
+    """The configured search context; `read_only`: only to look (a dry run)."""
     if settings.context.kind == "local":
         from featsync.localcontext import LocalContext
         from featsync.localcontext.extractor import Extractor, default_workers
@@ -38,7 +39,7 @@ def open_context(settings: Settings, log: Any = None) -> SearchContext:
         extractor = Extractor(
             default_workers(settings.sync.concurrency), c.extract_timeout, c.max_pixels
         )
-        return LocalContext(c.path, extractor, owns_extractor=True)
+        return LocalContext(c.path, extractor, owns_extractor=True, read_only=read_only)
     if settings.context.kind == "aspose":
         from featsync.aspose import AsposeContext
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from featsync.errors import AlreadyExists, Fatal, ItemRejected, NotFound
 from featsync.localcontext.extractor import Extractor, default_workers
 from featsync.model import ImageData, ImageFeatures, SearchResult
+from featsync.sqlitefiles import read_only_uri
 
 if TYPE_CHECKING:
     from featsync.localcontext import matching
@@ -49,12 +50,21 @@ class LocalContext:
     """
 
     def __init__(
-        self, path: str, extractor: Extractor | None = None, owns_extractor: bool = False
+        self,
+        path: str,
+        extractor: Extractor | None = None,
+        owns_extractor: bool = False,
+        read_only: bool = False,
     ) -> None:
         self.path = path
         self._owns_extractor = extractor is None or owns_extractor
         self._extractor = extractor or Extractor(default_workers(4))
         self._lock = threading.Lock()
+        # Descriptors of every entry, loaded on the first search and kept in step after.
+        self._cache: dict[str, matching.Descriptors] | None = None
+        if read_only:
+            self._open_read_only(path)
+            return
         try:
             parent = os.path.dirname(os.path.abspath(path))
             os.makedirs(parent, exist_ok=True)
@@ -83,8 +93,25 @@ class LocalContext:
             )
         except (sqlite3.Error, OSError) as exc:
             raise Fatal(f"cannot open search context store {path!r}: {exc}") from exc
-        # Descriptors of every entry, loaded on the first search and kept in step after.
-        self._cache: dict[str, matching.Descriptors] | None = None
+
+    def _open_read_only(self, path: str) -> None:
+        """Look only (a dry run): create nothing; a missing store is an empty one that
+        no ledger can have mirrored yet."""
+        self._store_id = "(none yet)"
+        try:
+            if not os.path.exists(path):
+                self._db = sqlite3.connect(":memory:", check_same_thread=False)
+                self._db.executescript(_SCHEMA)
+                return
+            self._db = sqlite3.connect(
+                read_only_uri(path), uri=True, check_same_thread=False, isolation_level=None
+            )
+            self._db.execute("PRAGMA busy_timeout = 10000")
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+        except (sqlite3.Error, OSError) as exc:
+            raise Fatal(f"cannot open search context store {path!r}: {exc}") from exc
+        if row is not None:
+            self._store_id = str(row[0])
 
     def identity(self) -> str:
         return f"local store {self._store_id} ({self.path})"
