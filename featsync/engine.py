@@ -76,11 +76,13 @@ def bind_context(
     if have is None and not resync:  # a new ledger, or one from before bindings
         if not dry_run:
             ledger.bind_context(want)
+            _adopt(ledger, context, log)
         return
     if resync:
         if not dry_run:
             n = ledger.resync(want, time.time())
             log.warning("context_resync", previous=have, context=want, images=n)
+            _adopt(ledger, context, log)
         return
     raise Fatal(
         f"the ledger mirrors {have}, but the configuration names {want}: nothing was "
@@ -88,6 +90,23 @@ def bind_context(
         "`featsync reconcile --resync` to send every image of the folder to it; "
         "otherwise put the configuration (or the store) back"
     )
+
+
+def _adopt(ledger: SqlLedger, context: SearchContext, log: Any) -> None:
+    """A ledger that starts mirroring a context that can list what it holds (the
+    embedded one) learns every image ID in it: after a lost ledger, images removed
+    meanwhile are deleted (through the delete guard) instead of staying for good."""
+    listing = getattr(context, "image_ids", None)
+    if not callable(listing):
+        return  # Aspose cannot list a context's image IDs
+    n = ledger.adopt(listing(), time.time())
+    if n:
+        log.warning(
+            "context_adopted",
+            images=n,
+            reason="held by the context, unknown to the ledger: each is sent again if "
+            "its file is there, deleted if not",
+        )
 
 
 class Stopped(Exception):

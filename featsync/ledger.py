@@ -688,6 +688,43 @@ class SqlLedger(LedgerReports):
                 )
 
     @waits_when_locked
+    def adopt(self, held: Iterable[str], now: float) -> int:
+        """The context holds these image IDs: rows that do not say so now say "may
+        hold", with no known content (a lost or new ledger: the next cycle sends each
+        again whose file is there and deletes the others, through the delete guard).
+        Returns how many rows changed."""
+        values: dict[str, Any] = {
+            "state": State.FAILED,
+            "remote": True,
+            "digest": "",
+            "mtime_ns": 0,
+            "next_attempt_at": None,
+            "last_error": "held by the search context, unknown to the ledger",
+            "error_kind": "unknown",
+            "failed_action": None,
+            "updated_at": now,
+        }
+        ids = sorted(set(held))
+        changed = 0
+        with self._tx() as conn:
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start : start + _IN_CHUNK]
+                known = {
+                    r[0]: r[1]
+                    for r in conn.execute(
+                        sa.select(images.c.image_id, images.c.remote).where(
+                            images.c.image_id.in_(chunk)
+                        )
+                    )
+                }
+                for image_id in chunk:
+                    if known.get(image_id):
+                        continue  # the ledger knows it is held
+                    self._upsert(conn, image_id, dict(values), now)
+                    changed += 1
+        return changed
+
+    @waits_when_locked
     def withheld_ids(self) -> list[str]:
         """Image IDs whose deletes are withheld (persisted)."""
         with self._tx() as conn:

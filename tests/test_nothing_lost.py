@@ -607,3 +607,17 @@ def test_status_and_a_dry_run_leave_a_synced_ledger_and_store_as_they_were(
     # and the real run still does what the dry run said
     assert featsync("reconcile", cwd=ws.base).returncode == 0
     assert ws.remote_ids() == {"b.jpg", "c.jpg"}
+
+
+def test_after_a_lost_ledger_images_removed_meanwhile_are_deleted(ws: Workspace) -> None:
+    _images(ws, ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+    assert featsync("reconcile", cwd=ws.base).returncode == 0
+    for f in ws.base.glob("featsync-ledger.db*"):
+        f.unlink()  # the ledger is lost (a new disk, a wiped state directory)
+    (ws.images / "d.jpg").unlink()
+    r = featsync("reconcile", cwd=ws.base)
+    assert r.returncode == 0, r.stderr
+    assert "context_adopted" in r.stderr
+    assert ws.remote_ids() == {"a.jpg", "b.jpg", "c.jpg"}
+    again = featsync("reconcile", cwd=ws.base)
+    assert again.returncode == 0 and '"unchanged": 3' in again.stderr
