@@ -45,15 +45,15 @@ cannot either: five corrupt images in a row may get the same reason from Aspose 
 (its refusals are JSON error bodies, so they never count towards the run). The cost is
 one status call in a run that meets a 404 or a refusal.
 
-Reading the answers (fields in any case, error reasons, the retry policy) is
-featsync.aspose_wire.
+The session, the token and reading the answers (fields in any case, error reasons, the
+retry policy) are featsync.aspose_wire.
 
-The token and the client secret are never put in a log line, an exception or a repr.
+The token and the client secret are never put in a log line, an exception or a repr;
+an error answer that echoes them (a server that is not the API may) has them blanked.
 """
 
 from __future__ import annotations
 
-import base64
 import threading
 import time
 from dataclasses import dataclass
@@ -61,19 +61,24 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from featsync.aspose_wire import (
     SAME_REFUSALS_FATAL,
     TRANSIENT_STATUS,
     RefusalRun,
-    RetryLogged,
+    TokenSource,
+    api_status,
     aspose_error,
     describe,
     error_reason,
     field,
+    image_features,
+    no_context_or_route,
     no_redirect,
-    shown_url,
+    not_the_api,
+    refused_alike,
+    search_results,
+    session,
     tls_refused,
 )
 from featsync.errors import (
@@ -115,44 +120,22 @@ class AsposeContext:
         self, settings: ClientSettings, client_id: str, secret: Secret, log: Any = None
     ) -> None:
         self.settings = settings
-        self._client_id = client_id
-        self._secret = secret
-        self._log = log
-        self._token_lock = threading.Lock()
-        self._access: str | None = None
-        self._refresh_at = 0.0
         self._probe_lock = threading.Lock()
         self._is_api = False  # the status route answered as the imageSearch API does
         self._not_api: tuple[float, str] | None = None  # (when, what status answered)
         self._refusals = RefusalRun()
         self._timeout = (settings.connect_timeout, settings.read_timeout)
-        session = requests.Session()
-        session.trust_env = settings.trust_env
-        session.verify = settings.verify_tls
-        retry = RetryLogged(
-            total=settings.max_retries,
-            connect=settings.max_retries,
-            read=settings.max_retries,
-            status=settings.max_retries,
-            other=0,
-            allowed_methods=None,  # every method, on purpose (see the module docstring)
-            status_forcelist=TRANSIENT_STATUS,
-            backoff_factor=0.25,
-            backoff_jitter=0.25,
+        self._session = session(
+            trust_env=settings.trust_env,
+            verify_tls=settings.verify_tls,
+            max_retries=settings.max_retries,
             backoff_max=settings.backoff_max,
-            respect_retry_after_header=True,
-            raise_on_status=False,
-            raise_on_redirect=False,
+            pool_size=settings.pool_size,
             log=log,
         )
-        adapter = HTTPAdapter(
-            max_retries=retry, pool_connections=2, pool_maxsize=settings.pool_size
+        self._tokens = TokenSource(
+            self._session, settings.auth_url, client_id, secret, self._timeout, log
         )
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        session.headers["Accept"] = "application/json"
-        session.headers["User-Agent"] = "featsync"
-        self._session = session
 
     def __repr__(self) -> str:
         return f"AsposeContext({self.settings.base_url!r}, context {self.settings.context_id!r})"
@@ -166,61 +149,6 @@ class AsposeContext:
 
     def close(self) -> None:
         self._session.close()
-
-    # -- the token ---------------------------------------------------------------------
-
-    def _token(self) -> str:
-        with self._token_lock:
-            if self._access is None or time.monotonic() >= self._refresh_at:
-                self._fetch_token()
-            assert self._access is not None
-            return self._access
-
-    def _forget_token(self, token: str) -> None:
-        with self._token_lock:
-            if self._access == token:
-                self._access = None
-
-    def _fetch_token(self) -> None:
-        url = self.settings.auth_url
-        form = {
-            "grant_type": "client_credentials",
-            "client_id": self._client_id,
-            "client_secret": self._secret.reveal(),
-        }
-        try:
-            r = self._session.post(url, data=form, timeout=self._timeout, allow_redirects=False)
-        except requests.exceptions.SSLError as exc:
-            raise Fatal(tls_refused(f"token endpoint {url}", exc)) from None
-        except requests.RequestException as exc:
-            raise Transient(f"token endpoint {url}: {describe(exc)}") from None
-        no_redirect(r, f"token endpoint {url}", "context.auth_url")
-        if r.status_code in TRANSIENT_STATUS:
-            raise Transient(f"token endpoint {url}: HTTP {r.status_code}")
-        if r.status_code != 200:
-            _code, reason = error_reason(r)
-            secret = self._secret.reveal()  # the form carried it: an echo must not show it
-            reason = reason.replace(secret, "[secret]") if secret else reason
-            raise Fatal(
-                f"token endpoint {url} refused client {self._client_id!r} "
-                f"(HTTP {r.status_code}: {reason}); check the client ID and secret"
-            )
-        try:
-            body = r.json()
-        except ValueError:
-            raise Transient(f"token endpoint {url}: the answer is not JSON") from None
-        token = field(body, "access_token")
-        if not isinstance(token, str) or not token:
-            raise Transient(f"token endpoint {url}: no access_token in the answer")
-        try:
-            lifetime = float(field(body, "expires_in") or 3600)
-        except (TypeError, ValueError):
-            lifetime = 3600.0
-        # Refresh a little before it runs out: a tenth of its life, at most a minute.
-        self._refresh_at = time.monotonic() + lifetime - min(60.0, lifetime / 10)
-        self._access = token
-        if self._log is not None:
-            self._log.info("token_fetched", url=url, expires_in=lifetime)
 
     # -- calls -------------------------------------------------------------------------
 
@@ -247,7 +175,7 @@ class AsposeContext:
     ) -> tuple[requests.Response, str]:
         """One call, with a fresh token and one more try after a 401; (answer, token)."""
         for attempt in (1, 2):
-            token = self._token()
+            token = self._tokens.get()
             headers = {"Authorization": f"Bearer {token}"}
             body = None
             if image is not None:
@@ -271,7 +199,7 @@ class AsposeContext:
             no_redirect(r, what, "context.base_url")
             if r.status_code != 401:
                 break
-            self._forget_token(token)  # expired or revoked: one fresh token, one more try
+            self._tokens.forget(token)  # expired or revoked: one fresh token, one more try
             if attempt == 2:
                 _code, reason = self._reason(r, token)
                 raise Fatal(f"{what}: the server refused a fresh token (HTTP 401: {reason})")
@@ -303,23 +231,21 @@ class AsposeContext:
         code, reason = self._reason(r, token)
         if status in TRANSIENT_STATUS:
             raise Transient(f"{what}: HTTP {status} ({reason}), retries spent")
-        ours = aspose_error(r)
+        ours, base_url = aspose_error(r), self.settings.base_url
         if status == 403:
             raise Fatal(f"{what}: forbidden (HTTP 403: {reason})")
         if status == 405:  # the operation fixes the method: never the image's fault
-            raise Fatal(self._not_the_api(what, f"HTTP 405 ({reason})"))
+            raise Fatal(not_the_api(what, f"HTTP 405 ({reason})", base_url))
         if status == 404:
             if code == CONTEXT_NOT_FOUND:
                 raise Fatal(self._context_missing(reason))
             if not ours:
-                raise Fatal(self._not_the_api(what, f"HTTP 404, not an Aspose error ({reason})"))
-            if not lookup:  # no image is looked up: the context or the route is missing
                 raise Fatal(
-                    f"{what}: HTTP 404 ({reason}): no search context "
-                    f"{self.settings.context_id!r} or no such route at "
-                    f"{shown_url(self.settings.base_url)}; check [context] base_url "
-                    "and context_id"
+                    not_the_api(what, f"HTTP 404, not an Aspose error ({reason})", base_url)
                 )
+            if not lookup:  # no image is looked up: the context or the route is missing
+                answer = f"HTTP 404 ({reason})"
+                raise Fatal(no_context_or_route(what, answer, self.settings.context_id, base_url))
             self._check_api(what, f"HTTP 404 ({reason})")
             raise NotFound(f"{what}: not found ({reason})")
         if code == "AlreadyExists":
@@ -329,14 +255,7 @@ class AsposeContext:
             if ours:  # the API itself refused an upload: the route works
                 self._refusals.reset()
             elif self._refusals.refused(image_id, (status, reason)) >= SAME_REFUSALS_FATAL:
-                raise Fatal(
-                    f"{what}: {SAME_REFUSALS_FATAL} different images in a row were refused "
-                    f"with the same answer, HTTP {status} ({reason}), which is not an Aspose "
-                    "error: something at "
-                    f"{shown_url(self.settings.base_url)} refuses every call, not the "
-                    "images; check [context] base_url (and any proxy); the images refused "
-                    "meanwhile wait: `featsync retry --all` after the fix"
-                )
+                raise Fatal(refused_alike(what, f"HTTP {status} ({reason})", base_url))
         raise ItemRejected(f"HTTP {status}: {reason}")
 
     def _check_api(self, what: str, answer: str) -> None:
@@ -355,19 +274,15 @@ class AsposeContext:
                     self._is_api = True
                     return
                 self._not_api = seen
-        raise Fatal(self._not_the_api(what, f"{answer}, and its search context {seen[1]}"))
+        answer = f"{answer}, and its search context {seen[1]}"
+        raise Fatal(not_the_api(what, answer, self.settings.base_url))
 
     def _ask_status(self, what: str, answer: str) -> tuple[float, str] | None:
         """None if the status route answers as the API does, else (now, its answer)."""
         r, token = self._send("GET", self._url("/status"), "search context status")
-        if r.status_code == 200:
-            try:
-                state = field(r.json(), "searchStatus")
-            except ValueError:
-                state = None
-            if isinstance(state, str) and state:
-                return None
-        elif r.status_code in TRANSIENT_STATUS:
+        if api_status(r):
+            return None
+        if r.status_code in TRANSIENT_STATUS:
             raise Transient(
                 f"{what}: {answer}; the status check that tells an image's fault from a "
                 f"wrong base_url answered HTTP {r.status_code}"
@@ -376,13 +291,6 @@ class AsposeContext:
         if r.status_code == 404 and code == CONTEXT_NOT_FOUND:
             raise Fatal(self._context_missing(reason))
         return time.monotonic(), f"status HTTP {r.status_code} ({reason})"
-
-    def _not_the_api(self, what: str, answer: str) -> str:
-        return (
-            f"{what}: {answer}: the server at {shown_url(self.settings.base_url)} is not "
-            "the Aspose imageSearch API (another service, a wrong path prefix or API "
-            "version?); nothing is the images' fault; check [context] base_url"
-        )
 
     def _context_missing(self, reason: str) -> str:
         return f"search context {self.settings.context_id!r} not found ({reason})"
@@ -408,10 +316,8 @@ class AsposeContext:
 
     def status(self) -> str:
         r = self._request("GET", self._url("/status"), "search context status")
-        state = str(field(self._json(r, "status"), "searchStatus") or "")
-        if state:
-            self._is_api = True
-        return state
+        self._is_api = self._is_api or api_status(r)
+        return str(field(self._json(r, "status"), "searchStatus") or "")
 
     def delete_context(self) -> None:
         self._request("DELETE", self._url(""), "delete search context")
@@ -463,17 +369,7 @@ class AsposeContext:
         what = f"get features of {image_id!r}"
         url = self._url("/features", {"imageId": image_id})
         r = self._request("GET", url, what, None, image_id, True)
-        body = self._json(r, what)
-        try:
-            blob = base64.b64decode(field(body, "features") or "", validate=True)
-            return ImageFeatures(
-                str(field(body, "imageId") or image_id),
-                int(field(body, "featuresCount") or 0),
-                int(field(body, "featureLengthInBits") or 0),
-                blob,
-            )
-        except (TypeError, ValueError) as exc:
-            raise Transient(f"{what}: malformed answer ({exc})") from None
+        return image_features(self._json(r, what), image_id, what)
 
     def find_similar(
         self,
@@ -493,22 +389,10 @@ class AsposeContext:
         # With an image ID it is looked up (in the storage): a 404 may be its absence.
         r = self._request(method, url, "find similar", image, lookup=image_id is not None)
         body = self._json(r, "find similar")
-        return _results(field(body, "results"))
+        return search_results(field(body, "results"))
 
     def find_duplicates(self, threshold: float) -> list[list[SearchResult]]:
         url = self._url("/findDuplicates", {"similarityThreshold": f"{threshold:g}"})
         body = self._json(self._request("GET", url, "find duplicates"), "find duplicates")
         groups = field(body, "duplicates") or []
-        return [_results(field(g, "duplicateImages")) for g in groups]
-
-
-def _results(items: Any) -> list[SearchResult]:
-    out = []
-    for item in items or []:
-        try:
-            out.append(
-                SearchResult(str(field(item, "imageId") or ""), float(field(item, "similarity")))
-            )
-        except (TypeError, ValueError):
-            raise Transient(f"malformed search result {item!r}") from None
-    return out
+        return [search_results(field(g, "duplicateImages")) for g in groups]

@@ -1,19 +1,25 @@
-"""Reading Aspose's answers: JSON fields in any case, the reason in an error body,
-whether a body is an Aspose error at all, a run of identical refusals, how a failed
-request is described (never with a header, so never with the token), which statuses are
-worth a retry, and urllib3's ``Retry`` with each retry logged."""
+"""The wire under the Aspose client: the HTTP session (urllib3's ``Retry``, each retry
+logged), the bearer token, and reading Aspose's answers: JSON fields in any case, the
+token, features and search results, the reason in an error body, whether a body is an
+Aspose error at all and a status answer the API's, a run of identical refusals, what to
+say when the server is not the API, how a failed request is described (never with a
+header, so never with the token), which statuses are worth a retry."""
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
+import time
 from typing import Any, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
+from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from featsync.errors import Fatal
+from featsync.errors import Fatal, Transient
+from featsync.model import ImageFeatures, SearchResult, Secret
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})  # 408: request timeout
 
@@ -62,6 +68,100 @@ class RetryLogged(Retry):
         return new
 
 
+def session(
+    *,
+    trust_env: bool,
+    verify_tls: bool,
+    max_retries: int,
+    backoff_max: float,
+    pool_size: int,
+    log: Any,
+) -> requests.Session:
+    """A session whose calls urllib3 retries (exponential backoff with jitter,
+    ``Retry-After`` honoured up to `backoff_max`), every method included: why that is
+    safe is said in featsync.aspose."""
+    s = requests.Session()
+    s.trust_env = trust_env
+    s.verify = verify_tls
+    retry = RetryLogged(
+        total=max_retries,
+        connect=max_retries,
+        read=max_retries,
+        status=max_retries,
+        other=0,
+        allowed_methods=None,  # every method, on purpose
+        status_forcelist=TRANSIENT_STATUS,
+        backoff_factor=0.25,
+        backoff_jitter=0.25,
+        backoff_max=backoff_max,
+        respect_retry_after_header=True,
+        raise_on_status=False,
+        raise_on_redirect=False,
+        log=log,
+    )
+    adapter = HTTPAdapter(max_retries=retry, pool_connections=2, pool_maxsize=pool_size)
+    s.mount("http://", adapter)
+    s.mount("https://", adapter)
+    s.headers["Accept"] = "application/json"
+    s.headers["User-Agent"] = "featsync"
+    return s
+
+
+class TokenSource:
+    """The bearer token of the client credentials: fetched when there is none or it is
+    about to run out, forgotten after a 401. Never put in a repr, a log line or a message."""
+
+    def __init__(
+        self,
+        session: requests.Session,
+        url: str,
+        client_id: str,
+        secret: Secret,
+        timeout: tuple[float, float],
+        log: Any = None,
+    ) -> None:
+        self._session, self._url, self._timeout, self._log = session, url, timeout, log
+        self._client_id, self._secret = client_id, secret
+        self._lock = threading.Lock()
+        self._access: str | None = None
+        self._refresh_at = 0.0
+
+    def __repr__(self) -> str:
+        return f"TokenSource({self._url!r}, client {self._client_id!r})"
+
+    def get(self) -> str:
+        with self._lock:
+            if self._access is None or time.monotonic() >= self._refresh_at:
+                self._fetch()
+            assert self._access is not None
+            return self._access
+
+    def forget(self, token: str) -> None:
+        with self._lock:
+            if self._access == token:
+                self._access = None
+
+    def _fetch(self) -> None:
+        url = self._url
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": self._client_id,
+            "client_secret": self._secret.reveal(),
+        }
+        try:
+            r = self._session.post(url, data=form, timeout=self._timeout, allow_redirects=False)
+        except requests.exceptions.SSLError as exc:
+            raise Fatal(tls_refused(f"token endpoint {url}", exc)) from None
+        except requests.RequestException as exc:
+            raise Transient(f"token endpoint {url}: {describe(exc)}") from None
+        token, lifetime = read_token(r, url, self._client_id, self._secret.reveal())
+        # Refresh a little before it runs out: a tenth of its life, at most a minute.
+        self._refresh_at = time.monotonic() + lifetime - min(60.0, lifetime / 10)
+        self._access = token
+        if self._log is not None:
+            self._log.info("token_fetched", url=url, expires_in=lifetime)
+
+
 def field(data: Any, name: str) -> Any:
     """A JSON object's field by name, whatever its case (v3 camelCase, v2 PascalCase)."""
     if not isinstance(data, dict):
@@ -95,6 +195,59 @@ def error_reason(response: requests.Response) -> tuple[str, str]:
     return "", json.dumps(body)[:200]
 
 
+def read_token(r: requests.Response, url: str, client_id: str, secret: str) -> tuple[str, float]:
+    """(access token, lifetime in s) from the token endpoint's answer; Fatal if it
+    refused the client, Transient if it is busy or the answer garbled."""
+    where = f"token endpoint {url}"
+    no_redirect(r, where, "context.auth_url")
+    if r.status_code in TRANSIENT_STATUS:
+        raise Transient(f"{where}: HTTP {r.status_code}")
+    if r.status_code != 200:
+        _code, reason = error_reason(r)
+        reason = reason.replace(secret, "[secret]") if secret else reason  # an echoed form
+        raise Fatal(
+            f"{where} refused client {client_id!r} (HTTP {r.status_code}: {reason}); "
+            "check the client ID and secret"
+        )
+    try:
+        body = r.json()
+    except ValueError:
+        raise Transient(f"{where}: the answer is not JSON") from None
+    token = field(body, "access_token")
+    if not isinstance(token, str) or not token:
+        raise Transient(f"{where}: no access_token in the answer")
+    try:
+        lifetime = float(field(body, "expires_in") or 3600)
+    except (TypeError, ValueError):
+        lifetime = 3600.0
+    return token, lifetime
+
+
+def image_features(body: Any, image_id: str, what: str) -> ImageFeatures:
+    try:
+        blob = base64.b64decode(field(body, "features") or "", validate=True)
+        return ImageFeatures(
+            str(field(body, "imageId") or image_id),
+            int(field(body, "featuresCount") or 0),
+            int(field(body, "featureLengthInBits") or 0),
+            blob,
+        )
+    except (TypeError, ValueError) as exc:
+        raise Transient(f"{what}: malformed answer ({exc})") from None
+
+
+def search_results(items: Any) -> list[SearchResult]:
+    out = []
+    for item in items or []:
+        try:
+            out.append(
+                SearchResult(str(field(item, "imageId") or ""), float(field(item, "similarity")))
+            )
+        except (TypeError, ValueError):
+            raise Transient(f"malformed search result {item!r}") from None
+    return out
+
+
 def aspose_error(response: requests.Response) -> bool:
     """Whether the body is an error as the Aspose API writes it: ``{"error": {...}}``
     (v3) or the legacy ``{"Message": "..."}``. An HTML page, plain text, an empty body or
@@ -105,6 +258,18 @@ def aspose_error(response: requests.Response) -> bool:
     except ValueError:
         return False
     return isinstance(field(body, "error"), dict) or isinstance(field(body, "message"), str)
+
+
+def api_status(response: requests.Response) -> bool:
+    """Whether a search context status answer is the imageSearch API's: 200, JSON with a
+    ``searchStatus``."""
+    if response.status_code != 200:
+        return False
+    try:
+        state = field(response.json(), "searchStatus")
+    except ValueError:
+        return False
+    return isinstance(state, str) and bool(state)
 
 
 class RefusalRun:
@@ -147,6 +312,31 @@ def shown_url(url: str) -> str:
         port = None
     netloc = host + (f":{port}" if port is not None else "")
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def not_the_api(what: str, answer: str, base_url: str) -> str:
+    return (
+        f"{what}: {answer}: the server at {shown_url(base_url)} is not the Aspose "
+        "imageSearch API (another service, a wrong path prefix or API version?); nothing "
+        "is the images' fault; check [context] base_url"
+    )
+
+
+def no_context_or_route(what: str, answer: str, context_id: str, base_url: str) -> str:
+    return (
+        f"{what}: {answer}: no search context {context_id!r} or no such route at "
+        f"{shown_url(base_url)}; check [context] base_url and context_id"
+    )
+
+
+def refused_alike(what: str, answer: str, base_url: str) -> str:
+    return (
+        f"{what}: {SAME_REFUSALS_FATAL} different images in a row were refused with the "
+        f"same answer, {answer}, which is not an Aspose error: something at "
+        f"{shown_url(base_url)} refuses every call, not the images; check [context] "
+        "base_url (and any proxy); the images refused meanwhile wait: `featsync retry "
+        "--all` after the fix"
+    )
 
 
 def no_redirect(r: requests.Response, what: str, key: str) -> None:

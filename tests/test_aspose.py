@@ -179,7 +179,7 @@ def test_secrets_and_tokens_never_reach_logs_errors_or_status(
         try:
             report = Engine(settings, ledger, context, structlog.get_logger()).cycle()
             assert isinstance(context, AsposeContext)
-            token = context._access
+            token = context._tokens._access
             shown = repr(context) + repr(settings) + repr(report)
         finally:
             context.close()
@@ -527,7 +527,7 @@ def test_a_redirect_is_a_config_error_and_is_never_followed(
         client.add_features("a.jpg", b"x")
     assert [m for m, p in srv.seen if p == FEATURES] == ["POST"]  # no GET behind it
     srv.answers[("POST", "/connect/token")] = (302, b"", {"Location": "/login"})
-    client._forget_token("t0k3n")
+    client._tokens.forget("t0k3n")
     with pytest.raises(Fatal, match=r"check context\.auth_url"):
         client.delete_features("a.jpg")
 
