@@ -284,12 +284,17 @@ def test_a_reconcile_killed_in_the_middle_loses_nothing(
     the server finishes); the files the ledger did not record as synced are deleted;
     the next run leaves the context equal to the folder."""
     srv = start_server(tmp_path / "slow", "--latency", "0.4") if where == "serve" else None
+    held: Callable[[], set[str]] = ws.remote_ids
+    env: dict[str, str] = {}
     try:
         if srv is not None:
             context_id = use_server(ws, srv)
-            env, held = dict(CREDS), lambda: served_ids(srv, context_id)
-        else:
-            env, held = {}, ws.remote_ids
+            env = dict(CREDS)
+
+            def held() -> set[str]:
+                assert srv is not None
+                return served_ids(srv, context_id)
+
         with ws.config_path.open("a", encoding="utf-8") as fh:  # orphans, not the guard
             fh.write("[safety]\nmax_delete_fraction = 1.0\n")
         names = [f"k{n:02}.jpg" for n in range(12)]
@@ -402,6 +407,7 @@ def test_deletes_paced_over_many_cycles_are_judged_together(ws: Workspace) -> No
         finally:
             ctx.close()
             ledger.close()
+        assert report.applied is not None
         deleted += report.applied.deleted
     assert deleted <= 10  # max_delete_fraction 0.5 of 20
     assert len(ws.remote_ids()) >= 10
@@ -471,7 +477,8 @@ def test_a_failed_image_with_an_nfd_name_is_looked_at_again_by_its_path(ws: Work
     assert ws.remote_ids() == {image_id}
     path.write_bytes(b"\xff\xd8\xff\xe0 corrupt now")
     set_mtime_past(path)
-    assert ws.cycle().report.applied.failed == 1
+    failed = ws.cycle().report.applied
+    assert failed is not None and failed.failed == 1
     settings = ws.settings()
     ledger = SqlLedger(settings.ledger.url)
     ctx = LocalContext(settings.context.path)
