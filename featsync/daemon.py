@@ -399,9 +399,8 @@ class Daemon:
         assert engine is not None and self.ledger is not None
         root = engine.settings.sync.folder
         paths = set(self.pending.take(lambda rel: _size(os.path.join(root, rel))))
-        due, _ = self.ledger.failed_due(time.time())
-        prefix = engine.settings.sync.id_prefix
-        paths.update(i[len(prefix) :] for i in due if i.startswith(prefix))
+        # By the path found on disk: an ID is not a path (an NFD name's ID is NFC)
+        paths.update(self.ledger.due_paths(time.time(), engine.settings.sync.id_prefix))
         if paths:
             self._cycle(sorted(paths), "changes")
 
