@@ -14,7 +14,8 @@ Threads and who does what (one owner for every cycle):
   over between cycles;
 - watchdog's observer thread: the Handler notes changed paths and pokes the sync
   thread; a lost track (overflow, dead watch) posts a full rescan;
-- APScheduler's threads: post a full rescan at start and every rescan_interval;
+- APScheduler's threads: post a full rescan every rescan_interval (the daemon posts
+  the first one, at start, itself);
 - the main thread: signals, reloads (the config read, a new ledger and context opened,
   then handed over), the watcher's health, heartbeats, systemd notify (READY, STATUS,
   WATCHDOG, STOPPING) and the stop. It never runs a cycle nor waits for one, except on
@@ -214,6 +215,9 @@ class Daemon:
         )
         self.watcher = self._watcher(s)
         self.watcher.start()
+        # The first cycle is a full rescan: posted before the sync thread can serve
+        # anything else (failed images due, say).
+        self.requests.full("start")
         self.syncer = threading.Thread(target=self._serve, name="featsync-sync", daemon=True)
         self.syncer.start()
         self.rescans = Rescans(self.request_full, self.log)

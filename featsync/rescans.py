@@ -96,7 +96,8 @@ class Rescans:
         )
 
     def start(self, interval: float) -> None:
-        """Start: the first rescan at once, then every `interval` seconds."""
+        """Start: a rescan every `interval` seconds (the daemon asks for the first one
+        itself, before anything else can be served)."""
         from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED
 
         self.scheduler.add_listener(self._event, EVENT_JOB_MISSED | EVENT_JOB_ERROR)
@@ -104,8 +105,9 @@ class Rescans:
         self.every(interval)
 
     def every(self, interval: float) -> None:
-        """(Re)schedule the periodic rescan, with up to 5% (at most 60 s) of jitter, so
-        that many daemons started together do not rescan together."""
+        """(Re)schedule the periodic rescan, the next one `interval` seconds from now,
+        with up to 5% (at most 60 s) of jitter, so that many daemons started together do
+        not rescan together."""
         from apscheduler.triggers.interval import IntervalTrigger
 
         jitter = int(min(60.0, interval * 0.05)) or None
@@ -116,7 +118,6 @@ class Rescans:
             id="rescan",
             name="full rescan",
             replace_existing=True,
-            next_run_time=dt.datetime.now(dt.UTC),  # the first one at once
         )
 
     def shutdown(self) -> None:
