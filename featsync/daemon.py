@@ -45,8 +45,9 @@ from featsync.engine import CycleReport, Engine, Stopped, bind_context
 from featsync.errors import FeatsyncError
 from featsync.ledger import SqlLedger
 from featsync.lock import SyncLock
-from featsync.model import RootState, SearchContext
+from featsync.model import RootState, SearchContext, State
 from featsync.rescans import Requests, Rescans
+from featsync.scan import image_id_for
 from featsync.systemd import Notifier, Pulse
 from featsync.watch import ROOT_CHANGED, Handler, Pending, Watcher
 from featsync.wiring import open_context, scan_rules
@@ -406,9 +407,27 @@ class Daemon:
         # By the path found on disk: an ID is not a path (an NFD name's ID is NFC)
         paths.update(self.ledger.due_paths(time.time(), engine.settings.sync.id_prefix))
         if paths:
-            self._cycle(sorted(paths), "changes")
+            self._cycle(sorted(paths), "changes", self._gone_meanwhile(root, paths))
 
-    def _cycle(self, scope: list[str] | None, reason: str) -> None:
+    def _gone_meanwhile(self, root: str, judged: set[str]) -> int:
+        """Images the context holds whose files (or folders) the watcher saw go but a
+        later cycle will judge: they count against this cycle's delete limits, so a
+        folder emptied in bursts is judged as a whole, not a few files at a time."""
+        assert self.ledger is not None
+        gone = [
+            rel
+            for rel in self.pending.paths()
+            if rel not in judged and _size(os.path.join(root, rel)) is None
+        ]
+        if not gone:
+            return 0
+        assert self.engine is not None
+        prefix = self.engine.settings.sync.id_prefix
+        ids = [image_id_for(rel.strip("/"), prefix) for rel in gone]
+        rows = self.ledger.rows_in_scope(ids, [i + "/" for i in ids])
+        return sum(1 for r in rows.values() if r.remote and r.state != State.DELETED)
+
+    def _cycle(self, scope: list[str] | None, reason: str, pending_gone: int = 0) -> None:
         engine = self.engine
         if engine is None or self.stopping():
             return
@@ -416,7 +435,7 @@ class Daemon:
         self.pulse.cycles += 1
         self.pulse.progress()
         try:
-            report = engine.cycle(scope=scope)
+            report = engine.cycle(scope=scope, pending_gone=pending_gone)
             self._after(report, scope)
         except Stopped:
             self.log.info("cycle_stopped", reason="stop requested")

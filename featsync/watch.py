@@ -94,6 +94,11 @@ class Pending:
         with self._lock:
             self._paths.clear()
 
+    def paths(self) -> list[str]:
+        """The paths waiting now (not taken)."""
+        with self._lock:
+            return list(self._paths)
+
     def holds(self, rel: str) -> bool:
         """Whether `rel` is still settling (an event within the quiet period): a cycle
         leaves such a file alone, whatever triggered the cycle."""
