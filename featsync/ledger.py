@@ -539,7 +539,7 @@ class SqlLedger(LedgerReports):
             # An add that reached the context and got no answer (a timeout, a dropped
             # connection, an error after the call) may have added the features: the
             # row says "may hold" (remote), so a delete follows if the file goes.
-            values["remote"] = outcome.reached
+            values["remote"] = outcome.reached or a.held
         if a.file is not None:
             values["relpath"] = a.file.relpath
         if outcome.digest is not None:  # remember what was tried, so an unchanged file waits
@@ -549,7 +549,7 @@ class SqlLedger(LedgerReports):
                 inode=outcome.inode,
                 digest=outcome.digest,
             )
-        self._upsert(conn, a.image_id, values, now, new_remote=outcome.reached)
+        self._upsert(conn, a.image_id, values, now, new_remote=outcome.reached or a.held)
 
     @waits_when_locked
     def record_intent(self, image_id: str, relpath: str, now: float) -> None:

@@ -93,6 +93,7 @@ class Action(NamedTuple):
     file: LocalFile | None
     version: int
     attempts: int = 0  # failed tries so far (sets the wait after another failure)
+    held: bool = False  # the context holds (or may hold) this image before the action
 
 
 class RootState(enum.StrEnum):

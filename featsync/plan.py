@@ -64,9 +64,13 @@ def plan(snapshot: Snapshot, rows: Mapping[str, LedgerRow], policy: Policy, now:
         if same and not is_due(row, now):
             waiting.append(image_id)
         else:
-            kind = Kind.UPDATE if row.remote else Kind.ADD
+            # An add whose answer was lost is tried as an add again: it costs one call
+            # if it never arrived, two ("already there", then update) if it did.
+            remote = row.remote
+            kind = Kind.UPDATE if remote and row.failed_action != Kind.ADD.value else Kind.ADD
             # a changed file starts its escalating wait afresh
-            sends.append(Action(kind, image_id, f, row.version, row.attempts if same else 0))
+            tries = row.attempts if same else 0
+            sends.append(Action(kind, image_id, f, row.version, tries, remote))
 
     deletes: list[Action] = []
     forget: list[str] = []
