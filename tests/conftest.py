@@ -294,3 +294,40 @@ def new_context(srv: Server, **kw: Any) -> AsposeContext:
     finally:
         maker.close()
     return client_for(srv, context_id, **kw)
+
+
+# -- where features go, and daemons that do not outlive their test ----------------------
+
+
+@dataclass
+class Backend:
+    """Where featsync sends features: the embedded context, or a context on `featsync
+    serve` (the workspace's config points at it)."""
+
+    name: str
+    context: dict[str, Any]  # the config's [context]
+    env: dict[str, str]
+    remote: Callable[[], set[str]]  # the image IDs the context holds
+
+
+@pytest.fixture(params=["embedded", "serve"])
+def backend(request: pytest.FixtureRequest, ws: Workspace) -> Backend:
+    if request.param == "embedded":
+        return Backend("embedded", {}, {}, ws.remote_ids)
+    from tests.test_aspose import CREDS, served_ids, use_server
+
+    srv: Server = request.getfixturevalue("server")
+    context_id = use_server(ws, srv)
+    return Backend(
+        "serve", dict(ws.overrides["context"]), CREDS, lambda: served_ids(srv, context_id)
+    )
+
+
+@pytest.fixture
+def daemons(ws: Workspace) -> Iterator[Any]:
+    """`featsync run` processes started by the test (tests.test_daemon.Daemons)."""
+    from tests.test_daemon import Daemons
+
+    d = Daemons(ws)
+    yield d
+    d.close()

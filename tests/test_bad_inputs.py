@@ -208,13 +208,6 @@ def test_the_corpus_under_reconcile_syncs_every_good_image_and_names_every_bad_o
         assert (summary["added"], summary["updated"]) == (0, 0), summary
 
 
-@pytest.fixture
-def daemons(ws: Workspace) -> Iterator[Daemons]:
-    d = Daemons(ws)
-    yield d
-    d.close()
-
-
 def test_the_corpus_under_the_daemon_syncs_every_good_image_and_the_daemon_lives_on(
     ws: Workspace, daemons: Daemons
 ) -> None:

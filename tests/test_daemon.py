@@ -25,7 +25,7 @@ import pytest
 
 from featsync.model import State
 from featsync.samples import textured_bytes
-from tests.conftest import Server, Workspace, set_mtime_past, start_server, wait_for
+from tests.conftest import Backend, Server, Workspace, set_mtime_past, start_server, wait_for
 from tests.test_aspose import CREDS, requests_for, served_ids, use_server
 from tests.test_cli import featsync
 
@@ -103,13 +103,6 @@ class Daemons:
             if run.proc.poll() is None:
                 run.proc.kill()
                 run.proc.wait()
-
-
-@pytest.fixture
-def daemons(ws: Workspace) -> Iterator[Daemons]:
-    d = Daemons(ws)
-    yield d
-    d.close()
 
 
 def configure(ws: Workspace, **extra: dict[str, Any]) -> None:
@@ -192,27 +185,6 @@ def wait_in_step(
         return in_step(ws, remote() if remote is not None else None)
 
     wait_for(ok, timeout, f"folder, ledger and context in step\n{run.tail()}")
-
-
-@dataclass
-class Backend:
-    """Where the daemon sends features: the embedded context, or featsync serve."""
-
-    name: str
-    context: dict[str, Any]  # the config's [context]
-    env: dict[str, str]
-    remote: Callable[[], set[str]]  # the image IDs the context holds
-
-
-@pytest.fixture(params=["embedded", "serve"])
-def backend(request: pytest.FixtureRequest, ws: Workspace) -> Backend:
-    if request.param == "embedded":
-        return Backend("embedded", {}, {}, ws.remote_ids)
-    srv: Server = request.getfixturevalue("server")
-    context_id = use_server(ws, srv)
-    return Backend(
-        "serve", dict(ws.overrides["context"]), CREDS, lambda: served_ids(srv, context_id)
-    )
 
 
 def write(path: Path, seed: int, size: tuple[int, int] = (160, 120)) -> bytes:

@@ -14,11 +14,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from featsync.lock import SyncLock
 from tests.conftest import Workspace, wait_for
@@ -34,13 +31,6 @@ from tests.test_daemon import (
     wait_in_step,
     write,
 )
-
-
-@pytest.fixture
-def daemons(ws: Workspace) -> Iterator[Daemons]:
-    d = Daemons(ws)
-    yield d
-    d.close()
 
 
 def _posts(s: Any) -> list[dict[str, Any]]:

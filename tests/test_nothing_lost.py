@@ -18,7 +18,6 @@ import threading
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,32 +43,11 @@ from featsync.model import (
     State,
 )
 from featsync.plan import plan
-from tests.conftest import Server, Workspace, set_mtime_past, start_server, wait_for
+from tests.conftest import Backend, Workspace, set_mtime_past, start_server, wait_for
 from tests.test_aspose import CREDS, requests_for, served_ids, use_server
 from tests.test_cli import featsync
 
 # -- both contexts ----------------------------------------------------------------------
-
-
-@dataclass
-class Target:
-    """A workspace synced into the embedded context or into a context on `featsync serve`."""
-
-    ws: Workspace
-    held: Callable[[], set[str]]
-    env: dict[str, str] = field(default_factory=dict)
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return featsync(*args, cwd=self.ws.base, env=self.env)
-
-
-@pytest.fixture(params=["embedded", "serve"])
-def target(request: pytest.FixtureRequest, ws: Workspace) -> Target:
-    if request.param == "embedded":
-        return Target(ws, ws.remote_ids)
-    srv: Server = request.getfixturevalue("server")
-    context_id = use_server(ws, srv)
-    return Target(ws, lambda: served_ids(srv, context_id), dict(CREDS))
 
 
 def _images(ws: Workspace, names: list[str], seed: int = 0) -> None:
@@ -341,29 +319,28 @@ def _synced_in(db: Path) -> set[str]:
 # -- the delete guard ----------------------------------------------------------------------
 
 
-def test_withheld_deletes_stay_withheld_until_confirmed(target: Target) -> None:
+def test_withheld_deletes_stay_withheld_until_confirmed(ws: Workspace, backend: Backend) -> None:
     """A folder swapped for one with other images: the first cycle withholds the deletes;
     the second must not send them (judged against 210 they would be under 50%)."""
-    ws = target.ws
     old = [f"old{n:03}.jpg" for n in range(20)]
     _images(ws, old)
-    assert target.run("reconcile").returncode == 0
+    assert featsync("reconcile", cwd=ws.base, env=backend.env).returncode == 0
     for name in old:
         (ws.images / name).unlink()
     new = [f"new{n:03}.jpg" for n in range(22)]
     _images(ws, new, 500)
     for attempt in range(2):
-        r = target.run("reconcile")
+        r = featsync("reconcile", cwd=ws.base, env=backend.env)
         assert r.returncode == 1, r.stderr
         assert "deletes_withheld" in r.stderr, attempt
-        assert target.held() == set(old) | set(new), attempt
-    status = target.run("status")
+        assert backend.remote() == set(old) | set(new), attempt
+    status = featsync("status", cwd=ws.base, env=backend.env)
     assert status.returncode == 1
     assert "withheld deletes: 20" in status.stdout and "--confirm-deletes" in status.stdout
-    confirmed = target.run("reconcile", "--confirm-deletes")
+    confirmed = featsync("reconcile", "--confirm-deletes", cwd=ws.base, env=backend.env)
     assert confirmed.returncode == 0, confirmed.stderr
-    assert target.held() == set(new)
-    assert target.run("status").returncode == 0
+    assert backend.remote() == set(new)
+    assert featsync("status", cwd=ws.base, env=backend.env).returncode == 0
 
 
 def test_withheld_deletes_are_released_when_the_files_come_back(ws: Workspace) -> None:
@@ -450,20 +427,19 @@ def test_a_same_name_rewrite_of_most_of_the_folder_is_logged_as_mass_update(
 
 
 def test_a_gone_files_delete_does_not_wait_out_a_rejected_updates_quarantine(
-    target: Target,
+    ws: Workspace, backend: Backend
 ) -> None:
-    ws = target.ws
     _images(ws, ["good.jpg", "bad.jpg"])
-    assert target.run("reconcile").returncode == 0
+    assert featsync("reconcile", cwd=ws.base, env=backend.env).returncode == 0
     bad = ws.images / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     set_mtime_past(bad)
-    r = target.run("reconcile")
+    r = featsync("reconcile", cwd=ws.base, env=backend.env)
     assert r.returncode == 1 and "image_failed" in r.stderr
     bad.unlink()
-    gone = target.run("reconcile")
+    gone = featsync("reconcile", cwd=ws.base, env=backend.env)
     assert gone.returncode == 0, gone.stderr
-    assert target.held() == {"good.jpg"}
+    assert backend.remote() == {"good.jpg"}
 
 
 def test_a_failed_image_with_an_nfd_name_is_looked_at_again_by_its_path(ws: Workspace) -> None:

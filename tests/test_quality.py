@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,23 @@ def test_ruff_finds_nothing() -> None:
 def test_mypy_strict_finds_nothing() -> None:
     r = run("mypy")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_every_test_the_readme_names_exists() -> None:
+    """The README's guarantees name the tests that check them: each must be there."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## What it guarantees") : text.index("## Logs")]
+    named = re.findall(r"`(?:(test_\w+\.py)(?:::(\w+))?|::(\w+))`", section)
+    assert named
+    current = ""
+    missing = []
+    for file, name, bare in named:
+        current = file or current
+        path = ROOT / "tests" / current
+        if not path.exists():
+            missing.append(current)
+            continue
+        test = name or bare
+        if test and not re.search(rf"^def {test}\(", path.read_text(encoding="utf-8"), re.M):
+            missing.append(f"{current}::{test}")
+    assert not missing, f"the README names tests that do not exist: {missing}"
