@@ -124,10 +124,9 @@ def _send(
             if digest is None:
                 return result(None, kind="deferred", error="file changed while it was read")
             size, mtime, inode = stat_key(st, racy_cutoff_ns)
-            if action.kind is Kind.ADD:
-                # Intent before the call: from here on the context may hold it.
-                gate.intent(action.image_id, f.relpath)
-                reached = True
+            # The row says "may hold" since before this action was handed to a worker
+            # (the ledger's one writer wrote it): from here on the context may hold it.
+            reached = action.kind is Kind.ADD
             try:
                 done, count = _call(
                     ctx, action, OpenImage(fd, st.st_size, action.image_id), existed
@@ -213,11 +212,7 @@ def apply_plan(
     after `breaker` transient failures in a row the worker backs off (see above).
     """
     res = ApplyResult()
-
-    def intent(image_id: str, relpath: str) -> None:
-        ledger.record_intent(image_id, relpath, clock())
-
-    gate = _Gate(res, policy, stop, progress, breaker, hold, in_flight, intent)
+    gate = _Gate(res, policy, stop, progress, breaker, hold, in_flight)
     now = clock()
     ledger.record_restat(plan.restat, now)
     ledger.forget(plan.forget, now)
@@ -261,7 +256,6 @@ class _Gate:
     breaker: int
     hold: Hold
     in_flight: Callable[[int], None]
-    intent: Callable[[str, str], None]  # (image ID, path): an add is about to be sent
     transient_run: int = 0  # transient failures in a row
 
     @property
@@ -299,12 +293,24 @@ def _run_phase(
     # and after a fatal error, a stop request or a backoff little is left to cancel.
     todo = iter(actions)
     running: dict[Future[Outcome], Action] = {}
+    before: dict[str, dict[str, Any] | None] = {}  # rows as they were before an add's intent
     res = gate.res
     while True:
         while len(running) < 2 * concurrency and gate.open():
             action = next(todo, None)
             if action is None:
                 break
+            if action.kind is Kind.ADD and action.file is not None:
+                # Intent before the call, written here by the ledger's one writer.
+                try:
+                    before[action.image_id] = ledger.record_intent(
+                        action.image_id, action.file.relpath, clock()
+                    )
+                except Fatal as exc:
+                    res.not_sent += 1
+                    res.fatal = res.fatal or exc
+                    log.error("image_not_recorded", image_id=action.image_id, error=str(exc))
+                    break
             running[send(action)] = action
         gate.in_flight(len(running))
         if not running:
@@ -323,8 +329,21 @@ def _run_phase(
                 # Failing while we stop (a connection cut, a worker stopped with us) is
                 # no news about the image: leave it as it was, for the next start.
                 out = out._replace(error_kind="not_sent")
+            if action.image_id in before:
+                prior = before.pop(action.image_id)
+                if out.error_kind in ("not_sent", "deferred") and not out.reached:
+                    _undo_safely(ledger, action.image_id, prior, log)
             _record_safely(out, ledger, gate.policy, log, clock, res)
             gate.saw(out)
+
+
+def _undo_safely(ledger: Ledger, image_id: str, prior: dict[str, Any] | None, log: Any) -> None:
+    """An add that was not sent after all: its row back as it was. If even that fails,
+    the row keeps saying "may hold", which costs at most one call later."""
+    try:
+        ledger.undo_intent(image_id, prior)
+    except Exception as exc:
+        log.warning("image_not_recorded", image_id=image_id, error=_unexpected(exc))
 
 
 def _record_safely(

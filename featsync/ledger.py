@@ -552,11 +552,12 @@ class SqlLedger(LedgerReports):
         self._upsert(conn, a.image_id, values, now, new_remote=outcome.reached or a.held)
 
     @waits_when_locked
-    def record_intent(self, image_id: str, relpath: str, now: float) -> None:
+    def record_intent(self, image_id: str, relpath: str, now: float) -> dict[str, Any] | None:
         """An add is about to be sent: from now on the context may hold this image, and
         the row says so before the call, so that a crash or a lost answer cannot leave
         features in the context that the ledger does not know of (the next cycle sends
-        it again if the file is there, a delete if it is gone; "not found" is done)."""
+        it again if the file is there, a delete if it is gone; "not found" is done).
+        Returns the row as it was (None: there was none), for `undo_intent`."""
         values: dict[str, Any] = {
             "state": State.FAILED,
             "remote": True,
@@ -568,7 +569,20 @@ class SqlLedger(LedgerReports):
             "updated_at": now,
         }
         with self._tx() as conn:
+            row = conn.execute(sa.select(images).where(images.c.image_id == image_id)).first()
             self._upsert(conn, image_id, values, now)
+        return None if row is None else dict(row._mapping)
+
+    @waits_when_locked
+    def undo_intent(self, image_id: str, before: dict[str, Any] | None) -> None:
+        """The add was not sent after all (a stop, a file that changed first): the row
+        goes back to what it was."""
+        with self._tx() as conn:
+            where = images.c.image_id == image_id
+            if before is None:
+                conn.execute(images.delete().where(where))
+            else:
+                conn.execute(images.update().where(where).values(before))
 
     def _upsert(
         self,

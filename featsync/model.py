@@ -13,7 +13,7 @@ import base64
 import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 
 class Secret:
@@ -284,7 +284,9 @@ class Ledger(Protocol):
 
     def record(self, outcome: Outcome, now: float, next_attempt_at: float | None) -> None: ...
 
-    def record_intent(self, image_id: str, relpath: str, now: float) -> None: ...
+    def record_intent(self, image_id: str, relpath: str, now: float) -> dict[str, Any] | None: ...
+
+    def undo_intent(self, image_id: str, before: dict[str, Any] | None) -> None: ...
 
     def record_restat(self, files: Sequence[LocalFile], now: float) -> None: ...
 

@@ -604,3 +604,36 @@ def test_after_a_lost_ledger_images_removed_meanwhile_are_deleted(ws: Workspace)
     assert ws.remote_ids() == {"a.jpg", "b.jpg", "c.jpg"}
     again = featsync("reconcile", cwd=ws.base)
     assert again.returncode == 0 and '"unchanged": 3' in again.stderr
+
+
+def test_an_add_that_was_not_sent_after_all_leaves_no_may_hold_row(ws: Workspace) -> None:
+    """The intent is written before an add goes to a worker; if the worker then does
+    not send it (the file is still being written, a stop came first), the row goes
+    back to what it was: no "may hold" that would cost a delete later."""
+    _images(ws, ["new.jpg", "old.jpg"])
+    ws.cycle()
+    (ws.images / "old.jpg").unlink()
+    assert ws.cycle().calls == {"delete": 1}
+    set_mtime_past(ws.image("old.jpg", 7))  # back, with other content: an add
+    settings = ws.settings()
+    ledger = SqlLedger(settings.ledger.url)
+    before = ledger.load()["old.jpg"]
+    ctx = LocalContext(settings.context.path)
+    asked: Counter[str] = Counter()
+
+    def hold(rel: str) -> bool:  # settled for the scan; written to again before the send
+        asked[rel] += 1
+        return asked[rel] > 1
+
+    try:
+        with capture_logs() as logs:
+            engine = Engine(settings, ledger, ctx, structlog.get_logger(), hold=hold)
+            report = engine.cycle()
+        assert report.applied is not None and report.applied.deferred == 1
+        assert [e["event"] for e in logs if e["event"] == "image_deferred"] == ["image_deferred"]
+        assert ledger.load()["old.jpg"] == before  # deleted, not held: as it was
+    finally:
+        ctx.close()
+        ledger.close()
+    (ws.images / "old.jpg").unlink()
+    assert ws.cycle().calls == {}  # no delete for an add that never went
