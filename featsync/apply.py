@@ -17,6 +17,7 @@ finish.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -296,22 +297,20 @@ def _run_phase(
     before: dict[str, dict[str, Any] | None] = {}  # rows as they were before an add's intent
     res = gate.res
     while True:
-        while len(running) < 2 * concurrency and gate.open():
-            action = next(todo, None)
-            if action is None:
-                break
-            if action.kind is Kind.ADD and action.file is not None:
-                # Intent before the call, written here by the ledger's one writer.
-                try:
-                    before[action.image_id] = ledger.record_intent(
-                        action.image_id, action.file.relpath, clock()
-                    )
-                except Fatal as exc:
-                    res.not_sent += 1
-                    res.fatal = res.fatal or exc
-                    log.error("image_not_recorded", image_id=action.image_id, error=str(exc))
-                    break
-            running[send(action)] = action
+        # Refill once half the queue is done, a batch at a time: the intents of a
+        # batch's adds are written in one transaction before any of them is sent.
+        if len(running) <= concurrency and gate.open():
+            batch = list(itertools.islice(todo, 2 * concurrency - len(running)))
+            adds = [(a.image_id, a.file.relpath) for a in batch if a.kind is Kind.ADD and a.file]
+            try:
+                before.update(ledger.record_intents(adds, clock()))
+            except Fatal as exc:
+                res.not_sent += len(batch)
+                res.fatal = res.fatal or exc
+                log.error("intent_not_recorded", images=len(adds), error=str(exc))
+                batch = []
+            for action in batch:
+                running[send(action)] = action
         gate.in_flight(len(running))
         if not running:
             res.not_sent += sum(1 for _ in todo)

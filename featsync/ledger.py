@@ -552,26 +552,61 @@ class SqlLedger(LedgerReports):
         self._upsert(conn, a.image_id, values, now, new_remote=outcome.reached or a.held)
 
     @waits_when_locked
-    def record_intent(self, image_id: str, relpath: str, now: float) -> dict[str, Any] | None:
-        """An add is about to be sent: from now on the context may hold this image, and
-        the row says so before the call, so that a crash or a lost answer cannot leave
-        features in the context that the ledger does not know of (the next cycle sends
-        it again if the file is there, a delete if it is gone; "not found" is done).
-        Returns the row as it was (None: there was none), for `undo_intent`."""
+    def record_intents(
+        self, adds: Sequence[tuple[str, str]], now: float
+    ) -> dict[str, dict[str, Any] | None]:
+        """Adds about to be sent, as (image ID, path): from now on the context may hold
+        each, and its row says so before the call, so that a crash or a lost answer
+        cannot leave features in the context that the ledger does not know of (the next
+        cycle sends it again if the file is there, a delete if it is gone; "not found"
+        is done). One transaction for the batch. Returns each row as it was (None:
+        there was none), for `undo_intent`."""
+        if not adds:
+            return {}
         values: dict[str, Any] = {
             "state": State.FAILED,
             "remote": True,
-            "relpath": relpath,
             "next_attempt_at": None,
             "last_error": "sent to the search context; no answer recorded yet",
             "error_kind": "unknown",
             "failed_action": Kind.ADD.value,
             "updated_at": now,
         }
+        ids = [image_id for image_id, _ in adds]
+        set_values: dict[str, Any] = {"relpath": sa.bindparam("b_relpath")}
+        set_values.update({k: sa.bindparam(k) for k in values})
         with self._tx() as conn:
-            row = conn.execute(sa.select(images).where(images.c.image_id == image_id)).first()
-            self._upsert(conn, image_id, values, now)
-        return None if row is None else dict(row._mapping)
+            found = conn.execute(sa.select(images).where(images.c.image_id.in_(ids)))
+            before: dict[str, dict[str, Any] | None] = {r.image_id: dict(r._mapping) for r in found}
+            known = [{"b_id": i, "b_relpath": rel, **values} for i, rel in adds if i in before]
+            if known:
+                conn.execute(
+                    images.update()
+                    .where(images.c.image_id == sa.bindparam("b_id"))
+                    .values(
+                        relpath=sa.bindparam("b_relpath"), **{k: sa.bindparam(k) for k in values}
+                    ),
+                    known,
+                )
+            fresh = [
+                {
+                    **values,
+                    "image_id": i,
+                    "relpath": rel,
+                    "size": 0,
+                    "mtime_ns": 0,
+                    "inode": 0,
+                    "digest": "",
+                    "version": 0,
+                    "attempts": 0,
+                    "created_at": now,
+                }
+                for i, rel in adds
+                if i not in before
+            ]
+            if fresh:
+                conn.execute(images.insert(), fresh)
+        return {i: before.get(i) for i in ids}
 
     @waits_when_locked
     def undo_intent(self, image_id: str, before: dict[str, Any] | None) -> None:
