@@ -76,3 +76,24 @@ def test_the_daemon_retries_an_nfd_named_image_without_deleting_it(
     states, _ = _states(ws)
     assert states[image_id] == State.FAILED
     assert run.stop() == 0
+
+
+def test_a_daemon_whose_folder_is_emptied_at_once_deletes_nothing(
+    ws: Workspace, daemons: Daemons, backend: Backend
+) -> None:
+    """All files removed in one go: however the watcher's events are split into
+    targeted cycles, none of them sends a delete (the first few are judged together
+    with the rest, which the watcher already saw go)."""
+    configure(ws, context=backend.context)
+    names = [f"e{n:02}.jpg" for n in range(30)]
+    for n, name in enumerate(names):
+        write(ws.images / name, n)
+        set_mtime_past(ws.images / name)
+    run = daemons.start(backend.env)
+    wait_for(lambda: backend.remote() == set(names), 60, f"first sync\n{run.tail()}")
+    for name in names:
+        (ws.images / name).unlink()
+    wait_for(lambda: _states(ws)[1] == set(names), 60, f"all withheld\n{run.tail()}")
+    assert backend.remote() == set(names)
+    assert run.count("image_deleted") == 0
+    assert run.stop() == 0
