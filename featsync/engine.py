@@ -16,8 +16,8 @@ from typing import Any
 from featsync.apply import ApplyResult, apply_plan
 from featsync.config import Settings
 from featsync.errors import Fatal
-from featsync.ledger import SqlLedger
 from featsync.model import (
+    CycleLedger,
     Kind,
     LedgerRow,
     Plan,
@@ -65,7 +65,11 @@ class CycleReport:
 
 
 def bind_context(
-    ledger: SqlLedger, context: SearchContext, log: Any, resync: bool = False, dry_run: bool = False
+    ledger: CycleLedger,
+    context: SearchContext,
+    log: Any,
+    resync: bool = False,
+    dry_run: bool = False,
 ) -> None:
     """The ledger mirrors one search context: on first use record which; afterwards
     refuse another (switched in the config, or a store deleted and made anew), unless
@@ -92,7 +96,7 @@ def bind_context(
     )
 
 
-def _adopt(ledger: SqlLedger, context: SearchContext, log: Any) -> None:
+def _adopt(ledger: CycleLedger, context: SearchContext, log: Any) -> None:
     """A ledger that starts mirroring a context that can list what it holds (the
     embedded one) learns every image ID in it: after a lost ledger, images removed
     meanwhile are deleted (through the delete guard) instead of staying for good."""
@@ -124,7 +128,7 @@ class Engine:
     def __init__(
         self,
         settings: Settings,
-        ledger: SqlLedger,
+        ledger: CycleLedger,
         context: SearchContext,
         log: Any,
         stop: Callable[[], bool] = lambda: False,
