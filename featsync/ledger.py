@@ -469,7 +469,12 @@ class SqlLedger(LedgerReports):
                 self._record_failure(conn, outcome, now, next_attempt_at)
                 return
             version = a.version + 1
+            digest = outcome.digest
             if outcome.done is Kind.DELETE:
+                # the content that went: the delete guard's window tells a move by it
+                digest = conn.execute(
+                    sa.select(images.c.digest).where(images.c.image_id == a.image_id)
+                ).scalar()
                 values: dict[str, Any] = {
                     "state": State.DELETED,
                     "remote": False,
@@ -511,7 +516,7 @@ class SqlLedger(LedgerReports):
                 history.insert().values(
                     image_id=a.image_id,
                     version=version,
-                    digest=outcome.digest,
+                    digest=digest,
                     action=outcome.done.value,
                     features_count=outcome.features_count,
                     at=now,
@@ -797,13 +802,26 @@ class SqlLedger(LedgerReports):
     @waits_when_locked
     def recent_deletes(self, since: float) -> int:
         """Deletes sent since `since` and not confirmed by an operator: the delete
-        guard's rolling window, so that pacing deletes over many cycles gains nothing."""
-        confirmed = float(self._meta("deletes_confirmed_at") or 0.0)
+        guard's rolling window, so that pacing deletes over many cycles gains nothing.
+        A delete whose content was added (or updated to) under another ID within the
+        window is a move, not a loss, and does not count."""
+        start = max(since, float(self._meta("deletes_confirmed_at") or 0.0))
+        moved = history.alias("moved")
         with self._tx() as conn:
             n = conn.execute(
                 sa.select(sa.func.count())
                 .select_from(history)
-                .where(history.c.action == Kind.DELETE.value, history.c.at > max(since, confirmed))
+                .where(
+                    history.c.action == Kind.DELETE.value,
+                    history.c.at > start,
+                    ~sa.exists().where(
+                        moved.c.action.in_([Kind.ADD.value, Kind.UPDATE.value]),
+                        moved.c.at > start,
+                        moved.c.digest == history.c.digest,
+                        moved.c.digest != "",
+                        moved.c.image_id != history.c.image_id,
+                    ),
+                )
             ).scalar()
         return int(n or 0)
 

@@ -637,3 +637,25 @@ def test_an_add_that_was_not_sent_after_all_leaves_no_may_hold_row(ws: Workspace
         ledger.close()
     (ws.images / "old.jpg").unlink()
     assert ws.cycle().calls == {}  # no delete for an add that never went
+
+
+def test_moves_do_not_fill_the_delete_window(ws: Workspace) -> None:
+    """Most of the folder renamed (a move: excused), then, within the hour, a few real
+    deletes: they go through; the renames were no losses."""
+    names = [f"r{n:02}.jpg" for n in range(10)]
+    _images(ws, names)
+    ws.cycle()
+    (ws.images / "renamed").mkdir()
+    for name in names[:8]:
+        (ws.images / name).rename(ws.images / "renamed" / name)
+    moved = ws.cycle()
+    assert moved.calls == {"add": 8, "delete": 8} and not moved.report.plan.withheld
+    for name in names[8:]:
+        (ws.images / name).unlink()
+    after = ws.cycle()  # 2 of 10: within the limit, the 8 moves not counted
+    assert after.calls == {"delete": 2} and not after.report.plan.withheld
+    ledger = ws.ledger()
+    try:
+        assert ledger.recent_deletes(0.0) == 2
+    finally:
+        ledger.close()
