@@ -32,18 +32,23 @@ from featsync.ledger import SqlLedger
 from featsync.localcontext import LocalContext
 from featsync.model import (
     ImageData,
-    ImageFeatures,
     Kind,
     LedgerRow,
     LocalFile,
     Policy,
     RootState,
-    SearchResult,
     Snapshot,
     State,
 )
 from featsync.plan import plan
-from tests.conftest import Backend, Workspace, set_mtime_past, start_server, wait_for
+from tests.conftest import (
+    Backend,
+    CountingContext,
+    Workspace,
+    set_mtime_past,
+    start_server,
+    wait_for,
+)
 from tests.test_aspose import CREDS, requests_for, served_ids, use_server
 from tests.test_cli import featsync
 
@@ -62,13 +67,15 @@ class Crash(BaseException):
     """featsync dies here (nothing after this point runs, nothing is recorded)."""
 
 
-class Faulty:
+class Faulty(CountingContext):
     """The real embedded context; its `at`-th add, update or delete goes wrong: "before"
     (featsync dies before sending it), "after" (dies once the context did it) or "drop"
-    (the context did it; the answer is lost). Counts every add/update it passes on."""
+    (the context did it; the answer is lost). `sent` counts each add/update passed on,
+    by image ID."""
 
     def __init__(self, inner: LocalContext, at: int = 0, how: str = "") -> None:
-        self.inner, self.at, self.how = inner, at, how
+        super().__init__(inner)
+        self.at, self.how = at, how
         self.n = 0
         self.faulted: str | None = None  # the image ID of the call that went wrong
         self.sent: Counter[str] = Counter()
@@ -93,28 +100,16 @@ class Faulty:
         return result
 
     def add_features(self, image_id: str, image: ImageData) -> int | None:
-        return self._do(image_id, True, lambda: self.inner.add_features(image_id, image))  # type: ignore[no-any-return]
+        call = super().add_features
+        return self._do(image_id, True, lambda: call(image_id, image))  # type: ignore[no-any-return]
 
     def update_features(self, image_id: str, image: ImageData) -> int | None:
-        return self._do(image_id, True, lambda: self.inner.update_features(image_id, image))  # type: ignore[no-any-return]
+        call = super().update_features
+        return self._do(image_id, True, lambda: call(image_id, image))  # type: ignore[no-any-return]
 
     def delete_features(self, image_id: str) -> None:
-        self._do(image_id, False, lambda: self.inner.delete_features(image_id))
-
-    def get_features(self, image_id: str) -> ImageFeatures:
-        return self.inner.get_features(image_id)
-
-    def find_similar(self, **kw: Any) -> list[SearchResult]:
-        return self.inner.find_similar(**kw)
-
-    def find_duplicates(self, threshold: float) -> list[list[SearchResult]]:
-        return self.inner.find_duplicates(threshold)
-
-    def identity(self) -> str:
-        return self.inner.identity()
-
-    def close(self) -> None:
-        self.inner.close()
+        call = super().delete_features
+        self._do(image_id, False, lambda: call(image_id))
 
 
 def _cycle_with(ws: Workspace, ctx: Faulty, **kw: Any) -> Any:
