@@ -1,25 +1,26 @@
 """`featsync run`: the daemon that keeps a search context in step with a folder.
 
-The composition root: one Engine, a watchdog Watcher feeding a Pending set, an
-APScheduler timer for full rescans, signal handling, systemd's notify protocol and a
-heartbeat in the logs.
+The composition root and its main thread: it opens the ledger and the context, wires
+the sync thread (featsync.syncthread, which runs every cycle), a watchdog Watcher
+feeding a Pending set and an APScheduler timer for full rescans (featsync.rescans),
+then handles signals, reloads, the watcher's health, the heartbeat in the logs,
+systemd's notify protocol (featsync.systemd) and the stop.
 
 Threads and who does what (one owner for every cycle):
-- featsync-sync, the sync thread: every cycle, full and targeted, one at a time, and
-  the pauses after an outage. Its work is posted to it: full rescans asked for in
-  `Requests` (kept while a cycle runs, served after it, folded when asked for twice),
-  changed paths in `Pending` (a targeted cycle once they went quiet), and failed
-  images whose wait is over (read from the ledger, where `featsync retry` clears
-  waits). A reload's new engine (and ledger and context) is handed to it and taken
-  over between cycles;
+- featsync-sync, the sync thread (featsync.syncthread.SyncThread): every cycle, full
+  and targeted, one at a time, and the pauses after an outage; it owns the engine,
+  the ledger, the context and the ledger's lock. Its work is posted to it (full
+  rescans in `Requests`, changed paths in `Pending`; failed images whose wait is over
+  it reads from the ledger); a reload's new engine is handed to it and taken over
+  between cycles;
 - watchdog's observer thread: the Handler notes changed paths and pokes the sync
   thread; a lost track (overflow, dead watch) posts a full rescan;
 - APScheduler's threads: post a full rescan every rescan_interval (the daemon posts
   the first one, at start, itself);
-- the main thread: signals, reloads (the config read, a new ledger and context opened,
-  then handed over), the watcher's health, heartbeats, systemd notify (READY, STATUS,
-  WATCHDOG, STOPPING) and the stop. It never runs a cycle nor waits for one, except on
-  the stop, for at most stop_timeout.
+- the main thread (this module): signals, reloads (the config read, a new ledger and
+  context opened, then handed over), the watcher's health, heartbeats, systemd notify
+  (READY, STATUS, WATCHDOG, STOPPING) and the stop. It never runs a cycle nor waits
+  for one, except on the stop, for at most stop_timeout.
 Signal handlers only set plain attributes, no lock (an Event's lock, or the log's, taken
 in a handler that interrupted its holder would deadlock): SIGTERM/SIGINT set the stop
 flag that the engine reads while it scans and before each call, so any cycle stops at
@@ -30,42 +31,24 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import select
 import signal
 import sys
-import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any
 
 from featsync import config, logs
-from featsync.engine import CycleReport, Engine, Stopped, bind_context
+from featsync.engine import bind_context
 from featsync.errors import FeatsyncError
 from featsync.ledger import SqlLedger
 from featsync.lock import SyncLock
-from featsync.model import RootState, SearchContext, State
 from featsync.rescans import Requests, Rescans
-from featsync.scan import image_id_for
+from featsync.syncthread import TICK_S, Opened, Reload, SyncThread
 from featsync.systemd import Notifier, Pulse
 from featsync.watch import ROOT_CHANGED, Handler, Pending, Watcher
 from featsync.wiring import open_context, scan_rules
-
-# After an outage (transient errors in a row, or a fatal error such as refused
-# credentials), the next try waits [daemon] outage_wait, doubling up to this cap.
-OUTAGE_WAIT_CAP_S = 600.0
-_TICK_S = 0.5  # the longest either loop sleeps (flags are read this often)
-
-Opened = tuple[SyncLock | None, SqlLedger, SearchContext]
-
-
-@dataclass(frozen=True, slots=True)
-class _Reload:
-    """A reloaded config, handed from the main thread to the sync thread."""
-
-    settings: config.Settings
-    fresh: Opened | None  # a ledger and context opened anew (and the lock of a new ledger)
 
 
 class Daemon:
@@ -84,30 +67,17 @@ class Daemon:
         self._reload = False
         self._closing = False  # the main thread ends the sync thread (any way out)
         self._wake_r = self._wake_w = -1  # the main thread's wake-up pipe
-        # The sync thread's alone (others only read them).
-        self.lock: SyncLock | None = None
-        self.ledger: SqlLedger | None = None
-        self.context: SearchContext | None = None
-        self.engine: Engine | None = None
-        self.running: str | None = None  # "full" or "paths" while a cycle runs
-        self.synced_since_start = 0
-        self.last_good: float | None = None  # monotonic time of the last good cycle
-        self.outage_wait = 0.0
-        self.outage_until = 0.0  # monotonic: no targeted cycles before this
-        self.rescan_after_pause = False  # a full cycle was cut short by an outage
-        self.root_lost = False  # the last full rescan found no folder
+        # The sync thread: it owns the engine, the ledger, the context, the lock and
+        # every cycle's state (others only read them).
+        self.sync: SyncThread | None = None
         # Set by the sync or the watcher thread, acted on by the main thread.
         self.rewatch = False  # try to start a watch that should run but does not
         self.restart_watch = False  # the watched folder itself moved or went away
         self.rescan_started = False  # the first full rescan began: READY=1
         self.status_due = False  # something changed: a new STATUS= line
-        # A reload waiting for the sync thread: set by the main thread only when empty,
-        # emptied by the sync thread once taken over.
-        self._handoff: _Reload | None = None
         # The main thread's alone.
         self.watcher: Watcher | None = None
         self.rescans: Rescans | None = None
-        self.syncer: threading.Thread | None = None
         self.ready_sent = False
         self.next_heartbeat = 0.0
         self.next_ping = 0.0
@@ -144,20 +114,6 @@ class Daemon:
                 lock.release()
             raise
 
-    def _engine(self, settings: config.Settings, ledger: SqlLedger, ctx: SearchContext) -> Engine:
-        return Engine(
-            settings,
-            ledger,
-            ctx,
-            self.log,
-            stop=self.stopping,
-            progress=self.pulse.progress,
-            hold=self._holds,
-        )
-
-    def _holds(self, rel: str) -> bool:
-        return self.pending.holds(rel)  # the Pending of now: a reload may replace it
-
     def _watcher(self, settings: config.Settings) -> Watcher:
         handler = Handler(scan_rules(settings), self.pending, self.requests.poke, self._trouble)
         d = settings.daemon
@@ -171,7 +127,8 @@ class Daemon:
         """Ask the sync thread for a full rescan (any thread; returns at once)."""
         if self.stopping():
             return
-        if self.requests.full(reason) and self.running == "full":
+        sync = self.sync
+        if self.requests.full(reason) and sync is not None and sync.running == "full":
             self.log.info("rescan_queued", reason=reason, after="the full rescan under way")
 
     def _trouble(self, reason: str) -> None:
@@ -181,7 +138,7 @@ class Daemon:
         self.log.warning("watcher_problem", error=reason, action=action)
         if root_gone:  # a watch on a moved or unmounted folder sees nothing of its path
             self.restart_watch = True
-            self._wake_main()
+            self.wake_main()
         self.request_full("watcher")
 
     # -- the main thread ---------------------------------------------------------------
@@ -201,9 +158,11 @@ class Daemon:
             os.close(self._wake_w)
 
     def _run(self) -> int:
-        self.lock, self.ledger, self.context = self._open(self.settings)
-        self.engine = self._engine(self.settings, self.ledger, self.context)
         s = self.settings
+        opened = self._open(s)
+        sync = self.sync = SyncThread(
+            self, s, opened, self.requests, self.pulse, self.log, self.notifier.watchdog_s
+        )
         self.log.info(
             "daemon_started",
             pid=os.getpid(),
@@ -219,14 +178,13 @@ class Daemon:
         # The first cycle is a full rescan: posted before the sync thread can serve
         # anything else (failed images due, say).
         self.requests.full("start")
-        self.syncer = threading.Thread(target=self._serve, name="featsync-sync", daemon=True)
-        self.syncer.start()
+        sync.start()
         self.rescans = Rescans(self.request_full, self.log)
         self.rescans.start(s.daemon.rescan_interval)
         try:
             self._loop()
         finally:
-            code = self._shutdown()
+            code = self._shutdown(sync)
         return code
 
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -237,7 +195,8 @@ class Daemon:
         else:
             self._signal = signum
 
-    def _wake_main(self) -> None:
+    def wake_main(self) -> None:
+        """Wake the main thread (any thread): it looks at its flags at once."""
         with contextlib.suppress(OSError):  # full: it wakes anyway; closed: it has ended
             os.write(self._wake_w, b"w")
 
@@ -260,7 +219,9 @@ class Daemon:
 
     def _turn(self) -> None:
         """One turn of the main loop: never a cycle, never a wait for one."""
-        if self._reload and self._handoff is None:  # else: once the last one is taken over
+        sync = self.sync
+        assert sync is not None
+        if self._reload and sync.handoff is None:  # else: once the last one is taken over
             self._reload = False
             self._reload_config()
         self._tend_watcher()
@@ -313,24 +274,25 @@ class Daemon:
 
     def _sleep(self) -> float:
         now = time.monotonic()
-        until = min(self.next_heartbeat, now + _TICK_S)
+        until = min(self.next_heartbeat, now + TICK_S)
         if self.notifier.watchdog_s is not None:
             until = min(until, self.next_ping)
         return max(0.01, until - now)
 
     def _facts(self) -> dict[str, Any]:
-        ledger, engine = self.ledger, self.engine
-        counts = ledger.counts() if ledger is not None else {}
-        age = None if self.last_good is None else round(time.monotonic() - self.last_good, 1)
+        sync = self.sync
+        assert sync is not None
+        counts = sync.ledger.counts()
+        age = None if sync.last_good is None else round(time.monotonic() - sync.last_good, 1)
         return {
             "pending": len(self.pending),
-            "in_flight": engine.in_flight if engine is not None else 0,
+            "in_flight": sync.engine.in_flight,
             "quarantined": counts.get("failed", 0),
             "synced": counts.get("synced", 0),
-            "synced_since_start": self.synced_since_start,
+            "synced_since_start": sync.synced_since_start,
             "last_good_cycle_age_s": age,
             "watcher": self.watcher.active if self.watcher is not None else "off",
-            "paused_for_s": round(max(0.0, self.outage_until - time.monotonic()), 1),
+            "paused_for_s": round(max(0.0, sync.outage_until - time.monotonic()), 1),
         }
 
     def _status(self) -> None:
@@ -351,152 +313,6 @@ class Daemon:
             return
         self.log.info("heartbeat", **facts)
         self._status()
-
-    # -- the sync thread ---------------------------------------------------------------
-
-    def _serve(self) -> None:
-        """The sync thread: serve what is posted, one cycle at a time, until the stop."""
-        while not self.stopping():
-            self.pulse.loop()
-            try:
-                self._sync_turn()
-            except Exception as exc:  # the ledger unreachable, or a bug: pause, go on
-                self.log.exception("loop_error", error=f"{type(exc).__name__}: {exc}")
-                self._outage(f"{type(exc).__name__}: {exc}")
-            if self.stopping():
-                break
-            self.requests.wait(self._sync_sleep())
-
-    def _sync_turn(self) -> None:
-        handoff = self._handoff
-        if handoff is not None:
-            try:
-                self._take_over(handoff)
-            finally:
-                self._handoff = None  # the main thread may hand over the next one
-        reasons = self.requests.take_full()
-        if reasons:
-            if not self.rescan_started:
-                self.rescan_started = True
-                self._wake_main()
-            self._cycle(None, ",".join(reasons))
-        elif time.monotonic() >= self.outage_until:
-            if self.rescan_after_pause:
-                self.rescan_after_pause = False
-                self._cycle(None, "after pause")
-            else:
-                self._targeted()
-
-    def _sync_sleep(self) -> float:
-        now = time.monotonic()
-        tick = _TICK_S
-        if self.notifier.watchdog_s is not None:  # turns often enough to count as alive
-            tick = min(tick, self.notifier.watchdog_s / 4)
-        until = now + tick
-        due = self.pending.next_due()
-        if due is not None:
-            until = min(until, max(due, self.outage_until))
-        return max(0.01, until - now)
-
-    def _targeted(self) -> None:
-        """A cycle over the paths that went quiet and the failed images now due."""
-        engine = self.engine
-        assert engine is not None and self.ledger is not None
-        root = engine.settings.sync.folder
-        paths = set(self.pending.take(lambda rel: _size(os.path.join(root, rel))))
-        # By the path found on disk: an ID is not a path (an NFD name's ID is NFC)
-        paths.update(self.ledger.due_paths(time.time(), engine.settings.sync.id_prefix))
-        if paths:
-            self._cycle(sorted(paths), "changes", self._gone_meanwhile(root, paths))
-
-    def _gone_meanwhile(self, root: str, judged: set[str]) -> int:
-        """Images the context holds whose files (or folders) the watcher saw go but a
-        later cycle will judge: they count against this cycle's delete limits, so a
-        folder emptied in bursts is judged as a whole, not a few files at a time."""
-        assert self.ledger is not None
-        gone = [
-            rel
-            for rel in self.pending.paths()
-            if rel not in judged and _size(os.path.join(root, rel)) is None
-        ]
-        if not gone:
-            return 0
-        assert self.engine is not None
-        prefix = self.engine.settings.sync.id_prefix
-        ids = [image_id_for(rel.strip("/"), prefix) for rel in gone]
-        rows = self.ledger.rows_in_scope(ids, [i + "/" for i in ids])
-        return sum(1 for r in rows.values() if r.remote and r.state != State.DELETED)
-
-    def _cycle(self, scope: list[str] | None, reason: str, pending_gone: int = 0) -> None:
-        engine = self.engine
-        if engine is None or self.stopping():
-            return
-        self.running = "full" if scope is None else "paths"
-        self.pulse.cycles += 1
-        self.pulse.progress()
-        try:
-            report = engine.cycle(scope=scope, pending_gone=pending_gone)
-            self._after(report, scope)
-        except Stopped:
-            self.log.info("cycle_stopped", reason="stop requested")
-        except FeatsyncError as exc:
-            self.log.error("cycle_failed", trigger=reason, error=str(exc))
-            self._outage(str(exc))
-        except Exception as exc:  # a bug must not end the daemon; the next rescan retries
-            self.log.exception("cycle_crashed", trigger=reason, error=f"{type(exc).__name__}")
-            self._outage(f"{type(exc).__name__}: {exc}")
-        finally:
-            self.pulse.cycles -= 1
-            self.running = None
-
-    def _after(self, report: CycleReport, scope: list[str] | None) -> None:
-        w = self.watcher
-        if scope is None and w is not None and w.mode != "off" and w.active == "off":
-            self.rewatch = True
-            self._wake_main()
-        # A folder that went missing (unmounted, moved away) and is back is another
-        # directory to the kernel: the old watch sees nothing of it. Watch it anew.
-        if scope is None and report.snapshot.root_state is not RootState.OK:
-            self.root_lost = True
-        elif scope is None and self.root_lost:
-            self.root_lost = False
-            self.restart_watch = True
-            self._wake_main()
-        a = report.applied
-        if a is not None:
-            self.synced_since_start += a.added + a.updated + a.deleted
-        # What this cycle could not finish is looked at again: the paths of a targeted
-        # cycle go back to waiting; a full cycle cut short (calls not sent) is run again
-        # after the pause. Files a full cycle found still being written are not a reason
-        # to rescan everything at once: their own events bring them back (else the next
-        # scheduled rescan does), or a file written for minutes would mean a rescan a turn.
-        cut_short = a is not None and bool(a.not_sent or a.backed_off)
-        if scope is None and cut_short:
-            self.rescan_after_pause = True
-        elif scope is not None and (cut_short or report.plan.unsettled or (a and a.deferred)):
-            root = report.snapshot.root
-            for rel in scope:
-                self.pending.mark(rel, _size(os.path.join(root, rel)))
-        if a is not None and (a.backed_off or a.transient):
-            self._outage(a.backed_off or "transient errors")
-        elif report.good:
-            self.last_good = time.monotonic()
-            self.outage_wait = 0.0
-            self.outage_until = 0.0
-        self._status_soon()
-
-    def _outage(self, error: str) -> None:
-        first = self.settings.daemon.outage_wait
-        self.outage_wait = min(max(OUTAGE_WAIT_CAP_S, first), max(first, self.outage_wait * 2))
-        # ±10% jitter: daemons that lost the same service do not come back in step
-        pause = round(self.outage_wait * random.uniform(0.9, 1.1), 2)
-        self.outage_until = time.monotonic() + pause
-        self.log.warning("sync_paused", error=error, retry_in_s=pause)
-        self._status_soon()
-
-    def _status_soon(self) -> None:
-        self.status_due = True
-        self._wake_main()
 
     # -- reload and stop --------------------------------------------------------------
 
@@ -529,26 +345,10 @@ class Daemon:
             assert self.rescans is not None
             self.rescans.every(new.daemon.rescan_interval)
         self.log.info("config_reloaded", changed=changed)
-        self._handoff = _Reload(new, fresh)
-        self.requests.poke()
+        assert self.sync is not None
+        self.sync.hand_over(Reload(new, fresh))
 
-    def _take_over(self, r: _Reload) -> None:
-        """The sync thread, between cycles: the reloaded config's engine from now on."""
-        old: tuple[SearchContext | None, SqlLedger | None, SyncLock | None] | None = None
-        if r.fresh is not None:
-            lock, ledger, context = r.fresh
-            # The same ledger: the lock stays ours. Another: the new one is held already.
-            old = (self.context, self.ledger, self.lock if lock is not None else None)
-            self.ledger, self.context = ledger, context
-            if lock is not None:
-                self.lock = lock
-        assert self.ledger is not None and self.context is not None
-        self.engine = self._engine(r.settings, self.ledger, self.context)
-        self.request_full("reload")
-        if old is not None:
-            _close(*old)
-
-    def _shutdown(self) -> int:
+    def _shutdown(self, sync: SyncThread) -> int:
         self._closing = True  # also the stop flag, when no signal ended the loop
         name = signal.Signals(self._signal).name if self._signal else "none"
         self.log.info("daemon_stopping", signal=name)
@@ -558,44 +358,19 @@ class Daemon:
         if self.rescans is not None:
             self.rescans.shutdown()
         self.requests.close()
-        syncer = self.syncer
-        if syncer is not None:
-            syncer.join(self.settings.daemon.stop_timeout)
-            if syncer.is_alive():
-                # Calls still in flight past the bound: leave without them. The ledger is
-                # consistent (one transaction per outcome); a call whose outcome was not
-                # recorded is repeated once by the next start, and every call is idempotent.
-                in_flight = self.engine.in_flight if self.engine is not None else 0
-                self.log.warning("daemon_stopped", in_flight=in_flight, timed_out=True)
-                self.notifier.close()
-                sys.stderr.flush()
-                os._exit(0)
-        handoff = self._handoff
-        if handoff is not None and handoff.fresh is not None:  # never taken over
-            _close(handoff.fresh[2], handoff.fresh[1], handoff.fresh[0])
-        _close(self.context, self.ledger, self.lock)
-        self.log.info("daemon_stopped", synced_since_start=self.synced_since_start)
+        if not sync.join(self.settings.daemon.stop_timeout):
+            # Calls still in flight past the bound: leave without them. The ledger is
+            # consistent (one transaction per outcome); a call whose outcome was not
+            # recorded is repeated once by the next start, and every call is idempotent.
+            in_flight = sync.engine.in_flight
+            self.log.warning("daemon_stopped", in_flight=in_flight, timed_out=True)
+            self.notifier.close()
+            sys.stderr.flush()
+            os._exit(0)
+        sync.close()  # and a reload never taken over
+        self.log.info("daemon_stopped", synced_since_start=sync.synced_since_start)
         self.notifier.close()
         return 0
-
-
-def _close(context: SearchContext | None, ledger: SqlLedger | None, lock: SyncLock | None) -> None:
-    """Close a context and a ledger, then let the lock go (even if closing failed)."""
-    try:
-        if context is not None:
-            context.close()
-        if ledger is not None:
-            ledger.close()
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _size(path: str) -> int | None:
-    try:
-        return os.lstat(path).st_size
-    except OSError:
-        return None
 
 
 def run(config_path: str, settings: config.Settings) -> int:
