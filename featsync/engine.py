@@ -154,7 +154,9 @@ class Engine:
     ) -> Policy:
         s, sync = self.settings.safety, self.settings.sync
         now = time.time() if now is None else now
-        recent = self.ledger.recent_deletes(now - s.delete_window) if s.delete_window else 0
+        recent, added = (
+            self.ledger.recent_changes(now - s.delete_window) if s.delete_window else (0, 0)
+        )
         return Policy(
             max_delete_count=s.max_delete_count,
             max_delete_fraction=s.max_delete_fraction,
@@ -163,6 +165,7 @@ class Engine:
             confirm_deletes=confirm_deletes,
             held=held,
             recent_deletes=recent,
+            recent_adds=added,
             pending_gone=pending_gone,
             max_file_size=sync.max_file_size,
             min_features=sync.min_features,

@@ -126,6 +126,10 @@ class SqlLedger(LedgerReports):
                     )
                 elif int(found) < SCHEMA_VERSION:
                     self._upgrade(conn)
+                # added within version 2: a ledger made before it gets it here
+                conn.exec_driver_sql(
+                    "CREATE INDEX IF NOT EXISTS ix_images_digest ON images (digest)"
+                )
                 if self.caches_quick_keys:
                     if self._generation(conn) is None:
                         conn.execute(meta.insert().values(key="generation", value="0"))
@@ -352,7 +356,12 @@ class SqlLedger(LedgerReports):
         with self._tx() as conn:
             rows = conn.execute(
                 sa.select(images.c.image_id, images.c.relpath)
-                .where(images.c.state == State.FAILED.value, due <= now)
+                .where(
+                    images.c.state == State.FAILED.value,
+                    due <= now,
+                    # a withheld delete waits for its file or a confirm, not for a turn
+                    images.c.withheld_at.is_(None),
+                )
                 .order_by(images.c.image_id)
             ).all()
         out = []
@@ -588,9 +597,7 @@ class SqlLedger(LedgerReports):
                 conn.execute(
                     images.update()
                     .where(images.c.image_id == sa.bindparam("b_id"))
-                    .values(
-                        relpath=sa.bindparam("b_relpath"), **{k: sa.bindparam(k) for k in values}
-                    ),
+                    .values(set_values),
                     known,
                 )
             fresh = [
@@ -800,30 +807,58 @@ class SqlLedger(LedgerReports):
                 )
 
     @waits_when_locked
-    def recent_deletes(self, since: float) -> int:
-        """Deletes sent since `since` and not confirmed by an operator: the delete
-        guard's rolling window, so that pacing deletes over many cycles gains nothing.
-        A delete whose content was added (or updated to) under another ID within the
-        window is a move, not a loss, and does not count."""
+    def recent_changes(self, since: float) -> tuple[int, int]:
+        """(deletes, adds) sent since `since` and after the last confirm by an operator
+        (adds: of content new to the context, and 0 while the ledger's whole history
+        lies within the window):
+        the delete guard's rolling window, so that pacing deletes over many cycles, or
+        adding a new set of images before removing the old one, gains nothing. A delete
+        whose content the context still holds (under any ID: a move, or a file back)
+        is no loss and does not count."""
         start = max(since, float(self._meta("deletes_confirmed_at") or 0.0))
-        moved = history.alias("moved")
+        still = sa.exists().where(
+            images.c.digest == history.c.digest,
+            images.c.remote.is_(True),
+            images.c.state == State.SYNCED.value,
+        )
         with self._tx() as conn:
-            n = conn.execute(
+            deletes = conn.execute(
                 sa.select(sa.func.count())
                 .select_from(history)
                 .where(
                     history.c.action == Kind.DELETE.value,
                     history.c.at > start,
-                    ~sa.exists().where(
-                        moved.c.action.in_([Kind.ADD.value, Kind.UPDATE.value]),
-                        moved.c.at > start,
-                        moved.c.digest == history.c.digest,
-                        moved.c.digest != "",
-                        moved.c.image_id != history.c.image_id,
-                    ),
+                    # content unknown (adopted, changed while sent): it counts
+                    sa.or_(history.c.digest.is_(None), history.c.digest == "", ~still),
                 )
             ).scalar()
-        return int(n or 0)
+            # A ledger whose history starts within the window is on its first sync:
+            # its adds are all it holds, not a new set beside an old one.
+            older = conn.execute(sa.select(sa.exists().where(history.c.at <= start))).scalar()
+            went = history.alias("went")
+            adds = (
+                conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(history)
+                    .where(
+                        history.c.action == Kind.ADD.value,
+                        history.c.at > start,
+                        # an add of content deleted within the window is a move (NOT IN
+                        # an uncorrelated set: 7 ms at 20,000 adds, where a correlated
+                        # NOT EXISTS took 3.7 s)
+                        history.c.digest.not_in(
+                            sa.select(went.c.digest).where(
+                                went.c.action == Kind.DELETE.value,
+                                went.c.at > start,
+                                went.c.digest.is_not(None),
+                            )
+                        ),
+                    )
+                ).scalar()
+                if older
+                else 0
+            )
+        return int(deletes or 0), int(adds or 0)
 
     def confirm_deletes(self, now: float) -> None:
         """An operator confirmed deletes: earlier ones no longer count in the window."""

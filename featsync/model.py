@@ -138,6 +138,7 @@ class Policy:
     # The rolling window of the delete guard: deletes sent lately (and not confirmed),
     # and files a daemon already saw go that later cycles will judge.
     recent_deletes: int = 0
+    recent_adds: int = 0
     pending_gone: int = 0
     retry_base_s: float = 30.0
     retry_factor: float = 5.0
@@ -314,7 +315,7 @@ class CycleLedger(Ledger, Protocol):
 
     def held_count(self) -> int: ...
 
-    def recent_deletes(self, since: float) -> int: ...
+    def recent_changes(self, since: float) -> tuple[int, int]: ...
 
     def withhold(self, image_ids: Sequence[str], now: float) -> None: ...
 

@@ -179,7 +179,6 @@ def over_limits(
     move, not a loss: each new file excuses one delete of its content, no more.
     """
     added: Counter[str] = Counter(a.file.digest for a in sends if a.file is not None)
-    added.update(rows[a.image_id].digest for a in sends if a.image_id in rows)
     del added[""]  # content unknown (never read, or sent while it changed): no match
     lost = 0
     for a in deletes:
@@ -193,7 +192,9 @@ def over_limits(
     also = f" (with {earlier} more deleted lately or gone meanwhile)" if earlier else ""
     if total > policy.max_delete_count:
         return f"{total} deletes{also} exceed safety.max_delete_count = {policy.max_delete_count}"
-    base = held + policy.recent_deletes  # what the context held before the window
+    # What the context held before the window: new images added since do not dilute
+    # the deletes (a new set copied in, then the old one removed).
+    base = max(1, held + policy.recent_deletes - policy.recent_adds)
     if base and total / base > policy.max_delete_fraction:
         return (
             f"{total} deletes{also} of {base} images ({total / base:.0%}) exceed "

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-# 2: images.relpath, failed_action, withheld_at; history's (action, at) index
+# 2: images.relpath, failed_action, withheld_at; indexes on history (action, at) and
+# images (digest)
 SCHEMA_VERSION = 2
 
 metadata = sa.MetaData()
@@ -21,7 +22,7 @@ images = sa.Table(
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("mtime_ns", sa.BigInteger, nullable=False),
     sa.Column("inode", sa.BigInteger, nullable=False),
-    sa.Column("digest", sa.Text, nullable=False),
+    sa.Column("digest", sa.Text, nullable=False, index=True),  # the delete guard's moves
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("state", sa.Text, nullable=False, index=True),
     sa.Column("remote", sa.Boolean, nullable=False),

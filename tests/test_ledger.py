@@ -94,7 +94,7 @@ def test_outcomes_move_the_version_and_write_history(tmp_path: Path) -> None:
         assert [(h["action"], h["version"], h["digest"]) for h in hist] == [
             ("add", 1, "h1"),
             ("update", 2, "h2"),
-            ("delete", 3, "h1"),
+            ("delete", 3, "h2"),  # the content that went
         ]
         assert ledger.failures() == []
         assert ledger.counts() == {"synced": 0, "failed": 0, "deleted": 1}

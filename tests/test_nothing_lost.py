@@ -651,6 +651,87 @@ def test_moves_do_not_fill_the_delete_window(ws: Workspace) -> None:
     assert after.calls == {"delete": 2} and not after.report.plan.withheld
     ledger = ws.ledger()
     try:
-        assert ledger.recent_deletes(0.0) == 2
+        assert ledger.recent_changes(0.0)[0] == 2
+    finally:
+        ledger.close()
+
+
+def test_an_updates_old_content_excuses_no_delete() -> None:
+    """a.jpg rewritten with other content while its copy is deleted: the copy's content
+    goes from the context for good, so that delete counts (it is no move)."""
+    rows = {
+        i: LedgerRow(i, 1, 1, n, "x", 1, State.SYNCED, True, 0, None)
+        for n, i in enumerate(["a.jpg", "copy.jpg"])
+    }
+    changed = LocalFile("a.jpg", "a.jpg", 2, 2, 0, "y")
+    snap = Snapshot("/x", RootState.OK, 1, False, {"a.jpg": changed})
+    p = plan(snap, rows, Policy(max_delete_count=0, max_delete_fraction=1.0), 0.0)
+    assert [a.kind for a in p.actions] == [Kind.UPDATE] and len(p.withheld) == 1
+
+
+def _age_history(ws: Workspace, seconds: float) -> None:
+    """Move the ledger's history back in time: what was sent lies before the window."""
+    with sqlite3.connect(ws.base / "featsync-ledger.db") as conn:
+        conn.execute("UPDATE history SET at = at - ?", (seconds,))
+
+
+def test_renames_back_and_forth_do_not_open_the_delete_window(ws: Workspace) -> None:
+    """All renamed and renamed back (moves, excused), then deletes paced a few per
+    cycle: no more than the fraction limit goes, as without the renames."""
+    names = [f"w{n:02}.jpg" for n in range(20)]
+    _images(ws, names)
+    ws.cycle()
+    _age_history(ws, 7200)
+    for name in names:
+        (ws.images / name).rename(ws.images / f"r_{name}")
+    assert ws.cycle().calls == {"add": 20, "delete": 20}
+    for name in names:
+        (ws.images / f"r_{name}").rename(ws.images / name)
+    assert ws.cycle().calls == {"add": 20, "delete": 20}
+    deleted = 0
+    for burst in range(5):
+        for name in names[burst * 4 : burst * 4 + 4]:
+            (ws.images / name).unlink()
+        deleted += ws.cycle().calls["delete"]
+    assert deleted <= 10, f"{deleted} of 20 deleted"
+
+
+def test_a_new_set_copied_in_before_the_old_one_goes_does_not_dilute_the_deletes(
+    ws: Workspace,
+) -> None:
+    """A sync tool mirroring the wrong source: the new images arrive first, the old
+    ones are removed after. Judged against what the context held before the window
+    (20), the 20 deletes are withheld, as a swap in one cycle would be."""
+    old = [f"old{n:02}.jpg" for n in range(20)]
+    _images(ws, old)
+    ws.cycle()
+    _age_history(ws, 7200)
+    _images(ws, [f"new{n:02}.jpg" for n in range(20)], 500)
+    assert ws.cycle().calls == {"add": 20}
+    for name in old:
+        (ws.images / name).unlink()
+    gone = ws.cycle()
+    assert gone.calls == {} and len(gone.report.plan.withheld) == 20
+
+
+def test_a_withheld_delete_of_a_failed_image_is_not_retried_every_turn(
+    ws: Workspace,
+) -> None:
+    """A failed image whose delete is withheld is not "due" for the daemon's targeted
+    cycles: it waits for its file or a confirm (a full rescan still judges it)."""
+    names = [f"f{n}.jpg" for n in range(4)]
+    _images(ws, names)
+    ws.cycle()
+    bad = ws.images / "f0.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 corrupt")
+    set_mtime_past(bad)
+    ws.cycle()
+    for name in names:
+        (ws.images / name).unlink()
+    assert len(ws.cycle().report.plan.withheld) == 4
+    ledger = ws.ledger()
+    try:
+        ledger.retry(None, 0.0)
+        assert ledger.due_paths(1e12, "") == []
     finally:
         ledger.close()
