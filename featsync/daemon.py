@@ -21,6 +21,15 @@ Threads and who does what (one owner for every cycle):
   context opened, then handed over), the watcher's health, heartbeats, systemd notify
   (READY, STATUS, WATCHDOG, STOPPING) and the stop. It never runs a cycle nor waits
   for one, except on the stop, for at most stop_timeout.
+Apart from opening the ledger (at the start, and on a reload that changes [ledger] or
+[context]) and closing it after the stop, the main thread never uses it, so that no
+lock holds up its heartbeats and WATCHDOG pings: while another program holds the
+ledger locked, a ledger call waits (up to SQLite's busy_timeout per statement, and
+featsync.ledger's BUSY_WAIT_S per transaction; on a database server a table lock may
+have no timeout at all). The heartbeat and STATUS= report the counts the sync thread,
+the ledger's owner, last read (at the start, after each cycle, when a pause begins,
+after a reload that opened the ledger anew) and their age, `counts_age_s`: during a
+long cycle they are as old as the cycle.
 Signal handlers only set plain attributes, no lock (an Event's lock, or the log's, taken
 in a handler that interrupted its holder would deadlock): SIGTERM/SIGINT set the stop
 flag that the engine reads while it scans and before each call, so any cycle stops at
@@ -207,7 +216,7 @@ class Daemon:
         while self._signal is None:
             try:
                 self._turn()
-            except Exception as exc:  # a bug, or the ledger unreadable: say so, go on
+            except Exception as exc:  # a bug: say so, go on
                 self.log.exception("loop_error", error=f"{type(exc).__name__}: {exc}")
             if self._signal is not None:
                 break
@@ -280,38 +289,34 @@ class Daemon:
         return max(0.01, until - now)
 
     def _facts(self) -> dict[str, Any]:
+        """How things stand, from what the sync thread keeps (never the ledger)."""
         sync = self.sync
         assert sync is not None
-        counts = sync.ledger.counts()
-        age = None if sync.last_good is None else round(time.monotonic() - sync.last_good, 1)
+        now = time.monotonic()
+        counts = sync.counts
+        by_state = counts.by_state if counts is not None else {}
+        age = None if sync.last_good is None else round(now - sync.last_good, 1)
         return {
             "pending": len(self.pending),
             "in_flight": sync.engine.in_flight,
-            "quarantined": counts.get("failed", 0),
-            "synced": counts.get("synced", 0),
+            "quarantined": by_state.get("failed", 0),
+            "synced": by_state.get("synced", 0),
+            "counts_age_s": None if counts is None else round(now - counts.at, 1),
             "synced_since_start": sync.synced_since_start,
             "last_good_cycle_age_s": age,
             "watcher": self.watcher.active if self.watcher is not None else "off",
-            "paused_for_s": round(max(0.0, sync.outage_until - time.monotonic()), 1),
+            "paused_for_s": round(max(0.0, sync.outage_until - now), 1),
         }
 
     def _status(self) -> None:
-        try:
-            f = self._facts()
-        except FeatsyncError:
-            return  # the heartbeat reports what went wrong
+        f = self._facts()
         line = f"{f['synced']} synced, {f['pending']} pending, {f['quarantined']} quarantined"
         if f["paused_for_s"]:
             line += f", paused {f['paused_for_s']:.0f}s after errors"
         self.notifier.send(STATUS=line)
 
     def _heartbeat(self) -> None:
-        try:
-            facts = self._facts()
-        except FeatsyncError as exc:
-            self.log.error("heartbeat", error=str(exc))
-            return
-        self.log.info("heartbeat", **facts)
+        self.log.info("heartbeat", **self._facts())
         self._status()
 
     # -- reload and stop --------------------------------------------------------------

@@ -13,6 +13,11 @@ the stop: the main thread opens them (at the start, on a reload) and closes them
 this thread has ended. Other threads only read its attributes. What the main thread
 must act on (the first full rescan began, a watch to start again, a new STATUS= line)
 this thread sets as a flag on it, then wakes it.
+
+The ledger's counts the heartbeat and STATUS= report are read here too (at the start,
+after each cycle, when a pause begins, after a reload that opened the ledger anew) and
+kept in `counts` with the time of the read: the main thread never waits on the ledger
+for them (see featsync.daemon).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -49,6 +55,14 @@ class Reload:
 
     settings: config.Settings
     fresh: Opened | None  # a ledger and context opened anew (and the lock of a new ledger)
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """The ledger's images by state, as the sync thread last read them."""
+
+    by_state: Mapping[str, int]
+    at: float  # time.monotonic() of the read
 
 
 class Main(Protocol):
@@ -96,10 +110,12 @@ class SyncThread:
         self.outage_until = 0.0  # monotonic: no targeted cycles before this
         self.rescan_after_pause = False  # a full cycle was cut short by an outage
         self.root_lost = False  # the last full rescan found no folder
+        self.counts: Counts | None = None  # for the heartbeat, which never reads the ledger
         # A reload waiting for this thread: set by the main thread only when empty,
         # emptied here once taken over.
         self.handoff: Reload | None = None
         self._thread: threading.Thread | None = None
+        self._count()  # before the thread starts: the heartbeat's counts until a cycle's
 
     def _engine(self, settings: config.Settings, ledger: SqlLedger, ctx: SearchContext) -> Engine:
         return Engine(
@@ -280,8 +296,19 @@ class SyncThread:
         self._status_soon()
 
     def _status_soon(self) -> None:
+        """Something changed (a cycle ended, a pause began): the counts read anew, then
+        a new STATUS= line."""
+        self._count()
         self.main.status_due = True
         self.main.wake_main()
+
+    def _count(self) -> None:
+        """Read the ledger's counts for the heartbeat and STATUS=. Also called on the
+        way out of an error: it never raises; the counts kept say how old they are."""
+        try:
+            self.counts = Counts(self.ledger.counts(), time.monotonic())
+        except Exception as exc:
+            self.log.warning("counts_failed", error=f"{type(exc).__name__}: {exc}")
 
     def _take_over(self, r: Reload) -> None:
         """Between cycles: the reloaded config's engine from now on."""
@@ -296,6 +323,7 @@ class SyncThread:
         self.engine = self._engine(r.settings, self.ledger, self.context)
         self.main.request_full("reload")
         if old is not None:
+            self._count()  # of the ledger now in use
             _close(*old)
 
 

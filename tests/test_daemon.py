@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from featsync.model import State
 from featsync.samples import textured_bytes
@@ -606,6 +608,53 @@ def test_the_heartbeat_tells_an_operator_how_things_stand(ws: Workspace, daemons
     assert beat["synced"] == 1 and beat["synced_since_start"] == 1
     assert beat["pending"] == 0 and beat["in_flight"] == 0 and beat["quarantined"] == 0
     assert beat["last_good_cycle_age_s"] is not None and beat["watcher"] == "native"
+    assert beat["counts_age_s"] is not None
+    assert run.stop() == 0
+
+
+def test_a_ledger_locked_by_another_program_holds_up_the_sync_never_the_heartbeat(
+    ws: Workspace, daemons: Daemons
+) -> None:
+    """Another program holds the ledger locked (BEGIN EXCLUSIVE): the sync waits for the
+    lock, the heartbeat goes on with the last known counts and their age, and once the
+    lock is let go the daemon carries on."""
+    configure(ws)
+    write(ws.images / "a.jpg", 1)
+    run = daemons.start()
+    wait_in_step(ws, run)
+    run.wait_event("heartbeat")
+    db = make_url(ws.settings().ledger.url).database
+    assert db is not None
+    holder = sqlite3.connect(db, isolation_level=None, timeout=0)
+    other = sqlite3.connect(db, isolation_level=None, timeout=0)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("BEGIN IMMEDIATE")  # no one else can write now
+        mark = len(run.events())
+        write(ws.images / "b.jpg", 2)  # its cycle waits for the lock
+
+        def beats() -> list[dict[str, Any]]:
+            return [e for e in run.events()[mark:] if e["event"] == "heartbeat"]
+
+        wait_for(lambda: len(beats()) >= 3, 30, f"3 heartbeats while locked\n{run.tail()}")
+        assert "b.jpg" not in ledger_digests(ws), "the lock held nothing up: no proof"
+        for beat in beats():
+            assert beat["level"] == "info" and "error" not in beat, beat
+            assert beat["synced"] == 1 and beat["quarantined"] == 0, beat
+        ages = [beat["counts_age_s"] for beat in beats()]
+        assert ages == sorted(ages) and ages[-1] > ages[0], ages  # kept, not read anew
+    finally:
+        holder.close()  # lets the lock go (the transaction rolled back)
+        other.close()
+    wait_in_step(ws, run)
+    wait_for(
+        lambda: any(e["synced"] == 2 for e in run.events("heartbeat")),
+        30,
+        f"a heartbeat with the new counts\n{run.tail()}",
+    )
+    for name in ("loop_error", "cycle_failed", "counts_failed", "fatal_error"):
+        assert run.count(name) == 0, run.tail()
     assert run.stop() == 0
 
 
