@@ -26,6 +26,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from featsync import ledger as ledger_module
+from featsync import sqlitefiles
 from featsync.engine import Engine
 from featsync.errors import Fatal, Transient
 from featsync.ledger import SqlLedger
@@ -476,7 +477,7 @@ def test_a_locked_ledger_is_waited_for_not_fatal(
     waits and goes on once it is free, instead of stopping with "database is locked"."""
     monkeypatch.setattr(ledger_module, "BUSY_TIMEOUT_MS", 50)
     met: list[BaseException] = []
-    real_busy = ledger_module._busy
+    real_busy = sqlitefiles._busy
 
     def counting_busy(exc: BaseException) -> bool:
         found = real_busy(exc)
@@ -484,7 +485,7 @@ def test_a_locked_ledger_is_waited_for_not_fatal(
             met.append(exc)
         return found
 
-    monkeypatch.setattr(ledger_module, "_busy", counting_busy)
+    monkeypatch.setattr(sqlitefiles, "_busy", counting_busy)
     db = tmp_path / "l.db"
     ledger = SqlLedger(f"sqlite:///{db}")
     other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
@@ -510,7 +511,7 @@ def test_a_ledger_locked_for_too_long_is_a_clear_fatal_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ledger_module, "BUSY_TIMEOUT_MS", 20)
-    monkeypatch.setattr(ledger_module, "BUSY_WAIT_S", 0.3)
+    monkeypatch.setattr(sqlitefiles, "BUSY_WAIT_S", 0.3)
     db = tmp_path / "l.db"
     ledger = SqlLedger(f"sqlite:///{db}")
     other = sqlite3.connect(db, isolation_level=None)
