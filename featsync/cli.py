@@ -68,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     rt.add_argument("--all", action="store_true", help="every failed image")
     st = sub.add_parser("status", parents=[common], help="show the ledger's view of the sync")
     st.add_argument("--json", action="store_true", help="print JSON")
+    hist = sub.add_parser(
+        "history", parents=[common], help="every version of one image ID, from the ledger"
+    )
+    hist.add_argument("image_id", metavar="IMAGE_ID")
+    hist.add_argument("--json", action="store_true", help="print JSON")
 
     serving.add_parser(sub)
 
@@ -125,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _context(settings, args.action, getattr(args, "yes", False))
         if args.command == "features":
             return _features(settings, args.action, args.image_id, getattr(args, "file", None))
+        if args.command == "history":
+            return _history(settings, args.image_id, args.json)
         return _status(settings, args.json)
     except (NotFound, ItemRejected, Transient) as exc:
         print(f"featsync: {exc}", file=sys.stderr)
@@ -265,6 +272,38 @@ def _status(settings: Settings, as_json: bool) -> int:
     held_back = last is not None and (last["withheld_deletes"] or not last["complete"])
     held_back = held_back or bool(data["withheld_deletes"]) or last is None  # never synced
     return EXIT_NOT_IN_STEP if data["failures"] or held_back else EXIT_OK
+
+
+def _history(settings: Settings, image_id: str, as_json: bool) -> int:
+    """Every version of one image ID (read-only: the ledger is not written)."""
+    from featsync.ledger import SqlLedger
+
+    ledger = SqlLedger(settings.ledger.url, read_only=True)
+    try:
+        versions = ledger.history_of(image_id)
+    finally:
+        ledger.close()
+    if not versions:
+        print(f"featsync: {image_id!r}: no history in the ledger (never synced)", file=sys.stderr)
+        return EXIT_NOT_IN_STEP
+    out = [
+        {
+            "version": h["version"],
+            "at": h["at"],
+            "action": h["action"],
+            "hash": h["digest"],
+            "features_count": h["features_count"],
+        }
+        for h in versions
+    ]
+    if as_json:
+        print(json.dumps({"image_id": image_id, "versions": out}, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    for v in out:
+        count = "-" if v["features_count"] is None else f"{v['features_count']} features"
+        digest = (v["hash"] or "-")[:16]
+        print(f"v{v['version']:<4} {_when(v['at'])}  {v['action']:<7} {digest:<16}  {count}")
+    return EXIT_OK
 
 
 def _aspose(settings: Settings) -> Any:

@@ -188,3 +188,31 @@ def test_status_exits_1_while_deletes_are_withheld_and_0_once_in_step(ws: Worksp
         (ws.images / f"i{n}.jpg").write_bytes(data)
     assert featsync("reconcile", cwd=ws.base).returncode == 0
     assert featsync("status", cwd=ws.base).returncode == 0
+
+
+def test_history_lists_every_version_of_an_image_and_writes_nothing(ws: Workspace) -> None:
+    import hashlib
+
+    a = ws.image("a.jpg", 1)
+    ws.image("b.jpg", 3)  # so that deleting a.jpg is one delete of two: within the guard
+    assert featsync("reconcile", cwd=ws.base).returncode == 0
+    first = hashlib.sha256(a.read_bytes()).hexdigest()
+    a.write_bytes(ws.image("tmp.jpg", 2).read_bytes())
+    (ws.images / "tmp.jpg").unlink()
+    second = hashlib.sha256(a.read_bytes()).hexdigest()
+    assert featsync("reconcile", cwd=ws.base).returncode == 0
+    a.unlink()
+    assert featsync("reconcile", cwd=ws.base).returncode == 0
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in ws.base.iterdir())
+    r = featsync("history", "a.jpg", "--json", cwd=ws.base)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    got = [(v["version"], v["action"], v["hash"]) for v in data["versions"]]
+    assert got == [(1, "add", first), (2, "update", second), (3, "delete", second)]
+    assert all(v["features_count"] for v in data["versions"][:2])
+    text = featsync("history", "a.jpg", cwd=ws.base)
+    assert text.returncode == 0 and len(text.stdout.splitlines()) == 3
+    assert "v1" in text.stdout and "update" in text.stdout and first[:16] in text.stdout
+    unknown = featsync("history", "nope.jpg", cwd=ws.base)
+    assert unknown.returncode == 1 and "'nope.jpg': no history" in unknown.stderr
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in ws.base.iterdir()) == before
