@@ -20,6 +20,7 @@ from typing import Any
 from featsync import __version__, logs, serving
 from featsync.config import Settings, config_path, load
 from featsync.errors import ConfigError, Fatal, FeatsyncError, ItemRejected, NotFound, Transient
+from featsync.model import State
 
 EXIT_OK, EXIT_NOT_IN_STEP, EXIT_FATAL = 0, 1, 2
 
@@ -68,6 +69,17 @@ def _parser() -> argparse.ArgumentParser:
     rt.add_argument("--all", action="store_true", help="every failed image")
     st = sub.add_parser("status", parents=[common], help="show the ledger's view of the sync")
     st.add_argument("--json", action="store_true", help="print JSON")
+    ver = sub.add_parser(
+        "verify",
+        parents=[common],
+        help="compare what the ledger believes with what the context holds",
+        description="GET the features of the ledger's images from the search context and "
+        "report drift: synced but missing, a different features count, held while the "
+        "ledger says deleted, and (embedded context) IDs the ledger does not know. "
+        "Exit 0 clean, 1 drift found. Nothing is written.",
+    )
+    ver.add_argument("--sample", type=_positive, metavar="N", help="check N images at random")
+    ver.add_argument("--json", action="store_true", help="print JSON")
     hist = sub.add_parser(
         "history", parents=[common], help="every version of one image ID, from the ledger"
     )
@@ -98,6 +110,16 @@ def _parser() -> argparse.ArgumentParser:
         if action in ("add", "update"):
             one.add_argument("--file", required=True, metavar="PATH")
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return n
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _features(settings, args.action, args.image_id, getattr(args, "file", None))
         if args.command == "history":
             return _history(settings, args.image_id, args.json)
+        if args.command == "verify":
+            return _verify(settings, args.sample, args.json)
         return _status(settings, args.json)
     except (NotFound, ItemRejected, Transient) as exc:
         print(f"featsync: {exc}", file=sys.stderr)
@@ -272,6 +296,65 @@ def _status(settings: Settings, as_json: bool) -> int:
     held_back = last is not None and (last["withheld_deletes"] or not last["complete"])
     held_back = held_back or bool(data["withheld_deletes"]) or last is None  # never synced
     return EXIT_NOT_IN_STEP if data["failures"] or held_back else EXIT_OK
+
+
+def _verify(settings: Settings, sample: int | None, as_json: bool) -> int:
+    """GET what the ledger believes from the context; report each difference."""
+    import random
+
+    from featsync.ledger import SqlLedger
+    from featsync.wiring import open_context
+
+    ledger = SqlLedger(settings.ledger.url, read_only=True)
+    try:
+        believed = ledger.believed()
+    finally:
+        ledger.close()
+    checked = [b for b in believed if b[1] in (State.SYNCED, State.DELETED)]
+    if sample is not None and sample < len(checked):
+        checked = sorted(random.sample(checked, sample))
+    drifts: list[dict[str, Any]] = []
+    unverified: list[dict[str, Any]] = []
+    context = open_context(settings, logs.get(), read_only=True)
+    try:
+        for image_id, state, _remote, count in checked:
+            try:
+                held = context.get_features(image_id)
+            except NotFound:
+                if state == State.SYNCED:
+                    drifts.append(_drift(image_id, "missing", "synced by the ledger, absent"))
+                continue
+            except (Transient, ItemRejected) as exc:
+                unverified.append({"image_id": image_id, "error": str(exc)})
+                continue
+            if state == State.DELETED:
+                drifts.append(_drift(image_id, "held_but_deleted", "deleted by the ledger, held"))
+            elif count is not None and held.features_count != count:
+                why = f"{held.features_count} features held, {count} recorded"
+                drifts.append(_drift(image_id, "count_differs", why))
+        listing = getattr(context, "image_ids", None)
+        if sample is None and callable(listing):  # the embedded context can list its IDs
+            known = {b[0] for b in believed if b[2]}
+            for image_id in sorted(set(listing()) - known):
+                drifts.append(_drift(image_id, "orphan", "held, unknown to the ledger"))
+    finally:
+        context.close()
+    if as_json:
+        report = {"checked": len(checked), "drifts": drifts, "unverified": unverified}
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        for d in drifts:
+            print(f"{d['kind']:<16} {d['image_id']}: {d['detail']}")
+        for u in unverified:
+            print(f"unverified       {u['image_id']}: {u['error']}")
+        print(
+            f"verified {len(checked)} images: {len(drifts)} drift(s), {len(unverified)} unverified"
+        )
+    return EXIT_NOT_IN_STEP if drifts or unverified else EXIT_OK
+
+
+def _drift(image_id: str, kind: str, detail: str) -> dict[str, Any]:
+    return {"image_id": image_id, "kind": kind, "detail": detail}
 
 
 def _history(settings: Settings, image_id: str, as_json: bool) -> int:

@@ -90,6 +90,14 @@ class LedgerReports:
             )
         return [dict(r) for r in rows]
 
+    def believed(self) -> list[tuple[str, str, bool, int | None]]:
+        """(image ID, state, remote, features count) of every row: what `verify`
+        compares with the context."""
+        cols = (images.c.image_id, images.c.state, images.c.remote, images.c.features_count)
+        with self._tx() as conn:
+            rows = conn.execute(sa.select(*cols).order_by(images.c.image_id)).all()
+        return [(r[0], r[1], bool(r[2]), r[3]) for r in rows]
+
     def last_cycle(self) -> dict[str, Any] | None:
         with self._tx() as conn:
             row = (

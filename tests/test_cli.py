@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Workspace, set_mtime_past
+from featsync.samples import textured_bytes
+from tests.conftest import Backend, Workspace, set_mtime_past
 
 
 def featsync(
@@ -216,3 +217,39 @@ def test_history_lists_every_version_of_an_image_and_writes_nothing(ws: Workspac
     unknown = featsync("history", "nope.jpg", cwd=ws.base)
     assert unknown.returncode == 1 and "'nope.jpg': no history" in unknown.stderr
     assert sorted((p.name, p.stat().st_mtime_ns) for p in ws.base.iterdir()) == before
+
+
+def test_verify_finds_what_changed_in_the_context_behind_the_ledgers_back(
+    ws: Workspace, backend: Backend
+) -> None:
+    for n, name in enumerate(["a.jpg", "b.jpg", "c.jpg"]):
+        set_mtime_past(ws.image(name, n))
+    assert featsync("reconcile", cwd=ws.base, env=backend.env).returncode == 0
+    clean = featsync("verify", cwd=ws.base, env=backend.env)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "verified 3 images: 0 drift(s)" in clean.stdout
+    gone = featsync("features", "delete", "b.jpg", cwd=ws.base, env=backend.env)
+    assert gone.returncode == 0, gone.stderr  # behind the ledger's back
+    drift = featsync("verify", "--json", cwd=ws.base, env=backend.env)
+    assert drift.returncode == 1
+    report = json.loads(drift.stdout)
+    assert [(d["image_id"], d["kind"]) for d in report["drifts"]] == [("b.jpg", "missing")]
+    sampled = featsync("verify", "--sample", "2", cwd=ws.base, env=backend.env)
+    assert "verified 2 images" in sampled.stdout
+    bad = featsync("verify", "--sample", "0", cwd=ws.base, env=backend.env)
+    assert bad.returncode == 2 and "'0' is not a whole number of at least 1" in bad.stderr
+
+
+def test_verify_names_images_the_embedded_context_holds_but_the_ledger_does_not(
+    ws: Workspace,
+) -> None:
+    set_mtime_past(ws.image("a.jpg", 1))
+    assert featsync("reconcile", cwd=ws.base).returncode == 0
+    ctx = ws.context()
+    try:
+        ctx.add_features("stray.jpg", textured_bytes(9))
+    finally:
+        ctx.close()
+    r = featsync("verify", cwd=ws.base)
+    assert r.returncode == 1
+    assert "orphan           stray.jpg: held, unknown to the ledger" in r.stdout
