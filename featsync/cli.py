@@ -20,7 +20,7 @@ from typing import Any
 from featsync import __version__, logs, serving
 from featsync.config import Settings, config_path, load
 from featsync.errors import ConfigError, Fatal, FeatsyncError, ItemRejected, NotFound, Transient
-from featsync.looks import EXIT_FATAL, EXIT_NOT_IN_STEP, EXIT_OK, history, status, verify
+from featsync.looks import EXIT_FATAL, EXIT_NOT_IN_STEP, EXIT_OK, history, status
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,10 +73,18 @@ def _parser() -> argparse.ArgumentParser:
         help="compare what the ledger believes with what the context holds",
         description="GET the features of the ledger's images from the search context and "
         "report drift: synced but missing, a different features count, held while the "
-        "ledger says deleted, and (embedded context) IDs the ledger does not know. "
-        "Exit 0 clean, 1 drift found. Nothing is written.",
+        "ledger says deleted, and (embedded context, featsync serve) IDs the ledger does "
+        "not know. Exit 0 clean, 1 drift found. --repair mends it through the sync.",
     )
-    ver.add_argument("--sample", type=_positive, metavar="N", help="check N images at random")
+    how_many = ver.add_mutually_exclusive_group()
+    how_many.add_argument("--sample", type=_positive, metavar="N", help="check N images at random")
+    how_many.add_argument("--all", action="store_true", help="check every image (the default)")
+    ver.add_argument(
+        "--repair",
+        action="store_true",
+        help="re-send missing or changed images from the folder, delete orphans "
+        "(through the delete guard), and record what was done",
+    )
     ver.add_argument("--json", action="store_true", help="print JSON")
     hist = sub.add_parser(
         "history", parents=[common], help="every version of one image ID, from the ledger"
@@ -153,7 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "history":
             return history(settings, args.image_id, args.json)
         if args.command == "verify":
-            return verify(settings, args.sample, args.json)
+            from featsync import verify
+
+            return verify.run(settings, args.sample, args.all, args.repair, args.json)
         return status(settings, args.json)
     except (NotFound, ItemRejected, Transient) as exc:
         print(f"featsync: {exc}", file=sys.stderr)

@@ -93,6 +93,23 @@ class DaemonSettings:
     stop_timeout: float  # on SIGTERM, how long calls in flight may take to finish
     outage_wait: float  # the first pause after the service failed; doubles to 10 min
     max_pending: int  # changed paths held at most; beyond, one full rescan instead
+    verify_interval: float  # seconds between reviews of a rolling sample; 0 = none
+    verify_sample: float  # share of the ledger's images each review GETs ...
+    verify_min: int  # ... but at least this many
+    repair: bool  # a review that finds drift repairs it (else it only logs it)
+
+
+@dataclass(frozen=True, slots=True)
+class BackupSettings:
+    """Features (and, optionally, image files) kept before each update and delete."""
+
+    enabled: bool
+    path: str  # a folder: features.db, and images/ when `images` is on
+    required: bool  # a backup that cannot be taken holds the update/delete back
+    images: bool  # keep each sent image file too (content-addressed), for `restore`
+    keep_versions: int  # backups kept per image ID, newest first
+    keep_deleted_days: float  # an image gone this long loses its backups
+    max_size: int  # bytes, all backups together; the oldest go first beyond it
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +121,7 @@ class Settings:
     safety: SafetySettings
     log: LogSettings
     daemon: DaemonSettings
+    backup: BackupSettings
 
 
 # -- value checks: each returns the clean value or raises ValueError(reason) -------------
@@ -149,6 +167,14 @@ def _seconds(lo: float, hi: float) -> Check:
         return float(v)
 
     return check
+
+
+def _days(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
+        raise ValueError("must be a number of days from 0 to 36500")
+    if not 0 <= v <= 36_500:
+        raise ValueError("must be a number of days from 0 to 36500")
+    return float(v)
 
 
 def _http_url(v: Any) -> str:
@@ -248,6 +274,19 @@ SCHEMA: dict[str, dict[str, tuple[Check, Any]]] = {
         "stop_timeout": (_seconds(0, 3600), 30.0),
         "outage_wait": (_seconds(0.1, 3600), 15.0),
         "max_pending": (_int_range(1, 10**7), 100_000),
+        "verify_interval": (_seconds(0, 30 * 86400), 3600.0),
+        "verify_sample": (_fraction, 0.01),
+        "verify_min": (_int_range(0, 10**7), 20),
+        "repair": (_bool, False),
+    },
+    "backup": {
+        "enabled": (_bool, True),
+        "path": (_non_empty, "featsync-backups"),
+        "required": (_bool, True),
+        "images": (_bool, False),
+        "keep_versions": (_int_range(1, 10_000), 3),
+        "keep_deleted_days": (_days, 90.0),
+        "max_size": (_int_range(1 << 20, 1 << 50), 1 << 30),
     },
 }
 
@@ -324,6 +363,7 @@ def parse(raw: Mapping[str, Any], base_dir: str, source: str = "<memory>") -> Se
         url = values["ledger"]["url"]
         raise ConfigError("ledger.url", url, f"not a database URL: {exc}") from None
     values["context"]["path"] = here(values["context"]["path"])
+    values["backup"]["path"] = here(values["backup"]["path"])
     return Settings(
         config_path=source,
         sync=SyncSettings(**sync),
@@ -332,6 +372,7 @@ def parse(raw: Mapping[str, Any], base_dir: str, source: str = "<memory>") -> Se
         safety=SafetySettings(**values["safety"]),
         log=LogSettings(**values["log"]),
         daemon=DaemonSettings(**values["daemon"]),
+        backup=BackupSettings(**values["backup"]),
     )
 
 
