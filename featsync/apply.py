@@ -25,6 +25,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+from featsync.backups import Backups
 from featsync.errors import (
     AlreadyExists,
     Fatal,
@@ -86,6 +87,7 @@ def _send(
     size = mtime = inode = 0
     reached = False  # an add was sent: the context may hold it, unless it said no
     existed: list[bool] = []  # the add met "already there" (so the context holds it)
+    notes: list[str] = []  # what became of the backups before the call
 
     def result(
         done: Kind | None,
@@ -94,12 +96,24 @@ def _send(
         kind: str | None = None,
     ) -> Outcome:
         ms = round((time.perf_counter() - started) * 1000, 1)
-        return Outcome(action, done, digest, size, mtime, inode, count, error, kind, ms, reached)
+        backup = "; ".join(notes) or None
+        return Outcome(
+            action, done, digest, size, mtime, inode, count, error, kind, ms, reached, backup
+        )
+
+    def backup(reason: str) -> None:
+        """Keep what the context holds before `reason` replaces it (NotFound: none)."""
+        if gate.backups is not None:
+            held = gate.held_digests.get(action.image_id)
+            notes.append(gate.backups.before(ctx, action.image_id, action.version, held, reason))
 
     try:
         if action.kind is Kind.DELETE:
-            with contextlib.suppress(NotFound):  # not there: the goal is reached
+            try:
+                backup("delete")
                 ctx.delete_features(action.image_id)
+            except NotFound:  # not there: the goal is reached
+                pass
             return result(Kind.DELETE)
         f = action.file
         assert f is not None
@@ -125,12 +139,14 @@ def _send(
             if digest is None:
                 return result(None, kind="deferred", error="file changed while it was read")
             size, mtime, inode = stat_key(st, racy_cutoff_ns)
+            if gate.backups is not None and (note := gate.backups.keep_image(fd, size, digest)):
+                notes.append(note)
             # The row says "may hold" since before this action was handed to a worker
             # (the ledger's one writer wrote it): from here on the context may hold it.
             reached = action.kind is Kind.ADD
             try:
                 done, count = _call(
-                    ctx, action, OpenImage(fd, st.st_size, action.image_id), existed
+                    ctx, action, OpenImage(fd, st.st_size, action.image_id), existed, backup
                 )
             except ItemRejected:
                 reached = bool(existed)  # a "no" to the add itself: nothing was added
@@ -168,17 +184,25 @@ def _send(
 
 
 def _call(
-    ctx: SearchContext, action: Action, image: OpenImage, existed: list[bool]
+    ctx: SearchContext,
+    action: Action,
+    image: OpenImage,
+    existed: list[bool],
+    backup: Callable[[str], None],
 ) -> tuple[Kind, int | None]:
-    """Add or update; "already there" turns an add into an update (noted in
-    `existed`), "not there" the other way round."""
+    """Add or update, each replacement after `backup` of what it replaces; "already
+    there" turns an add into an update (noted in `existed`), "not there" the other way
+    round."""
     if action.kind is Kind.ADD:
         try:
             return Kind.ADD, ctx.add_features(action.image_id, image)
         except AlreadyExists:
             existed.append(True)
+            with contextlib.suppress(NotFound):  # gone meanwhile: the update finds out
+                backup("replace")  # features the ledger did not know of
             return Kind.UPDATE, ctx.update_features(action.image_id, image)
     try:
+        backup("update")
         return Kind.UPDATE, ctx.update_features(action.image_id, image)
     except NotFound:
         return Kind.ADD, ctx.add_features(action.image_id, image)
@@ -206,14 +230,16 @@ def apply_plan(
     breaker: int = 3,
     hold: Hold = lambda _relpath: False,
     in_flight: Callable[[int], None] = lambda _n: None,
+    backups: Backups | None = None,
 ) -> ApplyResult:
     """Execute `plan`; every outcome lands in the ledger as soon as it is known.
 
     `stop` is asked before each new call; `progress` is told of every outcome;
-    after `breaker` transient failures in a row the worker backs off (see above).
+    after `breaker` transient failures in a row the worker backs off (see above);
+    `backups`: keep what the context holds before each update and delete.
     """
     res = ApplyResult()
-    gate = _Gate(res, policy, stop, progress, breaker, hold, in_flight)
+    gate = _Gate(res, policy, stop, progress, breaker, hold, in_flight, backups)
     now = clock()
     ledger.record_restat(plan.restat, now)
     ledger.forget(plan.forget, now)
@@ -257,7 +283,11 @@ class _Gate:
     breaker: int
     hold: Hold
     in_flight: Callable[[int], None]
+    backups: Backups | None
     transient_run: int = 0  # transient failures in a row
+    # The content hash of the version the context holds, by image ID, for the backups
+    # (written by the applying thread before the action is handed to a worker).
+    held_digests: dict[str, str] = field(default_factory=dict)
 
     @property
     def max_file_size(self) -> int:
@@ -303,6 +333,9 @@ def _run_phase(
             batch = list(itertools.islice(todo, 2 * concurrency - len(running)))
             adds = [(a.image_id, a.file.relpath) for a in batch if a.kind is Kind.ADD and a.file]
             try:
+                if gate.backups is not None:
+                    held = [(a.image_id, a.version) for a in batch if a.version]
+                    gate.held_digests.update(ledger.version_digests(held))
                 before.update(ledger.record_intents(adds, clock()))
             except Fatal as exc:
                 res.not_sent += len(batch)
@@ -320,6 +353,7 @@ def _run_phase(
         done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
         for fut in done:
             action = running.pop(fut)
+            gate.held_digests.pop(action.image_id, None)
             try:
                 out = fut.result()
             except Exception as exc:  # _send catches everything; this is the last net
@@ -402,6 +436,8 @@ def _record(
             res.fatal = Fatal(out.error or "fatal error")
         return
     ledger.record(out, now, None)
+    if out.backup and "skipped" in out.backup:
+        log.warning("backup_skipped", image_id=a.image_id, reason=out.backup)
     if out.done is Kind.ADD:
         res.added += 1
     elif out.done is Kind.UPDATE:
@@ -414,6 +450,7 @@ def _record(
         version=a.version + 1,
         features_count=out.features_count,
         duration_ms=out.duration_ms,
+        **({"backup": out.backup} if out.backup else {}),
     )
     count = out.features_count
     if out.done is not Kind.DELETE and count is not None and count < policy.min_features:

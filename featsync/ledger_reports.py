@@ -4,14 +4,14 @@ the ledger (featsync.ledger), whose SqlLedger has them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from featsync.model import State
+from featsync.model import Kind, State
 from featsync.schema import cycles, history, images
 
 
@@ -106,3 +106,54 @@ class LedgerReports:
                 .first()
             )
         return dict(row) if row is not None else None
+
+    def version_digests(self, keys: Sequence[tuple[str, int]]) -> dict[str, str]:
+        """The content hash of each (image ID, version) the context was sent (from the
+        history: a failed row's own digest is what was tried, not what is held)."""
+        out: dict[str, str] = {}
+        wanted = dict(keys)
+        ids = sorted(wanted)
+        sent = (Kind.ADD.value, Kind.UPDATE.value)
+        with self._tx() as conn:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                rows = conn.execute(
+                    sa.select(history.c.image_id, history.c.version, history.c.digest).where(
+                        history.c.image_id.in_(chunk), history.c.action.in_(sent)
+                    )
+                )
+                for image_id, version, digest in rows:
+                    if wanted.get(image_id) == version and digest:
+                        out[image_id] = digest
+        return out
+
+    def held_among(self, image_ids: Sequence[str]) -> set[str]:
+        """Those of `image_ids` the ledger does not consider deleted (or unknown)."""
+        found: set[str] = set()
+        with self._tx() as conn:
+            for start in range(0, len(image_ids), 500):
+                chunk = list(image_ids[start : start + 500])
+                found.update(
+                    r[0]
+                    for r in conn.execute(
+                        sa.select(images.c.image_id).where(
+                            images.c.image_id.in_(chunk), images.c.state != State.DELETED.value
+                        )
+                    )
+                )
+        return found
+
+    def current_digests(self) -> set[str]:
+        """The content hash of every image the context holds by the ledger."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(images.c.digest).where(images.c.state == State.SYNCED.value).distinct()
+            )
+            return {r[0] for r in rows if r[0]}
+
+    def relpath_of(self, image_id: str) -> str | None:
+        """The path the image's file was last found at (relative to the root)."""
+        with self._tx() as conn:
+            return conn.execute(
+                sa.select(images.c.relpath).where(images.c.image_id == image_id)
+            ).scalar()

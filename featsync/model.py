@@ -190,6 +190,7 @@ class Outcome(NamedTuple):
     # A failed add that reached the context without a clear "no": it may hold the
     # features now (the answer was lost, the call timed out, the server erred after).
     reached: bool = False
+    backup: str | None = None  # the features backup before it: "kept", "skipped: why", ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +304,8 @@ class Ledger(Protocol):
 
     def forget(self, image_ids: Sequence[str], now: float) -> None: ...
 
+    def version_digests(self, keys: Sequence[tuple[str, int]]) -> dict[str, str]: ...
+
 
 class CycleLedger(Ledger, Protocol):
     """What a whole cycle needs of the ledger (featsync.engine): apply's port, plus the
@@ -334,3 +337,7 @@ class CycleLedger(Ledger, Protocol):
     def resync(self, identity: str, now: float) -> int: ...
 
     def adopt(self, held: Iterable[str], now: float) -> int: ...
+
+    def held_among(self, image_ids: Sequence[str]) -> set[str]: ...
+
+    def current_digests(self) -> set[str]: ...
