@@ -94,6 +94,7 @@ from featsync.upload import Upload
 API = "/imaging/ai/imageSearch"
 CONTEXT_NOT_FOUND = "ContextNotFound"  # the error code featsync serve gives a missing context
 NOT_API_HOLDS_S = 5.0  # how long "base_url is not the imageSearch API" stands unasked
+LIST_PAGE = 1000  # image IDs per page of featsync serve's listing
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +125,7 @@ class AsposeContext:
         self._is_api = False  # the status route answered as the imageSearch API does
         self._not_api: tuple[float, str] | None = None  # (when, what status answered)
         self._refusals = RefusalRun()
+        self._cannot_list = False  # the server has no listing of image IDs (Aspose itself)
         self._timeout = (settings.connect_timeout, settings.read_timeout)
         self._session = session(
             trust_env=settings.trust_env,
@@ -171,9 +173,15 @@ class AsposeContext:
         return f"{base}{path}" + (f"?{qs}" if qs else "")
 
     def _send(
-        self, method: str, url: str, what: str, image: ImageData | None = None
+        self,
+        method: str,
+        url: str,
+        what: str,
+        image: ImageData | None = None,
+        redirect_fatal: bool = True,
     ) -> tuple[requests.Response, str]:
-        """One call, with a fresh token and one more try after a 401; (answer, token)."""
+        """One call, with a fresh token and one more try after a 401; (answer, token).
+        A redirect is Fatal (naming base_url) unless `redirect_fatal` is false."""
         for attempt in (1, 2):
             token = self._tokens.get()
             headers = {"Authorization": f"Bearer {token}"}
@@ -196,7 +204,8 @@ class AsposeContext:
                 raise Fatal(tls_refused(what, exc)) from None
             except requests.RequestException as exc:
                 raise Transient(f"{what}: {describe(exc)}") from None
-            no_redirect(r, what, "context.base_url")
+            if redirect_fatal:
+                no_redirect(r, what, "context.base_url")
             if r.status_code != 401:
                 break
             self._tokens.forget(token)  # expired or revoked: one fresh token, one more try
@@ -370,6 +379,41 @@ class AsposeContext:
         url = self._url("/features", {"imageId": image_id})
         r = self._request("GET", url, what, None, image_id, True)
         return image_features(self._json(r, what), image_id, what)
+
+    def image_id_page(
+        self, after: str, until: str | None = None, limit: int = LIST_PAGE
+    ) -> list[str] | None:
+        """Up to `limit` image IDs the context holds, in order, after `after` (and up to
+        `until`); a page shorter than `limit` is the last. This is featsync serve's own
+        extension (``GET …/features/ids``): None means the server cannot list (Aspose
+        itself has no such route), which is no error.
+
+        Its answer is judged here alone, never by the rules that make a 404 or 405 of
+        an image call fatal (module docstring): that a route featsync made up is missing
+        says nothing about base_url, so any answer but a transient one or a 200 with
+        ``imageIds`` (a 400, 404 or 405 of any shape, a redirect, another body) is
+        "cannot list", remembered for the client's life; the status probe and the run of
+        refusals are left alone."""
+        if self._cannot_list:
+            return None
+        what = "list image IDs"
+        params = {"after": after, "limit": str(limit)}
+        if until is not None:
+            params["until"] = until
+        r, token = self._send("GET", self._url("/features/ids", params), what, None, False)
+        if r.status_code in TRANSIENT_STATUS:
+            _code, reason = self._reason(r, token)
+            raise Transient(f"{what}: HTTP {r.status_code} ({reason}), retries spent")
+        ids = None
+        if r.status_code == 200:
+            try:
+                ids = field(r.json(), "imageIds")
+            except ValueError:
+                ids = None
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            self._cannot_list = True
+            return None
+        return ids
 
     def find_similar(
         self,

@@ -306,6 +306,11 @@ class Daemon:
             "last_good_cycle_age_s": age,
             "watcher": self.watcher.active if self.watcher is not None else "off",
             "paused_for_s": round(max(0.0, sync.outage_until - now), 1),
+            # the last review's drift by kind, not mended ({}: none; None: no review yet)
+            "drift": sync.drift,
+            "last_review_age_s": None
+            if sync.reviewed_at is None
+            else round(now - sync.reviewed_at, 1),
         }
 
     def _status(self) -> None:
@@ -313,6 +318,8 @@ class Daemon:
         line = f"{f['synced']} synced, {f['pending']} pending, {f['quarantined']} quarantined"
         if f["paused_for_s"]:
             line += f", paused {f['paused_for_s']:.0f}s after errors"
+        if f["drift"]:
+            line += f", context drift: {sum(f['drift'].values())} (see context_drift)"
         self.notifier.send(STATUS=line)
 
     def _heartbeat(self) -> None:

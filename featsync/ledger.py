@@ -25,6 +25,7 @@ from featsync import quickcache
 from featsync.errors import Fatal
 from featsync.ledger_memory import LedgerMemory
 from featsync.ledger_reports import LedgerReports
+from featsync.ledger_review import LedgerReview
 from featsync.model import Kind, LedgerRow, LocalFile, Outcome, QuickKey, State
 from featsync.schema import (
     ADDED_COLUMNS,
@@ -59,7 +60,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-class SqlLedger(LedgerMemory, LedgerReports):
+class SqlLedger(LedgerMemory, LedgerReports, LedgerReview):
     """The ledger over any SQLAlchemy URL; SQLite (WAL) by default."""
 
     def __init__(self, url: str, read_only: bool = False) -> None:

@@ -18,6 +18,13 @@ The ledger's counts the heartbeat and STATUS= report are read here too (at the s
 after each cycle, when a pause begins, after a reload that opened the ledger anew) and
 kept in `counts` with the time of the read: the main thread never waits on the ledger
 for them (see featsync.daemon).
+
+The reviews of the search context run here as well, between cycles, every [daemon]
+verify_interval (timed by this thread: a review is its own work, never posted twice,
+and one that comes late is only late): a rolling sample of the ledger's images GET
+from the context (featsync.verify.review); drift is logged as `context_drift`, kept in
+`drift` for the heartbeat, and with [daemon] repair = true marked in the ledger and
+mended by a full cycle right away. A review stops with the daemon like a cycle does.
 """
 
 from __future__ import annotations
@@ -26,11 +33,13 @@ import os
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from featsync import config
+from featsync.drift import Drift
 from featsync.engine import CycleReport, Engine, Stopped
 from featsync.errors import FeatsyncError
 from featsync.ledger import SqlLedger
@@ -45,6 +54,7 @@ from featsync.watch import Pending, Watcher
 # credentials), the next try waits [daemon] outage_wait, doubling up to this cap.
 OUTAGE_WAIT_CAP_S = 600.0
 TICK_S = 0.5  # the longest either loop sleeps (flags are read this often)
+SETTLED = ("sent", "deleted")  # a repaired drift's outcomes that leave no drift
 
 Opened = tuple[SyncLock | None, SqlLedger, SearchContext]
 
@@ -111,6 +121,10 @@ class SyncThread:
         self.rescan_after_pause = False  # a full cycle was cut short by an outage
         self.root_lost = False  # the last full rescan found no folder
         self.counts: Counts | None = None  # for the heartbeat, which never reads the ledger
+        # The last review's drift by kind, not (yet) mended ({}: none; None: no review yet)
+        self.drift: dict[str, int] | None = None
+        self.reviewed_at: float | None = None  # monotonic: the last review's end
+        self.review_from = time.monotonic()  # the next review is due verify_interval after
         # A reload waiting for this thread: set by the main thread only when empty,
         # emptied here once taken over.
         self.handoff: Reload | None = None
@@ -190,6 +204,9 @@ class SyncThread:
                 self._cycle(None, "after pause")
             else:
                 self._targeted()
+                interval = self.engine.settings.daemon.verify_interval
+                if interval and time.monotonic() >= self.review_from + interval:
+                    self._review()
 
     def _sync_sleep(self) -> float:
         now = time.monotonic()
@@ -285,6 +302,76 @@ class SyncThread:
             self.outage_wait = 0.0
             self.outage_until = 0.0
         self._status_soon()
+
+    def _review(self) -> None:
+        """Review the next rolling sample of the context; never raises (an error is
+        logged and the next interval tries again)."""
+        from featsync import verify
+
+        self.running = "review"
+        self.pulse.cycles += 1  # the watchdog pings while the review moves on
+        self.pulse.progress()
+        began = time.monotonic()
+        try:
+            done = verify.review(
+                self.ledger,
+                self.context,
+                self.engine.settings,
+                self.main.stopping,
+                self.pulse.progress,
+                lambda n, start: self.log.info("review_started", images=n, after=start),
+            )
+        except Exception as exc:  # transient, fatal, a bug: say so, try next interval
+            self.log.warning("review_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        finally:
+            self.pulse.cycles -= 1
+            self.running = None
+            self.review_from = time.monotonic()
+        f = done.findings
+        if f.stopped == "stop requested":
+            self.log.info("review_stopped", checked=f.checked, not_checked=f.not_checked)
+            return
+        self.reviewed_at = time.monotonic()
+        self.log.info(
+            "review_finished",
+            checked=f.checked,
+            drift=len(f.drifts),
+            unverified=len(f.unverified),
+            filled=f.filled,
+            orphans_looked_for=f.listed,
+            after=done.start,
+            until=done.end,
+            stopped=f.stopped,
+            duration_ms=round((self.reviewed_at - began) * 1000, 1),
+        )
+        if f.stopped:
+            self.log.warning("review_failed", error=f.stopped, not_checked=f.not_checked)
+        self.drift = f.by_kind()
+        if f.drifts:
+            repair = self.engine.settings.daemon.repair
+            self.log.warning(
+                "context_drift",
+                count=len(f.drifts),
+                by_kind=self.drift,
+                image_ids=[d.image_id for d in f.drifts[:20]],
+                repair=repair,
+            )
+            if repair:
+                self._repair(f.drifts)
+        self._status_soon()
+
+    def _repair(self, drifts: list[Drift]) -> None:
+        """Mark the drifts "may hold" and mend them with a full cycle, now."""
+        self.ledger.mark_drift(drifts, time.time())
+        self._cycle(None, "repair")
+        outcomes = self.ledger.repair_outcomes([d.image_id for d in drifts])
+        by = {k: 0 for k in ("sent", "deleted", "withheld", "failed", "waiting")}
+        for outcome in outcomes.values():
+            by[outcome.split(":")[0]] += 1
+        self.log.info("verify_repaired", drifts=len(drifts), daemon_pid=os.getpid(), **by)
+        left = [d for d in drifts if outcomes.get(d.image_id, "").split(":")[0] not in SETTLED]
+        self.drift = dict(Counter(d.kind for d in left))
 
     def _outage(self, error: str) -> None:
         first = self.engine.settings.daemon.outage_wait

@@ -1,71 +1,266 @@
-"""`featsync verify`: GET what the ledger believes from the search context and
-report each difference (drift); `--repair` mends it through the ordinary sync."""
+"""`featsync verify`: GET what the ledger believes from the search context and report
+each difference (drift, featsync.drift); `--repair` mends it through the ordinary
+sync. And the daemon's rolling review (`review`), which the sync thread runs every
+[daemon] verify_interval.
+
+Repair hands each drift to the sync rather than calling the context itself: the
+drifted IDs are marked "may hold" in the ledger (featsync.ledger_review.mark_drift),
+then one ordinary cycle runs, so a file that is there is sent again (an update finds
+what the context held, and a backup of it can be taken first) and an ID whose file
+is gone is deleted through the delete guard, which may withhold it. When a daemon
+holds the sync lock, the marks are written and the daemon's own cycles act on them
+within a second or so (they are due now, as after `featsync retry`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import random
-from typing import Any
+import math
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from featsync.config import Settings
-from featsync.errors import ItemRejected, NotFound, Transient
+from featsync.drift import Believed, Check, Drift, Findings, describe
+from featsync.errors import Fatal
 from featsync.looks import EXIT_NOT_IN_STEP, EXIT_OK
-from featsync.model import State
+from featsync.model import SearchContext
+
+if TYPE_CHECKING:
+    from featsync.ledger import SqlLedger
+
+PAGE = 1000  # ledger rows read at a time by `verify --all`
+SETTLED = ("sent", "deleted", "waiting")  # repair outcomes that need no operator
 
 
 def run(settings: Settings, sample: int | None, every: bool, repair: bool, as_json: bool) -> int:
-    """GET what the ledger believes from the context; report each difference."""
+    """GET what the ledger believes from the context; report each difference; with
+    `repair`, mend it. `every` is the default (--all), spelt out."""
     from featsync import logs
+
+    log = logs.get()
+    found = _check(settings, sample, log)
+    mended: dict[str, Any] | None = None
+    if repair and found.drifts:
+        mended = _repair(settings, found.drifts, log)
+    if as_json:
+        print(json.dumps({**describe(found), "repair": mended}, indent=2, ensure_ascii=False))
+    else:
+        print("\n".join(_lines(found, sample is not None, mended)))
+    if found.unverified or found.stopped:
+        return EXIT_NOT_IN_STEP
+    if mended is not None:
+        left = [o for o in mended["outcomes"].values() if o not in SETTLED]
+        return EXIT_NOT_IN_STEP if left else EXIT_OK
+    return EXIT_NOT_IN_STEP if found.drifts else EXIT_OK
+
+
+def _check(settings: Settings, sample: int | None, log: Any) -> Findings:
     from featsync.ledger import SqlLedger
     from featsync.wiring import open_context
 
-    ledger = SqlLedger(settings.ledger.url, read_only=True)
+    url = settings.ledger.url
+    ledger = SqlLedger(url, read_only=True)
+    writer: list[SqlLedger] = []  # opened for the first features count to write
+
+    def fill(counts: Sequence[tuple[str, int, int]]) -> int:
+        if not writer:
+            writer.append(SqlLedger(url))
+        return writer[0].fill_counts(counts)
+
     try:
-        believed = ledger.believed()
+        context = open_context(settings, log, read_only=True)
+        try:
+            check = Check(context, settings.sync.concurrency, fill=fill)
+            if sample is not None:
+                check.rows(ledger.believed_sample(sample))
+            else:
+                check.rows(_every_row(ledger))
+                if not check.found.stopped:
+                    check.listing(ledger.believed_of)
+            found = check.confirm(ledger.believed_of)
+        finally:
+            context.close()
     finally:
         ledger.close()
-    checked = [b for b in believed if b[1] in (State.SYNCED, State.DELETED)]
-    if sample is not None and sample < len(checked):
-        checked = sorted(random.sample(checked, sample))
-    drifts: list[dict[str, Any]] = []
-    unverified: list[dict[str, Any]] = []
-    context = open_context(settings, logs.get(), read_only=True)
+        for w in writer:
+            w.close()
+    if found.filled:
+        log.info("features_counts_filled", count=found.filled)
+    return found
+
+
+def _every_row(ledger: SqlLedger) -> Iterator[Believed]:
+    """Every row, a page at a time (never the whole ledger in memory)."""
+    after = ""
+    while True:
+        page = ledger.believed_after(after, PAGE)
+        yield from page
+        if len(page) < PAGE:
+            return
+        after = page[-1].image_id
+
+
+def _repair(settings: Settings, drifts: list[Drift], log: Any) -> dict[str, Any]:
+    """Mark the drifts and run one cycle under the sync lock; if a daemon holds the
+    lock, mark them and leave them to it."""
+    from featsync.engine import Engine, Stopped
+    from featsync.ledger import SqlLedger
+    from featsync.lock import SyncLock
+    from featsync.wiring import open_context
+
+    url = settings.ledger.url
+    ids = [d.image_id for d in drifts]
+    lock = SyncLock(url)
     try:
-        for image_id, state, _remote, count in checked:
+        lock.acquire()
+    except Fatal:
+        holder = lock.holder()
+        if holder is None:
+            raise
+        ledger = SqlLedger(url)
+        try:
+            ledger.mark_drift(drifts, time.time())
+            outcomes = ledger.repair_outcomes(ids)
+        finally:
+            ledger.close()
+        return _mended(log, drifts, outcomes, None, daemon=holder)
+    try:
+        ledger = SqlLedger(url)
+        try:
+            ledger.mark_drift(drifts, time.time())
+            context = open_context(settings, log)
+            withheld_reason = None
             try:
-                held = context.get_features(image_id)
-            except NotFound:
-                if state == State.SYNCED:
-                    drifts.append(_drift(image_id, "missing", "synced by the ledger, absent"))
-                continue
-            except (Transient, ItemRejected) as exc:
-                unverified.append({"image_id": image_id, "error": str(exc)})
-                continue
-            if state == State.DELETED:
-                drifts.append(_drift(image_id, "held_but_deleted", "deleted by the ledger, held"))
-            elif count is not None and held.features_count != count:
-                why = f"{held.features_count} features held, {count} recorded"
-                drifts.append(_drift(image_id, "count_differs", why))
-        listing = getattr(context, "image_ids", None)
-        if sample is None and callable(listing):  # the embedded context can list its IDs
-            known = {b[0] for b in believed if b[2]}
-            for image_id in sorted(set(listing()) - known):
-                drifts.append(_drift(image_id, "orphan", "held, unknown to the ledger"))
+                with _stop_on_signals() as stop:
+                    report = Engine(settings, ledger, context, log, stop=stop.is_set).cycle()
+                withheld_reason = report.plan.withheld_reason
+            except Stopped:
+                log.info("cycle_stopped", reason="signal, while scanning")
+            finally:
+                context.close()
+            outcomes = ledger.repair_outcomes(ids)
+        finally:
+            ledger.close()
     finally:
-        context.close()
-    if as_json:
-        report = {"checked": len(checked), "drifts": drifts, "unverified": unverified}
-        print(json.dumps(report, indent=2, ensure_ascii=False))
-    else:
-        for d in drifts:
-            print(f"{d['kind']:<16} {d['image_id']}: {d['detail']}")
-        for u in unverified:
-            print(f"unverified       {u['image_id']}: {u['error']}")
-        print(
-            f"verified {len(checked)} images: {len(drifts)} drift(s), {len(unverified)} unverified"
+        lock.release()
+    return _mended(log, drifts, outcomes, withheld_reason)
+
+
+def _mended(
+    log: Any,
+    drifts: Sequence[Drift],
+    outcomes: dict[str, str],
+    withheld_reason: str | None,
+    daemon: str | None = None,
+) -> dict[str, Any]:
+    by = Counter(o.split(":")[0] for o in outcomes.values())
+    counts = {k: by.get(k, 0) for k in ("sent", "deleted", "withheld", "failed", "waiting")}
+    log.info("verify_repaired", drifts=len(drifts), daemon_pid=daemon, **counts)
+    return {
+        "daemon_pid": daemon,
+        "counts": counts,
+        "outcomes": outcomes,
+        "withheld_reason": withheld_reason if counts["withheld"] else None,
+    }
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """SIGINT or SIGTERM during the repair's cycle: send nothing more, let the calls in
+    flight finish and be recorded (the handler only sets the event)."""
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stop.set()
+
+    before = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _lines(f: Findings, sampled: bool, mended: dict[str, Any] | None) -> list[str]:
+    lines = [f"{d.kind:<16} {d.image_id}: {d.detail}" for d in f.drifts]
+    lines += [f"unverified       {i}: {e}" for i, e in f.unverified]
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted(f.by_kind().items()))
+    lines.append(
+        f"verified {f.checked} images: {len(f.drifts)} drift(s)"
+        + (f" ({kinds})" if kinds else "")
+        + f", {len(f.unverified)} unverified"
+    )
+    if f.stopped:
+        lines.append(f"stopped early ({f.stopped}): {f.not_checked} images not checked")
+    if f.listed is False and not sampled:
+        lines.append("orphans: not looked for (the search context cannot list its image IDs)")
+    if f.filled:
+        lines.append(f"filled {f.filled} features count(s) the ledger lacked")
+    if mended is None:
+        return lines
+    c = mended["counts"]
+    if mended["daemon_pid"] is not None:
+        lines.append(
+            f"repair: {len(mended['outcomes'])} drift(s) marked; a daemon (pid "
+            f"{mended['daemon_pid']}) syncs with this ledger and mends them within seconds; "
+            "`featsync verify` again to see"
         )
-    return EXIT_NOT_IN_STEP if drifts or unverified else EXIT_OK
+        return lines
+    lines.append(
+        f"repair: {c['sent']} sent again, {c['deleted']} deleted, {c['withheld']} "
+        f"delete(s) withheld by the delete guard, {c['failed']} failed"
+    )
+    for image_id, outcome in sorted(mended["outcomes"].items()):
+        lines.append(f"  {outcome:<9} {image_id}")
+    if mended["withheld_reason"]:
+        lines.append(
+            f"withheld: {mended['withheld_reason']}; `featsync reconcile --confirm-deletes` "
+            "sends them"
+        )
+    return lines
 
 
-def _drift(image_id: str, kind: str, detail: str) -> dict[str, Any]:
-    return {"image_id": image_id, "kind": kind, "detail": detail}
+# -- the daemon's rolling review ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reviewed:
+    """One review: its findings and the range of image IDs it covered."""
+
+    findings: Findings
+    start: str  # after this ID ("": the start)
+    end: str | None  # up to this one (None: to the end, then the next starts over)
+
+
+def review(
+    ledger: SqlLedger,
+    context: SearchContext,
+    settings: Settings,
+    stop: Callable[[], bool],
+    progress: Callable[[], None],
+    started: Callable[[int, str], None] = lambda _n, _start: None,
+) -> Reviewed:
+    """Check the next max(verify_min, verify_sample x rows) ledger rows after the cursor
+    where the last review stopped, and the IDs the context holds in the same range; the
+    cursor moves on (kept in the ledger, so a restart continues) unless the review was
+    cut short. Every row is looked at once per rows / batch reviews."""
+    d = settings.daemon
+    n = max(1, d.verify_min, math.ceil(d.verify_sample * ledger.row_count()))
+    start = ledger.review_cursor()
+    rows = ledger.believed_after(start, n)
+    end = rows[-1].image_id if len(rows) == n else None
+    started(len(rows), start)
+    check = Check(context, settings.sync.concurrency, stop, progress, ledger.fill_counts)
+    check.rows(rows)
+    if not check.found.stopped:
+        check.listing(ledger.believed_of, start, end)
+    found = check.confirm(ledger.believed_of)
+    if not found.stopped:
+        ledger.set_review_cursor(end or "")
+    return Reviewed(found, start, end)

@@ -186,6 +186,17 @@ class LocalContext:
         with self._lock:
             return [r[0] for r in self._db.execute("SELECT image_id FROM features ORDER BY 1")]
 
+    def image_id_page(self, after: str, until: str | None, limit: int) -> list[str]:
+        """Up to `limit` image IDs in order, each after `after` (and up to `until`): the
+        IDs a context holds, a page at a time (`verify` looks for orphans with it)."""
+        sql = "SELECT image_id FROM features WHERE image_id > ?"
+        args: tuple[object, ...] = (after,)
+        if until is not None:
+            sql, args = sql + " AND image_id <= ?", (after, until)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY image_id LIMIT ?", (*args, limit))
+            return [r[0] for r in rows]
+
     # -- searches -------------------------------------------------------------
 
     def _entries(self) -> dict[str, matching.Descriptors]:

@@ -17,6 +17,7 @@ from featsync.localcontext.contexts import ApiError
 
 MAX_ID_BYTES = 4096  # an image ID or tag name, as UTF-8 (a POSIX path's length)
 MAX_COUNT = 10_000  # maxCount: more results than this is no search
+PAGE_DEFAULT, MAX_PAGE = 1000, 10_000  # image IDs per page of a listing
 
 
 def _bad(message: str) -> ApiError:
@@ -80,6 +81,16 @@ def max_count() -> int:
     value = _finite("maxCount")
     if value != int(value) or not 0 <= value <= MAX_COUNT:
         raise _bad(f"maxCount must be a whole number from 0 to {MAX_COUNT}, got {value:g}")
+    return int(value)
+
+
+def page_limit(default: int = PAGE_DEFAULT) -> int:
+    """``limit`` of a listing page: a whole number from 1 to MAX_PAGE (else `default`)."""
+    if arg("limit", required=False) is None:
+        return default
+    value = _finite("limit")
+    if value != int(value) or not 1 <= value <= MAX_PAGE:
+        raise _bad(f"limit must be a whole number from 1 to {MAX_PAGE}, got {value:g}")
     return int(value)
 
 

@@ -3,7 +3,8 @@
 Flask routes, served by waitress (``transport.py``: connection limits, timeouts, and a
 gate that answers a request before its body is read). It speaks ``shared/aspose-api.md``:
 the token endpoints ``/connect/token`` and ``/oauth2/token``, every ``imageSearch``
-operation of section 6 but ``features/web`` under ``/v3.0`` and ``/v3``, camelCase
+operation of section 6 but ``features/web`` under ``/v3.0`` and ``/v3`` (and one of its
+own: ``GET …/{context}/features/ids``, the IDs a context holds, in pages), camelCase
 JSON, 200 for every success, ``{"error": {...}}`` with 400 / 401 / 404 / 429, image data
 as the first multipart part or the raw body. Each search context is one ``<id>.search``
 file (a LocalContext store) in the data folder, so contexts survive a restart; images
@@ -230,6 +231,19 @@ def _feature_routes(route: Route, contexts: Contexts) -> None:
         else:
             raise ApiError(400, "BadRequest", "give image data, imageId or imagesFolder")
         return answers.ok()
+
+    @route(f"{API}/<context_id>/features/ids", ["GET"])
+    def feature_ids(context_id: str) -> Response:
+        """featsync's own extension, not in the Aspose API: the image IDs the context
+        holds, in order, a page at a time: after ``after`` (exclusive, default the
+        start), up to ``until`` (inclusive, default the end), at most ``limit`` (1 to
+        10,000, default 1,000); a page shorter than ``limit`` is the last. `featsync
+        verify` finds orphans with it; against Aspose, which has no such route, the
+        client says it cannot list and does without."""
+        ctx = contexts.get(context_id)
+        after = inputs.optional_id_arg("after") or ""
+        until = inputs.optional_id_arg("until")
+        return answers.ok({"imageIds": ctx.image_id_page(after, until, inputs.page_limit())})
 
     @route(f"{API}/<context_id>/image2features", ["GET", "POST"])
     def image2features(context_id: str) -> Response:
