@@ -17,10 +17,10 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from featsync import __version__, logs, serving
+from featsync import __version__, lifecycle, logs, serving
 from featsync.config import Settings, config_path, load
 from featsync.errors import ConfigError, Fatal, FeatsyncError, ItemRejected, NotFound, Transient
-from featsync.looks import EXIT_FATAL, EXIT_NOT_IN_STEP, EXIT_OK, history, status
+from featsync.looks import EXIT_FATAL, EXIT_NOT_IN_STEP, EXIT_OK, status
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,10 +87,39 @@ def _parser() -> argparse.ArgumentParser:
     )
     ver.add_argument("--json", action="store_true", help="print JSON")
     hist = sub.add_parser(
-        "history", parents=[common], help="every version of one image ID, from the ledger"
+        "history",
+        parents=[common],
+        help="every version of one image ID, and which backups of it are kept",
     )
     hist.add_argument("image_id", metavar="IMAGE_ID")
     hist.add_argument("--json", action="store_true", help="print JSON")
+    res = sub.add_parser(
+        "restore",
+        parents=[common],
+        help="put a kept image file back into the folder (the sync then sends it)",
+        description="Copy the kept image of a version (default: the one before the last "
+        "change) back to where the file was, or to --to PATH. A different file there is "
+        "never replaced without --force. Needs [backup] images = true when it was sent.",
+    )
+    res.add_argument("image_id", metavar="IMAGE_ID")
+    res.add_argument("--version", type=_natural, metavar="N", help="the version to restore")
+    res.add_argument("--to", metavar="PATH", help="where to put the file")
+    res.add_argument("--dry-run", action="store_true", help="say what would be done")
+    res.add_argument("--force", action="store_true", help="replace a different file")
+    bk = sub.add_parser("backup", parents=[common], help="the kept features backups")
+    bk_sub = bk.add_subparsers(dest="action", required=True, metavar="ACTION")
+    exp = bk_sub.add_parser(
+        "export", parents=[common], help="stream the backups as JSON lines (Aspose's shape)"
+    )
+    exp.add_argument("--out", metavar="FILE", help="write to FILE (default: standard output)")
+    exp.add_argument(
+        "--since", metavar="TIME", help="only backups taken since: 2026-11-01, 12h, 7d, ..."
+    )
+    exp.add_argument("image_ids", nargs="*", metavar="IMAGE_ID")
+    bl = bk_sub.add_parser("list", parents=[common], help="the kept versions, by image ID")
+    bl.add_argument("image_ids", nargs="*", metavar="IMAGE_ID")
+    bl.add_argument("--json", action="store_true", help="print JSON")
+    bk_sub.add_parser("prune", parents=[common], help="apply the retention rules now")
 
     serving.add_parser(sub)
 
@@ -106,16 +135,33 @@ def _parser() -> argparse.ArgumentParser:
     feat = sub.add_parser("features", parents=[common], help="features of one image ID")
     feat_sub = feat.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in [
-        ("get", "print the features record (JSON)"),
+        ("get", "print the features record (JSON); --version N: a kept backup"),
+        ("diff", "compare two versions (default: the newest backup with what is held)"),
         ("add", "extract features of --file and add them"),
-        ("update", "replace the features with those of --file"),
-        ("delete", "delete the features"),
+        ("update", "replace the features with those of --file (backed up first)"),
+        ("delete", "delete the features (backed up first)"),
     ]:
         one = feat_sub.add_parser(action, parents=[common], help=text)
         one.add_argument("image_id", metavar="IMAGE_ID")
         if action in ("add", "update"):
             one.add_argument("--file", required=True, metavar="PATH")
+        if action == "get":
+            one.add_argument("--version", type=_natural, metavar="N", help="a kept version")
+        if action == "diff":
+            one.add_argument("--from", dest="from_v", type=_natural, metavar="N")
+            one.add_argument("--to", dest="to_v", type=_natural, metavar="M")
+            one.add_argument("--json", action="store_true", help="print JSON")
     return parser
+
+
+def _natural(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version number (0, 1, 2, ...)")
+    return n
 
 
 def _positive(text: str) -> int:
@@ -157,9 +203,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "context":
             return _context(settings, args.action, getattr(args, "yes", False))
         if args.command == "features":
-            return _features(settings, args.action, args.image_id, getattr(args, "file", None))
+            return _features(settings, args)
         if args.command == "history":
-            return history(settings, args.image_id, args.json)
+            return lifecycle.history(settings, args.image_id, args.json)
+        if args.command == "restore":
+            return lifecycle.restore(
+                settings, args.image_id, args.version, args.to, args.dry_run, args.force
+            )
+        if args.command == "backup":
+            return _backup(settings, args)
         if args.command == "verify":
             from featsync import verify
 
@@ -317,17 +369,33 @@ def _context(settings: Settings, action: str, yes: bool) -> int:
     return EXIT_OK
 
 
-def _features(settings: Settings, action: str, image_id: str, file: str | None) -> int:
+def _backup(settings: Settings, args: argparse.Namespace) -> int:
+    from featsync import backup_cli
+
+    if args.action == "export":
+        return backup_cli.export(settings, args.out, args.since, args.image_ids)
+    if args.action == "list":
+        return backup_cli.listing(settings, args.image_ids, args.json)
+    return backup_cli.prune(settings)
+
+
+def _features(settings: Settings, args: argparse.Namespace) -> int:
     from featsync.wiring import open_context
 
+    action, image_id = args.action, args.image_id
+    if action == "get":
+        return lifecycle.features_get(settings, image_id, args.version)
+    if action == "diff":
+        return lifecycle.features_diff(settings, image_id, args.from_v, args.to_v, args.json)
     data = b""
-    if file is not None:
-        data = _read_image_file(file)
+    if getattr(args, "file", None) is not None:
+        data = _read_image_file(args.file)
     context = open_context(settings, logs.get())
     try:
-        if action == "get":
-            print(json.dumps(context.get_features(image_id).as_json(), indent=2))
-        elif action == "add":
+        if action in ("update", "delete"):
+            note = lifecycle.back_up_by_hand(settings, context, image_id, f"manual {action}")
+            print(f"features of {image_id} before the {action}: {note}")
+        if action == "add":
             context.add_features(image_id, data)
             print(f"added features of {image_id}")
         elif action == "update":

@@ -286,7 +286,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, Any]]] = {
         "images": (_bool, False),
         "keep_versions": (_int_range(1, 10_000), 3),
         "keep_deleted_days": (_days, 90.0),
-        "max_size": (_int_range(1 << 20, 1 << 50), 1 << 30),
+        "max_size": (_int_range(1024, 1 << 50), 1 << 30),
     },
 }
 

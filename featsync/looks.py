@@ -1,11 +1,10 @@
-"""The operator's looks: `status` and `history`. Each reads the ledger read-only and
-writes nothing; each returns an exit code: 0 in step, 1 not (failures, withheld
-deletes, drift), 2 fatal (raised)."""
+"""The operator's look: `status`. It reads the ledger read-only and writes nothing;
+it returns an exit code: 0 in step, 1 not (failures, withheld deletes, never synced),
+2 fatal (raised). The exit codes of every command are here."""
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from typing import Any
 
@@ -41,39 +40,7 @@ def status(settings: Settings, as_json: bool) -> int:
     return EXIT_NOT_IN_STEP if data["failures"] or held_back else EXIT_OK
 
 
-def history(settings: Settings, image_id: str, as_json: bool) -> int:
-    """Every version of one image ID (read-only: the ledger is not written)."""
-    from featsync.ledger import SqlLedger
-
-    ledger = SqlLedger(settings.ledger.url, read_only=True)
-    try:
-        versions = ledger.history_of(image_id)
-    finally:
-        ledger.close()
-    if not versions:
-        print(f"featsync: {image_id!r}: no history in the ledger (never synced)", file=sys.stderr)
-        return EXIT_NOT_IN_STEP
-    out = [
-        {
-            "version": h["version"],
-            "at": h["at"],
-            "action": h["action"],
-            "hash": h["digest"],
-            "features_count": h["features_count"],
-        }
-        for h in versions
-    ]
-    if as_json:
-        print(json.dumps({"image_id": image_id, "versions": out}, indent=2, ensure_ascii=False))
-        return EXIT_OK
-    for v in out:
-        count = "-" if v["features_count"] is None else f"{v['features_count']} features"
-        digest = (v["hash"] or "-")[:16]
-        print(f"v{v['version']:<4} {_when(v['at'])}  {v['action']:<7} {digest:<16}  {count}")
-    return EXIT_OK
-
-
-def _when(ts: float | None) -> str:
+def when(ts: float | None) -> str:
     return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
@@ -90,7 +57,7 @@ def _status_lines(data: dict[str, Any]) -> list[str]:
         lines.append("last cycle: never")
     else:
         lines.append(
-            f"last cycle: {_when(c['finished_at'])} ({c['duration_ms']:.0f} ms): "
+            f"last cycle: {when(c['finished_at'])} ({c['duration_ms']:.0f} ms): "
             f"{c['added']} added, {c['updated']} updated, {c['deleted']} deleted, "
             f"{c['unchanged']} unchanged, {c['failed']} failed, "
             f"{c['withheld_deletes']} withheld deletes"
@@ -110,6 +77,6 @@ def _status_lines(data: dict[str, Any]) -> list[str]:
     for f in data["failures"]:
         lines.append(
             f"failed: {f['image_id']}: {f['error']} "
-            f"(tries {f['attempts']}, next try {_when(f['next_attempt_at'])})"
+            f"(tries {f['attempts']}, next try {when(f['next_attempt_at'])})"
         )
     return lines
