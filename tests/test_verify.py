@@ -1,0 +1,463 @@
+"""`featsync verify` and the daemon's own reviews (issue 11), for real: a temp folder,
+a real SQLite ledger, the embedded context and a real `featsync serve` on loopback,
+the command and the daemon as subprocesses. The context is changed behind featsync's
+back through its own API (or, for bulk, its store file), then verify must say so, and
+`--repair` (or the daemon with `repair = true`) must mend it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from featsync.aspose import AsposeContext, ClientSettings
+from featsync.drift import LIST_PAGE
+from featsync.errors import NotFound
+from featsync.localcontext import LocalContext
+from featsync.model import SearchContext, Secret, State
+from featsync.samples import textured_bytes
+from featsync.schema import images, meta
+from tests.conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    Backend,
+    Server,
+    Workspace,
+    client_for,
+    set_mtime_past,
+    start_server,
+    wait_for,
+)
+from tests.test_aspose import CREDS, OddServer, odd_server, use_server
+from tests.test_cli import featsync
+from tests.test_daemon import Daemons, configure
+
+NAMES = ("a.jpg", "b.jpg", "c.jpg")
+
+
+def synced(ws: Workspace, backend: Backend, names: tuple[str, ...] = NAMES) -> None:
+    """Write these images and reconcile them into the context."""
+    for n, name in enumerate(names):
+        set_mtime_past(ws.image(name, n))
+    r = featsync("reconcile", cwd=ws.base, env=backend.env)
+    assert r.returncode == 0, r.stderr
+
+
+@contextlib.contextmanager
+def behind(ws: Workspace, backend: Backend) -> Iterator[SearchContext]:
+    """The context the workspace syncs into, opened apart from featsync's ledger: what
+    is done through it happens behind featsync's back."""
+    ctx: SearchContext
+    if backend.name == "embedded":
+        ctx = LocalContext(ws.settings().context.path)
+    else:
+        c = backend.context
+        settings = ClientSettings(
+            base_url=c["base_url"],
+            auth_url=c["auth_url"],
+            context_id=c["context_id"],
+            trust_env=False,
+        )
+        ctx = AsposeContext(settings, CLIENT_ID, Secret(CLIENT_SECRET))
+    try:
+        yield ctx
+    finally:
+        ctx.close()
+
+
+def fresh_features(tmp_path: Path, path: Path) -> bytes:
+    """The features a fresh extraction of this file gives."""
+    ctx = LocalContext(str(tmp_path / "fresh.search"))
+    try:
+        return ctx.extract(path.name, path.read_bytes()).features
+    finally:
+        ctx.close()
+
+
+def verify(ws: Workspace, backend: Backend, *args: str) -> tuple[int, dict[str, Any]]:
+    r = featsync("verify", "--json", *args, cwd=ws.base, env=backend.env)
+    assert r.returncode in (0, 1), r.stdout + r.stderr
+    return r.returncode, json.loads(r.stdout)
+
+
+def kinds(report: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(d["image_id"], d["kind"]) for d in report["drifts"]]
+
+
+def test_a_record_deleted_behind_its_back_is_missing_and_repair_sends_it_again(
+    ws: Workspace, backend: Backend, tmp_path: Path
+) -> None:
+    synced(ws, backend)
+    assert verify(ws, backend)[0] == 0
+    with behind(ws, backend) as ctx:
+        ctx.delete_features("b.jpg")
+    code, report = verify(ws, backend)
+    assert code == 1 and kinds(report) == [("b.jpg", "missing")]
+    assert report["checked"] == 3 and report["orphans_looked_for"] is True
+
+    r = featsync("verify", "--repair", cwd=ws.base, env=backend.env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "missing          b.jpg" in r.stdout and "repair: 1 sent again" in r.stdout
+    [done] = [json.loads(x) for x in r.stderr.splitlines() if "verify_repaired" in x]
+    assert done["sent"] == 1 and done["drifts"] == 1
+    with behind(ws, backend) as ctx:
+        held = ctx.get_features("b.jpg").features
+    assert held == fresh_features(tmp_path, ws.images / "b.jpg")
+    assert verify(ws, backend)[0] == 0
+
+
+def test_a_record_replaced_behind_its_back_is_count_differs_and_repair_sends_the_file(
+    ws: Workspace, backend: Backend, tmp_path: Path
+) -> None:
+    synced(ws, backend)
+    assert verify(ws, backend)[0] == 0  # with Aspose, this learns the counts adds did not tell
+    other = textured_bytes(77, size=(120, 90))  # another image, with fewer features
+    with behind(ws, backend) as ctx:
+        before = ctx.get_features("c.jpg").features_count
+        ctx.update_features("c.jpg", other)
+        after = ctx.get_features("c.jpg").features_count
+    assert after != before
+    code, report = verify(ws, backend)
+    assert code == 1 and kinds(report) == [("c.jpg", "count_differs")]
+    assert f"{after} features held, {before} recorded" in report["drifts"][0]["detail"]
+
+    code, report = verify(ws, backend, "--repair")
+    assert code == 0 and report["repair"]["outcomes"] == {"c.jpg": "sent"}
+    with behind(ws, backend) as ctx:
+        assert ctx.get_features("c.jpg").features == fresh_features(tmp_path, ws.images / "c.jpg")
+    assert verify(ws, backend)[0] == 0
+
+
+def test_an_orphan_is_found_and_repair_deletes_it_within_the_delete_guard(
+    ws: Workspace, backend: Backend
+) -> None:
+    synced(ws, backend)
+    with behind(ws, backend) as ctx:
+        ctx.add_features("stray.jpg", textured_bytes(9))
+    r = featsync("verify", cwd=ws.base, env=backend.env)
+    assert r.returncode == 1
+    assert "orphan           stray.jpg: held, unknown to the ledger" in r.stdout
+    code, report = verify(ws, backend, "--repair")
+    assert code == 0 and report["repair"]["outcomes"] == {"stray.jpg": "deleted"}
+    assert backend.remote() == set(NAMES)
+
+    # More orphans than the delete guard lets go at once: withheld, not sent.
+    strays = {f"stray{n}.jpg" for n in range(3)}
+    with behind(ws, backend) as ctx:
+        for n, name in enumerate(sorted(strays)):
+            ctx.add_features(name, textured_bytes(20 + n))
+    settings = dict(ws.overrides)
+    ws.write_config(**settings, safety={"max_delete_count": 2})
+    code, report = verify(ws, backend, "--repair")
+    assert code == 1
+    assert report["repair"]["outcomes"] == dict.fromkeys(sorted(strays), "withheld")
+    assert "max_delete_count = 2" in report["repair"]["withheld_reason"]
+    assert backend.remote() == set(NAMES) | strays  # nothing was sent
+
+
+def test_a_record_held_though_deleted_is_found_and_repair_deletes_it(
+    ws: Workspace, backend: Backend
+) -> None:
+    synced(ws, backend)
+    (ws.images / "a.jpg").unlink()
+    assert featsync("reconcile", cwd=ws.base, env=backend.env).returncode == 0
+    with behind(ws, backend) as ctx:
+        ctx.add_features("a.jpg", textured_bytes(0))
+    code, report = verify(ws, backend)
+    assert code == 1 and kinds(report) == [("a.jpg", "held_but_deleted")]
+    code, report = verify(ws, backend, "--repair")
+    assert code == 0 and report["repair"]["outcomes"] == {"a.jpg": "deleted"}
+    assert backend.remote() == {"b.jpg", "c.jpg"}
+    assert verify(ws, backend)[0] == 0
+
+
+def test_with_aspose_verify_fills_the_features_counts_adds_did_not_return(
+    ws: Workspace, server: Server
+) -> None:
+    context_id = use_server(ws, server)
+    backend = Backend("serve", dict(ws.overrides["context"]), CREDS, set)
+    synced(ws, backend)
+    ledger = ws.ledger()
+    try:
+        assert {r.features_count for r in ledger.believed_of(NAMES).values()} == {None}
+    finally:
+        ledger.close()
+    r = featsync("verify", cwd=ws.base, env=CREDS)
+    assert r.returncode == 0 and "filled 3 features count(s)" in r.stdout, r.stdout
+    client = client_for(server, context_id)
+    ledger = ws.ledger()
+    try:
+        held = {n: client.get_features(n).features_count for n in NAMES}
+        rows = ledger.believed_of(NAMES)
+        assert {n: rows[n].features_count for n in NAMES} == held
+        assert ledger.history_of("a.jpg")[0]["features_count"] == held["a.jpg"]
+        # compare-and-set: a count read from another version is not written
+        with ledger.engine.begin() as conn:
+            conn.execute(images.update().values(features_count=None))
+        stale = [(n, rows[n].version - 1, 5) for n in NAMES]
+        assert ledger.fill_counts(stale) == 0
+        assert ledger.fill_counts([("a.jpg", rows["a.jpg"].version, held["a.jpg"])]) == 1
+    finally:
+        ledger.close()
+        client.close()
+    assert "filled 2 features count(s)" in featsync("verify", cwd=ws.base, env=CREDS).stdout
+
+
+def test_sample_n_checks_n_images_at_random(ws: Workspace) -> None:
+    backend = Backend("embedded", {}, {}, ws.remote_ids)
+    synced(ws, backend, tuple(f"{n}.jpg" for n in range(6)))
+    seen: set[str] = set()
+    for _ in range(2):
+        r = featsync("verify", "--sample", "2", cwd=ws.base)
+        assert r.returncode == 0 and "verified 2 images: 0 drift(s)" in r.stdout
+    ctx = LocalContext(ws.settings().context.path)
+    try:
+        for n in range(6):
+            ctx.delete_features(f"{n}.jpg")
+    finally:
+        ctx.close()
+    for _ in range(4):
+        code, report = verify(ws, backend, "--sample", "3")
+        assert code == 1 and report["checked"] == 3 and len(report["drifts"]) == 3
+        seen.update(i for i, _kind in kinds(report))
+    assert len(seen) > 3  # not the same three each time
+
+
+def test_an_unreachable_context_leaves_images_unverified_and_exits_1(
+    ws: Workspace, server: Server, tmp_path: Path
+) -> None:
+    use_server(ws, server)
+    backend = Backend("serve", dict(ws.overrides["context"]), CREDS, set)
+    synced(ws, backend)
+    broken = start_server(tmp_path / "broken", "--error-rate", "1")
+    try:
+        context = {
+            **ws.overrides["context"],
+            "base_url": broken.api,
+            "auth_url": broken.token_url,
+            "max_retries": 0,
+        }
+        ws.write_config(sync=ws.overrides["sync"], context=context)
+        r = featsync("verify", cwd=ws.base, env=CREDS)
+    finally:
+        broken.stop()
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "0 drift(s), 3 unverified" in r.stdout and "stopped early" in r.stdout
+
+
+# -- the listing on featsync serve, and a server without one ------------------------------
+
+
+def test_serve_lists_a_contexts_ids_in_pages(server: Server) -> None:
+    client = client_for(server)
+    try:
+        context_id = client.create_context()
+    finally:
+        client.close()
+    ids = sorted(f"img/{n:05}.jpg" for n in range(LIST_PAGE + 500))
+    # synthetic rows, straight into the store's file: the listing reads IDs only
+    with contextlib.closing(sqlite3.connect(server.data / f"{context_id}.search")) as db, db:
+        db.executemany("INSERT INTO features VALUES (?, 1, x'00', 0)", [(i,) for i in ids])
+    client = client_for(server, context_id)
+    try:
+        first = client.image_id_page("", None, LIST_PAGE)
+        assert first == ids[:LIST_PAGE]
+        assert client.image_id_page(ids[LIST_PAGE - 1], None, LIST_PAGE) == ids[LIST_PAGE:]
+        assert client.image_id_page("img/00010.jpg", "img/00012.jpg", 5) == ids[11:13]
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        (404, b"<html>Not Found</html>"),
+        (404, b'{"error": {"code": "NotFound", "message": "no such route"}}'),
+        (405, b'{"error": {"code": "MethodNotAllowed"}}'),
+        (400, b'{"Message": "The request is invalid."}'),
+        (302, b""),
+        (200, b'{"something": "else"}'),
+    ],
+)
+def test_a_server_without_the_listing_cannot_list_and_nothing_else_changes(
+    answer: tuple[int, bytes],
+) -> None:
+    """Aspose itself has no listing: the probe's answer is "cannot list", never the
+    fatal "wrong base_url" that a 404 or 405 of an image call would be."""
+    srv: OddServer
+    with odd_server() as (srv, client):
+        path = "/v3.0/imaging/ai/imageSearch/c1/features/ids"
+        srv.answers[("GET", path)] = (*answer, {"Location": "/elsewhere"})
+        assert client.image_id_page("", None, 10) is None
+        assert client.image_id_page("", None, 10) is None  # remembered: asked once
+        assert srv.seen.count(("GET", path)) == 1
+        assert ("GET", "/v3.0/imaging/ai/imageSearch/c1/status") not in srv.seen
+        srv.answers[("GET", "/v3.0/imaging/ai/imageSearch/c1/features")] = (
+            404,
+            b'{"error": {"code": "NotFound", "message": "no features"}}',
+        )
+        with pytest.raises(NotFound):  # an image call is judged as before
+            client.get_features("a.jpg")
+
+
+# -- repair beside a daemon, and the daemon's own reviews ---------------------------------
+
+
+def test_repair_while_a_daemon_runs_leaves_the_marks_to_it(
+    ws: Workspace, daemons: Daemons, tmp_path: Path
+) -> None:
+    configure(ws)
+    for n, name in enumerate(NAMES):
+        set_mtime_past(ws.image(name, n))
+    run = daemons.start()
+    wait_for(lambda: ws.remote_ids() == set(NAMES), 30, run.tail())
+    run.wait_event("cycle_finished")
+    ctx = LocalContext(ws.settings().context.path)
+    try:
+        ctx.delete_features("b.jpg")
+    finally:
+        ctx.close()
+    r = featsync("verify", "--repair", cwd=ws.base)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"a daemon (pid {run.proc.pid})" in r.stdout
+    wait_for(lambda: "b.jpg" in ws.remote_ids(), 20, run.tail())
+    ctx = LocalContext(ws.settings().context.path)
+    try:
+        assert ctx.get_features("b.jpg").features == fresh_features(tmp_path, ws.images / "b.jpg")
+    finally:
+        ctx.close()
+    wait_for(lambda: featsync("verify", cwd=ws.base).returncode == 0, 20, run.tail())
+    assert run.stop() == 0
+
+
+REVIEW = {"verify_interval": 0.5, "verify_min": 20, "verify_sample": 0.01}
+
+
+def test_the_daemon_reviews_finds_drift_and_with_repair_mends_it(
+    ws: Workspace, backend: Backend, daemons: Daemons
+) -> None:
+    names = tuple(f"{n:02}.jpg" for n in range(25))  # more than one review's 20
+    synced(ws, backend, names)
+    with behind(ws, backend) as ctx:
+        ctx.delete_features("03.jpg")
+        ctx.add_features("zz-stray.jpg", textured_bytes(99))
+    configure(ws, context=backend.context, daemon=REVIEW)
+    run = daemons.start(backend.env)
+    run.wait_event("context_drift", timeout=60)
+    drift = run.events("context_drift")[0]
+    assert drift["by_kind"] == {"missing": 1} and drift["image_ids"] == ["03.jpg"]
+    assert drift["repair"] is False
+    run.wait_event("review_finished", 3, timeout=60)  # the stray is in the next range
+    strays = [e for e in run.events("context_drift") if e["by_kind"] == {"orphan": 1}]
+    assert strays and strays[0]["image_ids"] == ["zz-stray.jpg"]
+    run.wait_event("heartbeat", run.count("heartbeat") + 1)
+    beats = [e["drift"] for e in run.events("heartbeat")]
+    assert {"missing": 1} in beats or {"orphan": 1} in beats
+    assert run.stop() == 0
+    assert "03.jpg" not in backend.remote()  # found, not mended
+    ledger = ws.ledger()
+    try:
+        assert ledger.review_cursor() != ""  # kept for the next start
+    finally:
+        ledger.close()
+
+    configure(ws, context=backend.context, daemon={**REVIEW, "repair": True})
+    again = daemons.start(backend.env)
+    wait_for(lambda: backend.remote() == set(names), 60, again.tail())
+
+    def mended() -> int:
+        return sum(e["sent"] + e["deleted"] for e in again.events("verify_repaired"))
+
+    wait_for(lambda: mended() >= 2, 30, again.tail())
+    assert mended() == 2 and again.events("verify_repaired")[0]["daemon_pid"] == again.proc.pid
+    n = again.count("review_finished")
+    again.wait_event("review_finished", n + 2, timeout=60)  # a whole round, clean
+    assert [e["drift"] for e in again.events("review_finished")[n:]] == [0, 0]
+    assert again.stop() == 0
+
+
+def test_sigterm_during_a_long_review_stops_within_seconds(
+    ws: Workspace, daemons: Daemons, tmp_path: Path
+) -> None:
+    slow = start_server(tmp_path / "slow", "--latency", "0.05")
+    try:
+        use_server(ws, slow)
+        configure(
+            ws,
+            context=ws.overrides["context"],
+            sync={"concurrency": 2},
+            daemon={**REVIEW, "verify_min": 10_000},
+        )
+        ledger = ws.ledger()
+        now = time.time()
+        rows = [
+            {
+                "image_id": f"gone/{n:05}.jpg",
+                "size": 1,
+                "mtime_ns": 1,
+                "inode": 1,
+                "digest": f"{n:064x}",
+                "version": 2,
+                "state": State.DELETED.value,
+                "remote": False,
+                "attempts": 0,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for n in range(10_000)
+        ]
+        try:
+            with ledger.engine.begin() as conn:
+                conn.execute(images.insert(), rows)
+        finally:
+            ledger.close()
+        run = daemons.start(CREDS)
+        run.wait_event("review_started", timeout=60)
+        assert run.events("review_started")[0]["images"] == 10_000
+        stopped = time.monotonic()
+        assert run.stop(signal.SIGTERM) == 0
+        assert time.monotonic() - stopped < 3.0, run.tail()
+        assert run.count("review_stopped") == 1 and run.count("review_finished") == 0
+        ledger = ws.ledger()
+        try:
+            with ledger.engine.begin() as conn:
+                cursor = conn.execute(
+                    sa.select(meta.c.value).where(meta.c.key == "review_cursor")
+                ).scalar()
+        finally:
+            ledger.close()
+        assert cursor is None  # a review cut short starts over
+    finally:
+        slow.stop()
+
+
+def test_a_review_that_meets_a_failing_context_is_logged_and_the_daemon_goes_on(
+    ws: Workspace, daemons: Daemons, tmp_path: Path
+) -> None:
+    first = start_server(tmp_path / "serve")
+    try:
+        use_server(ws, first)
+        synced(ws, Backend("serve", dict(ws.overrides["context"]), CREDS, set))
+    finally:
+        first.stop()
+    # The same server (port, data), now failing every call: the folder is unchanged,
+    # so the cycles need no call and stay good; only the reviews meet the failures.
+    port = int(first.url.rsplit(":", 1)[1])
+    broken = start_server(tmp_path / "serve", "--error-rate", "1", port=port)
+    try:
+        configure(ws, context={**ws.overrides["context"], "max_retries": 0}, daemon=REVIEW)
+        run = daemons.start(CREDS)
+        run.wait_event("review_failed", 2, timeout=60)
+        assert "failed 3 times in a row" in run.events("review_failed")[0]["error"]
+        assert run.proc.poll() is None and run.count("context_drift") == 0
+        assert run.stop() == 0
+    finally:
+        broken.stop()
