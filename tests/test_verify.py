@@ -173,6 +173,8 @@ def test_a_record_held_though_deleted_is_found_and_repair_deletes_it(
         ctx.add_features("a.jpg", textured_bytes(0))
     code, report = verify(ws, backend)
     assert code == 1 and kinds(report) == [("a.jpg", "held_but_deleted")]
+    code, report = verify(ws, backend, "--sample", "3")  # by its GET alone: no listing
+    assert code == 1 and kinds(report) == [("a.jpg", "held_but_deleted")]
     code, report = verify(ws, backend, "--repair")
     assert code == 0 and report["repair"]["outcomes"] == {"a.jpg": "deleted"}
     assert backend.remote() == {"b.jpg", "c.jpg"}
@@ -457,7 +459,21 @@ def test_a_review_that_meets_a_failing_context_is_logged_and_the_daemon_goes_on(
         run = daemons.start(CREDS)
         run.wait_event("review_failed", 2, timeout=60)
         assert "failed 3 times in a row" in run.events("review_failed")[0]["error"]
-        assert run.proc.poll() is None and run.count("context_drift") == 0
-        assert run.stop() == 0
     finally:
         broken.stop()
+    # The server back, without the search context: a Fatal answer to the review.
+    context_id = ws.overrides["context"]["context_id"]
+    for leftover in (tmp_path / "serve").glob(f"{context_id}.search*"):
+        leftover.unlink()
+    back = start_server(tmp_path / "serve", port=port)
+    try:
+        wait_for(
+            lambda: any("not found" in e["error"] for e in run.events("review_failed")),
+            30,
+            run.tail(),
+        )
+        assert run.proc.poll() is None and run.count("context_drift") == 0
+        assert run.count("loop_error") == 0
+        assert run.stop() == 0
+    finally:
+        back.stop()
