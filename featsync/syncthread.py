@@ -333,42 +333,21 @@ class SyncThread:
             self.log.info("review_stopped", checked=f.checked, not_checked=f.not_checked)
             return
         self.reviewed_at = time.monotonic()
-        self.log.info(
-            "review_finished",
-            checked=f.checked,
-            drift=len(f.drifts),
-            unverified=len(f.unverified),
-            filled=f.filled,
-            orphans_looked_for=f.listed,
-            after=done.start,
-            until=done.end,
-            stopped=f.stopped,
-            duration_ms=round((self.reviewed_at - began) * 1000, 1),
-        )
-        if f.stopped:
-            self.log.warning("review_failed", error=f.stopped, not_checked=f.not_checked)
+        repair = self.engine.settings.daemon.repair
+        verify.log_review(self.log, done, self.reviewed_at - began, repair)
         self.drift = f.by_kind()
-        if f.drifts:
-            repair = self.engine.settings.daemon.repair
-            self.log.warning(
-                "context_drift",
-                count=len(f.drifts),
-                by_kind=self.drift,
-                image_ids=[d.image_id for d in f.drifts[:20]],
-                repair=repair,
-            )
-            if repair:
-                self._repair(f.drifts)
+        if f.drifts and repair:
+            self._repair(f.drifts)
         self._status_soon()
 
     def _repair(self, drifts: list[Drift]) -> None:
         """Mark the drifts "may hold" and mend them with a full cycle, now."""
+        from featsync import verify
+
         self.ledger.mark_drift(drifts, time.time())
         self._cycle(None, "repair")
         outcomes = self.ledger.repair_outcomes([d.image_id for d in drifts])
-        by = {k: 0 for k in ("sent", "deleted", "withheld", "failed", "waiting")}
-        for outcome in outcomes.values():
-            by[outcome.split(":")[0]] += 1
+        by = verify.outcome_counts(outcomes)
         self.log.info("verify_repaired", drifts=len(drifts), daemon_pid=os.getpid(), **by)
         left = [d for d in drifts if outcomes.get(d.image_id, "").split(":")[0] not in SETTLED]
         self.drift = dict(Counter(d.kind for d in left))

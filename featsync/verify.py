@@ -159,8 +159,7 @@ def _mended(
     withheld_reason: str | None,
     daemon: str | None = None,
 ) -> dict[str, Any]:
-    by = Counter(o.split(":")[0] for o in outcomes.values())
-    counts = {k: by.get(k, 0) for k in ("sent", "deleted", "withheld", "failed", "waiting")}
+    counts = outcome_counts(outcomes)
     log.info("verify_repaired", drifts=len(drifts), daemon_pid=daemon, **counts)
     return {
         "daemon_pid": daemon,
@@ -168,6 +167,12 @@ def _mended(
         "outcomes": outcomes,
         "withheld_reason": withheld_reason if counts["withheld"] else None,
     }
+
+
+def outcome_counts(outcomes: dict[str, str]) -> dict[str, int]:
+    """Repair outcomes (LedgerReview.repair_outcomes) counted by kind."""
+    by = Counter(o.split(":")[0] for o in outcomes.values())
+    return {k: by.get(k, 0) for k in ("sent", "deleted", "withheld", "failed", "waiting")}
 
 
 @contextlib.contextmanager
@@ -264,3 +269,31 @@ def review(
     if not found.stopped:
         ledger.set_review_cursor(end or "")
     return Reviewed(found, start, end)
+
+
+def log_review(log: Any, done: Reviewed, seconds: float, repair: bool) -> None:
+    """A finished review's lines: `review_finished`; `review_failed` if the context
+    failed it; `context_drift` with the counts by kind if it found drift."""
+    f = done.findings
+    log.info(
+        "review_finished",
+        checked=f.checked,
+        drift=len(f.drifts),
+        unverified=len(f.unverified),
+        filled=f.filled,
+        orphans_looked_for=f.listed,
+        after=done.start,
+        until=done.end,
+        stopped=f.stopped,
+        duration_ms=round(seconds * 1000, 1),
+    )
+    if f.stopped:
+        log.warning("review_failed", error=f.stopped, not_checked=f.not_checked)
+    if f.drifts:
+        log.warning(
+            "context_drift",
+            count=len(f.drifts),
+            by_kind=f.by_kind(),
+            image_ids=[d.image_id for d in f.drifts[:20]],
+            repair=repair,
+        )
