@@ -102,18 +102,16 @@ def _send(
         )
 
     def backup(reason: str) -> None:
-        """Keep what the context holds before `reason` replaces it (NotFound: none)."""
+        """Keep what the context holds before `reason` replaces it."""
         if gate.backups is not None:
             held = gate.held_digests.get(action.image_id)
             notes.append(gate.backups.before(ctx, action.image_id, action.version, held, reason))
 
     try:
         if action.kind is Kind.DELETE:
-            try:
-                backup("delete")
+            backup("delete")
+            with contextlib.suppress(NotFound):  # not there: the goal is reached
                 ctx.delete_features(action.image_id)
-            except NotFound:  # not there: the goal is reached
-                pass
             return result(Kind.DELETE)
         f = action.file
         assert f is not None
@@ -198,8 +196,7 @@ def _call(
             return Kind.ADD, ctx.add_features(action.image_id, image)
         except AlreadyExists:
             existed.append(True)
-            with contextlib.suppress(NotFound):  # gone meanwhile: the update finds out
-                backup("replace")  # features the ledger did not know of
+            backup("replace")  # features the ledger did not know of
             return Kind.UPDATE, ctx.update_features(action.image_id, image)
     try:
         backup("update")

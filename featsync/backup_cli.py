@@ -6,14 +6,16 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import math
 import os
 import re
 import sys
+import tempfile
 import time
 from typing import IO, Any
 
-from featsync import logs
-from featsync.backups import BackupStore, log_pruned
+from featsync import logs, retention
+from featsync.backups import BackupStore
 from featsync.config import Settings
 from featsync.errors import Fatal
 from featsync.looks import EXIT_OK, when
@@ -31,46 +33,70 @@ def parse_since(text: str, now: float | None = None) -> float:
     if m:
         return now - float(m.group(1)) * _UNIT_S[m.group(2)]
     try:
-        return float(t)
+        value = float(t)
     except ValueError:
         pass
+    else:
+        if math.isfinite(value):
+            return value
     try:
         parsed = dt.datetime.fromisoformat(t.replace("Z", "+00:00"))
     except ValueError:
-        raise Fatal(
-            f"--since {text!r}: not a time; give an ISO 8601 date or time "
-            "(2026-11-01, 2026-11-01T12:00:00Z), an age (90m, 12h, 7d, 2w) or epoch seconds"
-        ) from None
+        raise _since_error(text) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.UTC)
     return parsed.timestamp()
 
 
+def _since_error(text: str) -> Fatal:
+    return Fatal(
+        f"--since {text!r}: not a time; give an ISO 8601 date or time "
+        "(2026-11-01, 2026-11-01T12:00:00Z), an age (90m, 12h, 7d, 2w) or epoch seconds"
+    )
+
+
 def export(settings: Settings, out: str | None, since: str | None, image_ids: list[str]) -> int:
-    """JSON lines, one kept version each, streamed: memory stays flat. To a file: written
-    under a temporary name and renamed when complete."""
+    """JSON lines, one kept record each, streamed: memory stays flat. To a regular file:
+    written under a temporary name beside it and renamed when complete; to anything
+    else (a FIFO, /dev/stdout, a symbolic link to one): written to as it is."""
     start = parse_since(since) if since is not None else None
     store = BackupStore(settings.backup.path, read_only=True)
     try:
         if out is None:
             n = _write(store, sys.stdout, start, image_ids)
+        elif os.path.lexists(out) and not (os.path.isfile(out) and not os.path.islink(out)):
+            with open(out, "w", encoding="utf-8") as fh:
+                n = _write(store, fh, start, image_ids)
         else:
-            tmp = f"{out}.partial"
-            try:
-                with open(tmp, "w", encoding="utf-8") as fh:
-                    n = _write(store, fh, start, image_ids)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, out)
-            except OSError as exc:
-                raise Fatal(f"--out {out!r}: {exc.strerror or exc}") from None
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            n = _write_whole(store, out, start, image_ids)
+    except OSError as exc:
+        raise Fatal(f"--out {out!r}: {exc.strerror or exc}") from None
     finally:
         store.close()
     print(f"exported {n} backup(s)" + (f" to {out}" if out else ""), file=sys.stderr)
     return EXIT_OK
+
+
+def _write_whole(store: BackupStore, out: str, since: float | None, image_ids: list[str]) -> int:
+    folder = os.path.dirname(os.path.abspath(out))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".partial", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            n = _write(store, fh, since, image_ids)
+            fh.flush()
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return n
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write(store: BackupStore, fh: IO[str], since: float | None, image_ids: list[str]) -> int:
@@ -92,49 +118,82 @@ def _write(store: BackupStore, fh: IO[str], since: float | None, image_ids: list
 
 
 def listing(settings: Settings, image_ids: list[str], as_json: bool) -> int:
+    """Per image ID, streamed (a store of a million IDs prints in flat memory); the
+    totals: of the IDs named, or of the whole store."""
     store = BackupStore(settings.backup.path, read_only=True)
     try:
-        per_image, totals = store.summary(image_ids)
+        n = size = ids = 0
+        if as_json:
+            sys.stdout.write('{"images": [')
+        for p in store.per_image(image_ids):
+            n, size, ids = n + p["records"], size + p["size"], ids + 1
+            if as_json:
+                sys.stdout.write(("," if ids > 1 else "") + "\n  " + json.dumps(p))
+            else:
+                versions = ", ".join(f"v{v}" for v in p["versions"])
+                print(
+                    f"{p['image_id']}  {versions}  newest {when(p['newest_at'])}  "
+                    f"{_size(p['size'])}"
+                )
+        whole = store.totals()
     finally:
         store.close()
+    if image_ids:
+        totals: dict[str, Any] = {"backups": n, "backup_bytes": size, "image_ids": ids}
+    else:
+        totals = whole
     if as_json:
-        print(json.dumps({"images": per_image, "totals": totals}, indent=2, ensure_ascii=False))
+        sys.stdout.write("\n], " + json.dumps({"totals": totals})[1:] + "\n")
         return EXIT_OK
-    for p in per_image:
-        versions = ", ".join(f"v{v}" for v in p["versions"])
-        print(f"{p['image_id']}  {versions}  newest {when(p['newest_at'])}  {_size(p['size'])}")
-    print(
-        f"{totals['backups']} backup(s), {_size(totals['backup_bytes'])}; "
-        f"{totals['image_copies']} image copies, {_size(totals['image_bytes'])}; "
-        f"in {settings.backup.path}"
-    )
+    if image_ids:
+        named = len(set(image_ids))
+        print(f"{n} backup(s) of {ids} of the {named} image ID(s) named, {_size(size)}")
+    else:
+        print(
+            f"{whole['backups']} backup(s) of {whole['image_ids']} image IDs, "
+            f"{_size(whole['backup_bytes'])}; {whole['image_copies']} image copies, "
+            f"{_size(whole['image_bytes'])}; in {settings.backup.path}"
+        )
     return EXIT_OK
 
 
 def prune(settings: Settings) -> int:
-    """Apply every retention rule now (a cycle applies them by itself, see backups)."""
+    """Apply every retention rule now (featsync.retention; a cycle applies them by
+    itself). Refused without a ledger that knows images: "gone" is judged by it, and
+    a wrong --config or ledger URL must not look like every image gone."""
     from featsync.ledger import SqlLedger
 
     b = settings.backup
+    if not os.path.isdir(b.path):
+        print(f"no backups in {b.path} (the folder does not exist); nothing to prune")
+        return EXIT_OK
     ledger = SqlLedger(settings.ledger.url, read_only=True)
-    store = BackupStore(b.path)
     try:
-        pruned = store.prune(
-            b.keep_versions,
-            b.keep_deleted_days,
-            b.max_size,
-            ledger.held_among,
-            ledger.current_digests,
-            time.time(),
-        )
+        if ledger.image_count() == 0:
+            raise Fatal(
+                f"the ledger {ledger.where()} holds no images (missing, or another "
+                "ledger): pruning would take every image for gone; not pruned"
+            )
+        store = BackupStore(b.path)
+        try:
+            pruned = retention.prune(
+                store,
+                b.keep_versions,
+                b.keep_deleted_days,
+                b.max_size,
+                ledger.gone_before,
+                ledger.current_digests,
+                time.time(),
+            )
+        finally:
+            store.close()
     finally:
-        store.close()
         ledger.close()
-    log_pruned(logs.get(), pruned, b.max_size)
+    retention.log_pruned(logs.get(), pruned, b.max_size)
     print(
         f"pruned {pruned.versions} beyond keep_versions, {pruned.gone} of images gone over "
-        f"keep_deleted_days, {pruned.size} over max_size, {pruned.images} image copies; "
-        f"{_size(pruned.freed)} freed"
+        f"keep_deleted_days, {pruned.size} over max_size, {pruned.images} image copies, "
+        f"{pruned.temp_files} temporary files; {_size(pruned.freed)} freed"
     )
     return EXIT_OK
 

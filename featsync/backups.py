@@ -1,14 +1,20 @@
 """Backups: the features the context held, kept before each update and delete, and
 (optionally) a copy of every image file sent, kept by content.
 
-``[backup] path`` is a folder: ``features.db`` (SQLite) has one row per backed-up
-version, its features compressed; ``images/ab/abcdef…`` holds image copies named by
+``[backup] path`` is a folder: ``features.db`` (SQLite) has one row per record
+kept, its features compressed; ``images/ab/abcdef…`` holds image copies named by
 their SHA-256, one file per distinct content however many IDs or versions share it.
 
-A backup of version *v* is the record the context answered GET with just before the
-change that made version *v + 1* (an update, or the delete). The first backup of a
-version wins: a retried update whose first try did land must not overwrite the old
-features with the new ones under the old version's number.
+A backup is the record the context answered GET with just before a change (an
+update, a delete, an add that found features there), labelled with the ledger's
+version and content hash of what the context held by the ledger. Rows are never
+overwritten: a record already kept for the image (the same features) is not kept
+twice, and any other is kept beside the rest. So a retried update whose first try
+did land adds a second row (the new features) and leaves the first (the old ones)
+as it was; a change made by hand between two syncs, or a ledger lost and begun
+again, adds rows rather than being taken for a version already kept. Which backup
+is "version v" is decided when reading (`match`): the earliest row with that
+version and that version's content hash.
 
 Workers take backups (each before its own call), so the store has its own connection
 and lock, apart from the ledger: it is never the ledger's one writer that waits on it.
@@ -17,23 +23,22 @@ and lock, apart from the ledger: it is never the ledger's one writer that waits 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from featsync.errors import Fatal, NotFound, Transient
+from featsync.errors import Fatal, ItemRejected, NotFound, Transient
 from featsync.model import ImageFeatures, SearchContext
 from featsync.sqlitefiles import read_only_uri
 
 SCHEMA_VERSION = 1
 _CHUNK = 1 << 20  # bytes per read when an image file is copied
-_RECENT_COPY_S = 3600.0  # a copy this young is never pruned (its send may be under way)
-FULL_PRUNE_EVERY_S = 3600.0  # a cycle's own prune looks at every image at most this often
 
 _DDL = (
     """CREATE TABLE IF NOT EXISTS backups (
@@ -46,10 +51,12 @@ _DDL = (
         features_count INTEGER NOT NULL,
         feature_length_in_bits INTEGER NOT NULL,
         size INTEGER NOT NULL,
+        features_hash TEXT NOT NULL,
         data BLOB NOT NULL,
-        UNIQUE (image_id, version)
+        UNIQUE (image_id, features_hash)
     )""",
     "CREATE INDEX IF NOT EXISTS backups_taken_at ON backups (taken_at)",
+    "CREATE INDEX IF NOT EXISTS backups_image ON backups (image_id, taken_at)",
     "CREATE INDEX IF NOT EXISTS backups_digest ON backups (digest)",
     """CREATE TABLE IF NOT EXISTS kept_images (
         digest TEXT PRIMARY KEY,
@@ -59,7 +66,7 @@ _DDL = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
 
-_COLUMNS = "image_id, version, digest, reason, taken_at, features_count, size"
+_COLUMNS = "id, image_id, version, digest, reason, taken_at, features_count, size"
 
 
 class BackupNotTaken(Transient):
@@ -68,8 +75,9 @@ class BackupNotTaken(Transient):
 
 @dataclass(frozen=True, slots=True)
 class Backup:
-    """One kept version (without its features: see `BackupStore.features`)."""
+    """One kept record (without its features: see `BackupStore.features`)."""
 
+    id: int
     image_id: str
     version: int
     digest: str | None
@@ -80,6 +88,7 @@ class Backup:
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "id": self.id,
             "image_id": self.image_id,
             "version": self.version,
             "hash": self.digest,
@@ -88,21 +97,6 @@ class Backup:
             "features_count": self.features_count,
             "size": self.size,
         }
-
-
-@dataclass(slots=True)
-class Pruned:
-    """What one prune removed, by rule."""
-
-    versions: int = 0  # beyond keep_versions of their image
-    gone: int = 0  # of images deleted more than keep_deleted_days ago
-    size: int = 0  # the oldest, while everything kept was over max_size
-    images: int = 0  # image copies no kept version or current image refers to
-    freed: int = 0  # bytes
-    over_cap: int = 0  # bytes still over max_size after pruning all it may
-
-    def any(self) -> bool:
-        return bool(self.versions or self.gone or self.size or self.images)
 
 
 class BackupStore:
@@ -114,6 +108,8 @@ class BackupStore:
         self.db_path = os.path.join(folder, "features.db")
         self.images_dir = os.path.join(folder, "images")
         self._lock = threading.Lock()
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            raise Fatal(f"backups folder {folder!r} is not a directory")
         try:
             if read_only:
                 uri = (
@@ -127,6 +123,7 @@ class BackupStore:
                 return
             os.makedirs(folder, exist_ok=True)
             self._db = sqlite3.connect(self.db_path, check_same_thread=False, timeout=10.0)
+            self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # a new file: prunes free space
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = NORMAL")
             self._create()
@@ -154,7 +151,8 @@ class BackupStore:
             self._db.close()
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction on the store (under its lock: workers share it)."""
         with self._lock:
             try:
                 with self._db:
@@ -173,14 +171,17 @@ class BackupStore:
         held: ImageFeatures,
         now: float,
     ) -> bool:
-        """Keep `held` as version `version` of `image_id`; False if that version was
-        kept already (the first backup of a version wins)."""
+        """Keep `held`, labelled with the ledger's `version` and content `digest` of
+        what the context holds; False if this very record is kept already."""
         data = zlib.compress(held.features, 6)
-        with self._tx() as db:
+        fhash = hashlib.sha256(
+            b"%d:%d:" % (held.features_count, held.feature_length_in_bits) + held.features
+        ).hexdigest()
+        with self.tx() as db:
             cur = db.execute(
                 "INSERT OR IGNORE INTO backups (image_id, version, digest, reason, taken_at, "
-                "features_count, feature_length_in_bits, size, data) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "features_count, feature_length_in_bits, size, features_hash, data) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     image_id,
                     version,
@@ -190,6 +191,7 @@ class BackupStore:
                     held.features_count,
                     held.feature_length_in_bits,
                     len(data),
+                    fhash,
                     data,
                 ),
             )
@@ -200,23 +202,33 @@ class BackupStore:
 
     def keep_image(self, fd: int, size: int, digest: str, now: float) -> bool:
         """Copy the open file (`size` bytes from its start) as the image of `digest`,
-        unless a copy is kept already. Written to a temporary name, flushed, renamed:
-        a crash leaves no half copy under a content name. False if already kept."""
+        unless a copy is kept already. Written to a temporary name, hashed on the way,
+        flushed, renamed: a crash leaves no half copy under a content name, and a file
+        rewritten meanwhile leaves none at all (ValueError). False if already kept.
+
+        The note comes first: a prune (which removes a copy and its note in one
+        transaction) then either has removed it already, and the copy is made anew,
+        or sees it as fresh and keeps it."""
+        self._note_image(digest, size, now)
         path = self.image_path(digest)
-        if os.path.exists(path):
-            self._note_image(digest, size, now)
-            return False
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_size == size:
+                return False
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
+            h = hashlib.sha256()
             offset = 0
             while offset < size:
                 chunk = os.pread(fd, min(_CHUNK, size - offset), offset)
                 if not chunk:
-                    raise OSError(f"the file ended after {offset} of {size} bytes")
+                    raise ValueError(f"the file ended after {offset} of {size} bytes")
+                h.update(chunk)
                 os.write(out, chunk)
                 offset += len(chunk)
+            if h.hexdigest() != digest:
+                raise ValueError("the file changed while it was copied")
             os.fsync(out)
         except BaseException:
             os.close(out)
@@ -225,44 +237,45 @@ class BackupStore:
             raise
         os.close(out)
         os.replace(tmp, path)
-        self._note_image(digest, size, now)
         return True
 
     def _note_image(self, digest: str, size: int, now: float) -> None:
-        with self._tx() as db:
+        with self.tx() as db:
             db.execute(
                 "INSERT INTO kept_images VALUES (?, ?, ?) "
-                "ON CONFLICT (digest) DO UPDATE SET kept_at = excluded.kept_at",
+                "ON CONFLICT (digest) DO UPDATE SET kept_at = excluded.kept_at, "
+                "size = excluded.size",
                 (digest, size, now),
             )
 
     # -- reading -------------------------------------------------------------------------
 
-    def versions(self, image_id: str) -> list[Backup]:
-        """The kept versions of one image ID, oldest first."""
-        with self._tx() as db:
+    def records(self, image_id: str) -> list[Backup]:
+        """Every record kept for one image ID, oldest first."""
+        with self.tx() as db:
             rows = db.execute(
-                f"SELECT {_COLUMNS} FROM backups WHERE image_id = ? ORDER BY version",  # noqa: S608
+                f"SELECT {_COLUMNS} FROM backups WHERE image_id = ? "  # noqa: S608
+                "ORDER BY taken_at, id",
                 (image_id,),
             ).fetchall()
         return [Backup(*r) for r in rows]
 
-    def features(self, image_id: str, version: int) -> ImageFeatures | None:
-        with self._tx() as db:
+    def features(self, backup_id: int) -> ImageFeatures | None:
+        with self.tx() as db:
             row = db.execute(
-                "SELECT features_count, feature_length_in_bits, data FROM backups "
-                "WHERE image_id = ? AND version = ?",
-                (image_id, version),
+                "SELECT image_id, features_count, feature_length_in_bits, data FROM backups "
+                "WHERE id = ?",
+                (backup_id,),
             ).fetchone()
         if row is None:
             return None
-        return ImageFeatures(image_id, int(row[0]), int(row[1]), zlib.decompress(row[2]))
+        return ImageFeatures(row[0], int(row[1]), int(row[2]), zlib.decompress(row[3]))
 
     def kept_images(self, digests: Iterable[str]) -> set[str]:
         """Those of `digests` whose image copy is kept."""
         wanted = [d for d in set(digests) if d]
         found: set[str] = set()
-        with self._tx() as db:
+        with self.tx() as db:
             for start in range(0, len(wanted), 500):
                 chunk = wanted[start : start + 500]
                 marks = _marks(chunk)
@@ -274,6 +287,16 @@ class BackupStore:
                     )
                 )
         return {d for d in found if os.path.exists(self.image_path(d))}
+
+    def cursor(self, sql: str, params: Sequence[Any] = ()) -> Iterator[tuple[Any, ...]]:
+        """The rows of one query, fetched a few at a time (a look, or the prune: not
+        while workers write)."""
+        cur = self._db.execute(sql, params)
+        try:
+            while batch := cur.fetchmany(500):
+                yield from batch
+        finally:
+            cur.close()
 
     def stream(
         self, since: float | None = None, image_ids: Sequence[str] = ()
@@ -298,7 +321,7 @@ class BackupStore:
             params.extend(ids)
         cur = self._db.execute(
             f"SELECT {_COLUMNS}, feature_length_in_bits, data FROM backups "  # noqa: S608
-            f"WHERE {' AND '.join(where)} ORDER BY image_id, version",
+            f"WHERE {' AND '.join(where)} ORDER BY image_id, taken_at, id",
             params,
         )
         try:
@@ -310,146 +333,62 @@ class BackupStore:
         finally:
             cur.close()
 
-    def summary(self, image_ids: Sequence[str] = ()) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Per image ID: versions kept, newest backup, bytes; and the totals."""
+    def per_image(self, image_ids: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
+        """Per image ID (all, or those given): the versions kept, the newest backup's
+        time, the bytes; streamed, by image ID."""
         ids = sorted(set(image_ids))
         groups: list[list[str] | None] = [ids[i : i + 500] for i in range(0, len(ids), 500)]
-        rows: list[Any] = []
-        with self._tx() as db:
-            for chunk in groups or [None]:
-                where = "" if chunk is None else f"WHERE image_id IN ({_marks(chunk)})"
-                rows += db.execute(
-                    "SELECT image_id, GROUP_CONCAT(version), MAX(taken_at), SUM(size) "  # noqa: S608
-                    f"FROM backups {where} GROUP BY image_id ORDER BY image_id",
-                    chunk or [],
-                ).fetchall()
-            n, size = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM backups").fetchone()
+        for chunk in groups or [None]:
+            where = "" if chunk is None else f"WHERE image_id IN ({_marks(chunk)})"
+            cur = self._db.execute(
+                "SELECT image_id, GROUP_CONCAT(version), MAX(taken_at), SUM(size), COUNT(*) "  # noqa: S608
+                f"FROM backups {where} GROUP BY image_id ORDER BY image_id",
+                chunk or [],
+            )
+            try:
+                while batch := cur.fetchmany(500):
+                    for r in batch:
+                        yield {
+                            "image_id": r[0],
+                            "versions": sorted({int(v) for v in str(r[1]).split(",")}),
+                            "records": r[4],
+                            "newest_at": r[2],
+                            "size": r[3],
+                        }
+            finally:
+                cur.close()
+
+    def totals(self) -> dict[str, int]:
+        """The whole store: records and bytes, image copies and bytes."""
+        with self.tx() as db:
+            n, size, images = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0), COUNT(DISTINCT image_id) FROM backups"
+            ).fetchone()
             copies, copy_bytes = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM kept_images"
             ).fetchone()
-        per_image = [
-            {
-                "image_id": r[0],
-                "versions": sorted(int(v) for v in str(r[1]).split(",")),
-                "newest_at": r[2],
-                "size": r[3],
-            }
-            for r in rows
-        ]
-        totals = {
+        return {
             "backups": n,
             "backup_bytes": size,
+            "image_ids": images,
             "image_copies": copies,
             "image_bytes": copy_bytes,
-            "images": len(per_image) if not image_ids else None,
         }
-        return per_image, totals
 
-    # -- retention -----------------------------------------------------------------------
 
-    def prune(
-        self,
-        keep_versions: int,
-        keep_deleted_days: float,
-        max_size: int,
-        held: Callable[[Sequence[str]], set[str]],
-        current_digests: Callable[[], set[str]],
-        now: float,
-        touched: Sequence[str] | None = None,
-    ) -> Pruned:
-        """Apply the retention rules: at most `keep_versions` per image; nothing of an
-        image gone (not `held` by the ledger) for more than `keep_deleted_days`; the
-        oldest backups beyond `max_size` bytes in all; image copies that no kept backup
-        and no current image refer to. `touched`: only these images' versions (a
-        cycle's quick prune; the other rules wait for a full one)."""
-        out = Pruned()
-        with self._tx() as db:
-            out.versions, freed = _prune_versions(db, keep_versions, touched)
-            out.freed += freed
-        if touched is not None:
-            return out
-        cutoff = now - keep_deleted_days * 86400
-        with self._tx() as db:
-            stale = [
-                r[0]
-                for r in db.execute(
-                    "SELECT image_id FROM backups GROUP BY image_id HAVING MAX(taken_at) < ?",
-                    (cutoff,),
-                )
-            ]
-        alive = held(stale) if stale else set()
-        gone = [i for i in stale if i not in alive]
-        with self._tx() as db:
-            for start in range(0, len(gone), 500):
-                chunk = gone[start : start + 500]
-                marks = _marks(chunk)
-                row = db.execute(
-                    f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM backups "  # noqa: S608
-                    f"WHERE image_id IN ({marks})",
-                    chunk,
-                ).fetchone()
-                db.execute(f"DELETE FROM backups WHERE image_id IN ({marks})", chunk)  # noqa: S608
-                out.gone += row[0]
-                out.freed += row[1]
-        self._prune_images(current_digests(), now, out)
-        self._prune_size(max_size, out)
-        if out.size:
-            self._prune_images(current_digests(), now, out)
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO meta VALUES ('full_prune_at', ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (str(now),),
-            )
-        return out
-
-    def full_prune_due(self, now: float) -> bool:
-        with self._tx() as db:
-            row = db.execute("SELECT value FROM meta WHERE key = 'full_prune_at'").fetchone()
-        return row is None or now - float(row[0]) >= FULL_PRUNE_EVERY_S
-
-    def _prune_size(self, max_size: int, out: Pruned) -> None:
-        with self._tx() as db:
-            (backups,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM backups").fetchone()
-            (copies,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM kept_images").fetchone()
-            over = backups + copies - max_size
-            if over <= 0:
-                return
-            # The oldest first, until enough bytes are freed (a running sum).
-            victims = db.execute(
-                "SELECT id, size, digest FROM backups ORDER BY taken_at, id"
-            ).fetchall()
-            ids: list[int] = []
-            freed = 0
-            for backup_id, size, _digest in victims:
-                if freed >= over:
-                    break
-                ids.append(backup_id)
-                freed += size
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                db.execute(f"DELETE FROM backups WHERE id IN ({_marks(chunk)})", chunk)  # noqa: S608
-            out.size += len(ids)
-            out.freed += freed
-            out.over_cap = max(0, over - freed)
-
-    def _prune_images(self, current: set[str], now: float, out: Pruned) -> None:
-        with self._tx() as db:
-            referenced = {r[0] for r in db.execute("SELECT DISTINCT digest FROM backups")}
-            kept = db.execute("SELECT digest, size, kept_at FROM kept_images").fetchall()
-        dropped: list[str] = []
-        for digest, size, kept_at in kept:
-            if digest in referenced or digest in current or now - kept_at < _RECENT_COPY_S:
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.image_path(digest))
-            dropped.append(digest)
-            out.freed += size
-        with self._tx() as db:
-            db.executemany("DELETE FROM kept_images WHERE digest = ?", [(d,) for d in dropped])
-        out.images += len(dropped)
-        if dropped and out.over_cap:
-            out.over_cap = max(0, out.over_cap - sum(s for d, s, _ in kept if d in dropped))
+def match(versions: Sequence[Mapping[str, Any]], records: Sequence[Backup]) -> dict[int, Backup]:
+    """Which kept record is the backup of each sent version in `versions` (the ledger's
+    history rows): the earliest with that version and that version's content hash (any
+    hash, when the history has none)."""
+    out: dict[int, Backup] = {}
+    for h in versions:
+        if h["action"] not in ("add", "update"):
+            continue
+        for r in records:  # oldest first
+            if r.version == h["version"] and (not h["digest"] or r.digest == h["digest"]):
+                out[h["version"]] = r
+                break
+    return out
 
 
 def _marks(values: Sequence[Any]) -> str:
@@ -458,56 +397,18 @@ def _marks(values: Sequence[Any]) -> str:
     return ",".join("?" * len(values))
 
 
-def _prune_versions(
-    db: sqlite3.Connection, keep: int, touched: Sequence[str] | None
-) -> tuple[int, int]:
-    """Versions beyond the newest `keep` of each image (of `touched` only, if given)."""
-    rank = (
-        "SELECT id, size, ROW_NUMBER() OVER (PARTITION BY image_id ORDER BY version DESC) AS n "
-        "FROM backups"
-    )
-    params: list[Any] = []
-    if touched is not None:
-        if not touched:
-            return 0, 0
-        rank += f" WHERE image_id IN ({_marks(touched)})"
-        params.extend(touched)
-    victims = db.execute(f"SELECT id, size FROM ({rank}) WHERE n > ?", [*params, keep]).fetchall()  # noqa: S608
-    for start in range(0, len(victims), 500):
-        chunk = [v[0] for v in victims[start : start + 500]]
-        db.execute(f"DELETE FROM backups WHERE id IN ({_marks(chunk)})", chunk)  # noqa: S608
-    return len(victims), sum(v[1] for v in victims)
-
-
-def log_pruned(log: Any, pruned: Pruned, max_size: int) -> None:
-    if pruned.any():
-        log.info(
-            "backups_pruned",
-            versions=pruned.versions,
-            gone=pruned.gone,
-            over_size=pruned.size,
-            image_copies=pruned.images,
-            freed_bytes=pruned.freed,
-        )
-    if pruned.over_cap:
-        log.warning(
-            "backups_over_size",
-            over_bytes=pruned.over_cap,
-            max_size=max_size,
-            reason="the image copies of the current images alone are over [backup] max_size",
-        )
-
-
 # -- taking a backup (a worker, before its call) ------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class Backups:
-    """What apply's workers need: the store, the context, the rules."""
+    """What apply's workers need: the store (None: it could not be opened, and
+    `unavailable` says why), the rules."""
 
-    store: BackupStore
+    store: BackupStore | None
     required: bool
     images: bool
+    unavailable: str = ""
     clock: Callable[[], float] = time.time
 
     def before(
@@ -515,14 +416,15 @@ class Backups:
     ) -> str:
         """GET what the context holds for `image_id` and keep it, before `reason` (an
         update or a delete) replaces it. Returns what happened, for the log: "kept",
-        "kept already" or "skipped: why" (when not required). Raises NotFound when the
-        context holds nothing (nothing to keep), BackupNotTaken when a backup was
-        required and could not be taken."""
+        "kept already", "nothing held" or "skipped: why" (when not required). Raises
+        BackupNotTaken when a backup was required and could not be taken."""
+        if self.store is None:
+            return self._not_taken(self.unavailable)
         try:
             held = ctx.get_features(image_id)
         except NotFound:
-            raise
-        except Transient as exc:
+            return "nothing held"
+        except (Transient, ItemRejected) as exc:
             return self._not_taken(f"GET features failed: {exc}")
         try:
             kept = self.store.put(image_id, version, digest, reason, held, self.clock())
@@ -531,20 +433,24 @@ class Backups:
         return "kept" if kept else "kept already"
 
     def keep_image(self, fd: int, size: int, digest: str) -> str | None:
-        """A copy of the file about to be sent, if `images` is on."""
+        """A copy of the file about to be sent, if `images` is on. Best effort: a copy
+        that cannot be made is a note in the log, and holds nothing back."""
         if not self.images or digest.startswith("unhashed:"):
             return None
+        if self.store is None:
+            return f"image copy skipped: {self.unavailable}"
         try:
             self.store.keep_image(fd, size, digest, self.clock())
-        except (OSError, Fatal) as exc:
+        except (OSError, ValueError, Fatal) as exc:
             why = getattr(exc, "strerror", None) or str(exc)
-            return self._not_taken(f"image copy not kept: {why}")
+            where = self.store.image_path(digest)
+            return f"image copy skipped: {where}: {why}"
         return None
 
     def _not_taken(self, why: str) -> str:
         if self.required:
             raise BackupNotTaken(
-                f"features backup not taken ({why}); the change waits, as "
-                "[backup] required = true asks"
+                f"features backup not taken ({why}), so nothing was replaced "
+                "([backup] required = true)"
             )
         return f"skipped: {why}"

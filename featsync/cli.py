@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import unicodedata
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -175,7 +176,24 @@ def _positive(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`featsync backup export | head -1`): no traceback. Point
+        # stdout at /dev/null, so that Python's own flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Image IDs are NFC (README): one typed in NFD (as macOS keyboards give) is the same.
+    if getattr(args, "image_id", None) is not None:
+        args.image_id = unicodedata.normalize("NFC", args.image_id)
+    if getattr(args, "image_ids", None):
+        args.image_ids = [unicodedata.normalize("NFC", i) for i in args.image_ids]
     if args.command == "serve":
         logs.configure(args.log_format, "info")
         try:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
+from featsync import retention
 from featsync.apply import ApplyResult, apply_plan
-from featsync.backups import Backups, BackupStore, log_pruned
+from featsync.backups import Backups, BackupStore
 from featsync.config import Settings
 from featsync.errors import Fatal
 from featsync.model import (
@@ -207,32 +208,40 @@ class Engine:
             self.ledger.release_withheld(back)
             self.log.info("deletes_released", count=len(back), reason="the files are back")
 
-    def _backup_store(self, p: Plan) -> BackupStore | None:
-        """The backups, opened for a cycle that may replace or delete features."""
-        if not self.settings.backup.enabled or not p.actions:
+    def _backups(self, p: Plan) -> Backups | None:
+        """The backups, opened for a cycle that may replace or delete features. A store
+        that cannot be opened holds back what needs a backup (unless [backup] required
+        = false), not the adds."""
+        b = self.settings.backup
+        if not b.enabled or not p.actions:
             return None
-        return BackupStore(self.settings.backup.path)
+        try:
+            return Backups(BackupStore(b.path), b.required, b.images)
+        except Fatal as exc:
+            self.log.error("backups_unavailable", error=str(exc), required=b.required)
+            return Backups(None, b.required, b.images, unavailable=str(exc))
 
     def _prune(self, store: BackupStore, touched: list[str]) -> None:
-        """The retention rules: for the images this cycle touched, and for all of them
-        at most once every FULL_PRUNE_EVERY_S. A failure to prune is logged, not fatal:
-        the sync itself went well."""
+        """The retention rules (featsync.retention): for the images this cycle touched,
+        and for all at most once an hour. A failure to prune is logged, not fatal: the
+        sync itself went well."""
         b, now = self.settings.backup, time.time()
         try:
-            full = store.full_prune_due(now)
-            pruned = store.prune(
+            full = retention.full_prune_due(store, now)
+            pruned = retention.prune(
+                store,
                 b.keep_versions,
                 b.keep_deleted_days,
                 b.max_size,
-                self.ledger.held_among,
+                self.ledger.gone_before,
                 self.ledger.current_digests,
                 now,
                 touched=None if full else touched,
             )
-        except Fatal as exc:
+        except (Fatal, OSError) as exc:
             self.log.warning("backups_not_pruned", error=str(exc))
             return
-        log_pruned(self.log, pruned, b.max_size)
+        retention.log_pruned(self.log, pruned, b.max_size)
 
     def _count_in_flight(self, n: int) -> None:
         self.in_flight = n
@@ -282,7 +291,7 @@ class Engine:
     ) -> CycleReport:
         started_wall = time.time()
         started = time.perf_counter()
-        log, b = self.log, self.settings.backup
+        log = self.log
         snapshot, rows, held = self._look(dry_run, scope)
         policy = self.policy(confirm_deletes, held, started_wall, pending_gone)
         p = plan(snapshot, rows, policy, started_wall)
@@ -310,7 +319,7 @@ class Engine:
             and policy.expected_device != snapshot.device
         ):
             self.ledger.set_device(snapshot.device)
-        store = self._backup_store(p)
+        backups = self._backups(p)
         try:
             applied = apply_plan(
                 p,
@@ -324,14 +333,14 @@ class Engine:
                 progress=self.progress,
                 hold=self.hold or (lambda _relpath: False),
                 in_flight=self._count_in_flight,
-                backups=None if store is None else Backups(store, b.required, b.images),
+                backups=backups,
             )
-            if store is not None:
+            if backups is not None and backups.store is not None:
                 touched = [a.image_id for a in p.actions if a.kind is not Kind.ADD or a.held]
-                self._prune(store, touched)
+                self._prune(backups.store, touched)
         finally:
-            if store is not None:
-                store.close()
+            if backups is not None and backups.store is not None:
+                backups.store.close()
         report = CycleReport(snapshot, p, applied, _ms(started))
         if confirm_deletes and applied.fatal is None:
             self.ledger.confirm_deletes(time.time())

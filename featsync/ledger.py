@@ -192,6 +192,10 @@ class SqlLedger(LedgerMemory, LedgerReports, LedgerReview):
     def _where(self) -> str:
         return make_url(self.url).render_as_string(hide_password=True)
 
+    def where(self) -> str:
+        """The ledger's URL for a message (any password hidden)."""
+        return self._where()
+
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
         try:

@@ -127,29 +127,50 @@ class LedgerReports:
                         out[image_id] = digest
         return out
 
-    def held_among(self, image_ids: Sequence[str]) -> set[str]:
-        """Those of `image_ids` the ledger does not consider deleted (or unknown)."""
-        found: set[str] = set()
+    def gone_before(self, image_ids: Sequence[str], cutoff: float) -> set[str]:
+        """Those of `image_ids` the ledger says were deleted before `cutoff`, or does
+        not know at all (the retention rule for images that are gone)."""
+        ids = sorted(set(image_ids))
+        known: dict[str, tuple[str, float]] = {}
         with self._tx() as conn:
-            for start in range(0, len(image_ids), 500):
-                chunk = list(image_ids[start : start + 500])
-                found.update(
-                    r[0]
-                    for r in conn.execute(
-                        sa.select(images.c.image_id).where(
-                            images.c.image_id.in_(chunk), images.c.state != State.DELETED.value
-                        )
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                for image_id, state, at in conn.execute(
+                    sa.select(images.c.image_id, images.c.state, images.c.updated_at).where(
+                        images.c.image_id.in_(chunk)
                     )
-                )
-        return found
+                ):
+                    known[image_id] = (state, at)
+        return {
+            i
+            for i in ids
+            if i not in known or (known[i][0] == State.DELETED.value and known[i][1] < cutoff)
+        }
 
     def current_digests(self) -> set[str]:
-        """The content hash of every image the context holds by the ledger."""
-        with self._tx() as conn:
-            rows = conn.execute(
-                sa.select(images.c.digest).where(images.c.state == State.SYNCED.value).distinct()
+        """The content hash of every version the context holds by the ledger: of each
+        synced image, and of the version a failed (not deleted) image still has there."""
+        held = (
+            sa.select(history.c.digest)
+            .join(
+                images,
+                sa.and_(
+                    images.c.image_id == history.c.image_id,
+                    images.c.version == history.c.version,
+                ),
             )
-            return {r[0] for r in rows if r[0]}
+            .where(
+                images.c.state != State.DELETED.value,
+                history.c.action.in_((Kind.ADD.value, Kind.UPDATE.value)),
+            )
+        )
+        synced = sa.select(images.c.digest).where(images.c.state == State.SYNCED.value)
+        with self._tx() as conn:
+            return {r[0] for r in conn.execute(sa.union(held, synced)) if r[0]}
+
+    def image_count(self) -> int:
+        with self._tx() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(images)).scalar() or 0)
 
     def relpath_of(self, image_id: str) -> str | None:
         """The path the image's file was last found at (relative to the root)."""

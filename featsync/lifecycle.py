@@ -5,15 +5,18 @@ one file into the folder (the ordinary sync then sends it) and nothing else.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from featsync.backups import Backups, BackupStore
+from featsync.backups import Backup, Backups, BackupStore, match
 from featsync.config import Settings
 from featsync.errors import NotFound
 from featsync.looks import EXIT_NOT_IN_STEP, EXIT_OK, when
@@ -31,7 +34,8 @@ class Looked:
     state: str | None  # the ledger's state now (None: never synced)
     version: int  # the ledger's version now
     relpath: str | None
-    backups: dict[int, Any]  # version -> featsync.backups.Backup
+    backups: dict[int, Backup]  # sent version -> the record that is its backup
+    others: list[Backup]  # records kept that are no sent version's backup
     images: set[str]  # content hashes whose image copy is kept
 
 
@@ -47,11 +51,13 @@ def look(settings: Settings, image_id: str) -> Looked:
         ledger.close()
     store = BackupStore(settings.backup.path, read_only=True)
     try:
-        backups = {b.version: b for b in store.versions(image_id)}
-        digests = [v["digest"] for v in versions] + [b.digest for b in backups.values()]
+        records = store.records(image_id)
+        digests = [v["digest"] for v in versions] + [b.digest for b in records]
         images = store.kept_images(d for d in digests if d)
     finally:
         store.close()
+    backups = match(versions, records)
+    matched = {b.id for b in backups.values()}
     return Looked(
         image_id,
         versions,
@@ -59,6 +65,7 @@ def look(settings: Settings, image_id: str) -> Looked:
         0 if row is None else row.version,
         relpath,
         backups,
+        [b for b in records if b.id not in matched],
         images,
     )
 
@@ -81,8 +88,6 @@ def back_up_by_hand(settings: Settings, context: SearchContext, image_id: str, r
         return Backups(store, settings.backup.required, images=False).before(
             context, image_id, version, digest, reason
         )
-    except NotFound:
-        return "nothing held, nothing to back up"
     finally:
         store.close()
 
@@ -94,7 +99,7 @@ def history(settings: Settings, image_id: str, as_json: bool) -> int:
     """Every version of one image ID: when, what, its content hash and features count,
     and whether its features backup and its image copy are kept."""
     seen = look(settings, image_id)
-    if not seen.versions and not seen.backups:
+    if not seen.versions and not seen.others:
         print(f"featsync: {image_id!r}: no history in the ledger (never synced)", file=sys.stderr)
         return EXIT_NOT_IN_STEP
     out: list[dict[str, Any]] = []
@@ -111,10 +116,10 @@ def history(settings: Settings, image_id: str, as_json: bool) -> int:
                 "image_kept": sent and bool(h["digest"]) and h["digest"] in seen.images,
             }
         )
-    known = {h["version"] for h in seen.versions if h["action"] in _SENT}
-    # Backups of versions the ledger never sent: what the context held under this ID
-    # before featsync's first add (an "already there"), or before a lost ledger.
-    strays = [b.as_json() for v, b in sorted(seen.backups.items()) if v not in known]
+    # Records that are no sent version's backup: what the context held under this ID
+    # before featsync's first add (an "already there"), a change by hand, a record kept
+    # before a lost ledger, or the new features of a retried update that had landed.
+    strays = [b.as_json() for b in seen.others]
     if as_json:
         doc = {"image_id": image_id, "versions": out, "other_backups": strays}
         print(json.dumps(doc, indent=2, ensure_ascii=False))
@@ -133,8 +138,8 @@ def history(settings: Settings, image_id: str, as_json: bool) -> int:
         )
     for b in strays:
         print(
-            f"backup of v{b['version']} taken {when(b['taken_at'])} before its {b['reason']}: "
-            f"{b['features_count']} features the ledger had not sent"
+            f"other backup #{b['id']} taken {when(b['taken_at'])} before a {b['reason']} "
+            f"(the ledger at v{b['version']}): {b['features_count']} features"
         )
     return EXIT_OK
 
@@ -150,22 +155,25 @@ def features_of(
     seen = None
     if version is not None:
         seen = look(settings, image_id)
-        if version in seen.backups:
+        b = seen.backups.get(version)
+        if b is not None:
             store = BackupStore(settings.backup.path, read_only=True)
             try:
-                feats = store.features(image_id, version)
+                feats = store.features(b.id)
             finally:
                 store.close()
             if feats is not None:
-                b = seen.backups[version]
                 return feats, f"v{version}, backed up {when(b.taken_at)} before its {b.reason}"
         if not (version == seen.version and seen.state == State.SYNCED):
             kept = ", ".join(f"v{v}" for v in sorted(seen.backups)) or "none"
+            holds = (
+                f"the context holds v{seen.version}"
+                if seen.state == State.SYNCED
+                else "the ledger says the context holds no version of it now"
+            )
             raise NotFound(
-                f"{image_id!r}: no features of version {version} are kept (backups kept: "
-                f"{kept}; the context holds v{seen.version}"
-                + ("" if seen.state == State.SYNCED else ", by the ledger, nothing")
-                + ")"
+                f"{image_id!r}: no features of version {version} are kept "
+                f"(backups kept: {kept}; {holds})"
             )
     from featsync import logs
     from featsync.wiring import open_context
@@ -191,12 +199,22 @@ def features_diff(
     """Compare two versions: counts, the share of descriptors unchanged, and (embedded
     context) their similarity on the 0-100 scale. Default: the newest backup against
     what the context holds now."""
-    if from_v is None:
+    if from_v is None or to_v is None:
         seen = look(settings, image_id)
+        if to_v is None and seen.state != State.SYNCED:
+            if not seen.backups:
+                raise NotFound(f"{image_id!r}: not held by the context, and no backup is kept")
+            if len(seen.backups) < 2:
+                raise NotFound(
+                    f"{image_id!r}: not held by the context now (deleted, or failing) and "
+                    f"one backup is kept (v{max(seen.backups)}): nothing to compare it with"
+                )
+            to_v = max(seen.backups)
         older = [v for v in seen.backups if to_v is None or v < to_v]
-        if not older:
-            raise NotFound(f"{image_id!r}: no features backup to compare with is kept")
-        from_v = max(older)
+        if from_v is None:
+            if not older:
+                raise NotFound(f"{image_id!r}: no older features backup to compare with is kept")
+            from_v = max(older)
     a, a_from = features_of(settings, image_id, from_v)
     b, b_from = features_of(settings, image_id, to_v)
     report = compare(a, b, settings.context.kind == "local")
@@ -325,8 +343,12 @@ def restore(
             file=sys.stderr,
         )
         return EXIT_NOT_IN_STEP
-    source = BackupStore(settings.backup.path, read_only=True).image_path(digest)
-    existing = _digest_of(target)
+    source = os.path.join(settings.backup.path, "images", digest[:2], digest)
+    try:
+        existing = _digest_of(target)
+    except NotFound as exc:
+        print(f"featsync: {exc}", file=sys.stderr)
+        return EXIT_NOT_IN_STEP
     if existing == digest:
         print(f"{target} already holds {image_id} v{v}; nothing to do")
         return EXIT_OK
@@ -338,15 +360,25 @@ def restore(
             file=sys.stderr,
         )
         return EXIT_NOT_IN_STEP
+    root = os.path.realpath(settings.sync.folder)
+    parent = os.path.realpath(os.path.dirname(target))
+    inside = parent == root or parent.startswith(os.path.join(root, ""))
+    then = (
+        "the next cycle sends it (a running daemon: within seconds; else `featsync reconcile`)"
+        if inside
+        else f"it is outside [sync] folder ({settings.sync.folder}), so the sync will not send it"
+    )
     if dry_run:
         what = "replace" if existing is not None else "create"
-        print(f"would {what} {target} with {image_id} v{v} (hash {digest[:16]})")
+        print(f"would {what} {target} with {image_id} v{v} (hash {digest[:16]}); {then}")
         return EXIT_OK
-    _put(source, target, digest, replace=existing is not None)
-    print(
-        f"restored {image_id} v{v} (hash {digest[:16]}) to {target}; the next cycle sends "
-        "it (a running daemon: within seconds; else `featsync reconcile`)"
-    )
+    try:
+        _put(source, target, digest, replace=existing is not None)
+    except (NotFound, OSError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"featsync: cannot restore to {target}: {why}", file=sys.stderr)
+        return EXIT_NOT_IN_STEP
+    print(f"restored {image_id} v{v} (hash {digest[:16]}) to {target}; {then}")
     return EXIT_OK
 
 
@@ -366,23 +398,54 @@ def _target(settings: Settings, seen: Looked, to: str | None) -> str | None:
         return os.path.abspath(to)
     if seen.relpath is None:
         return None
-    return os.path.join(settings.sync.folder, seen.relpath)
+    folder = os.path.abspath(settings.sync.folder)
+    path = os.path.normpath(os.path.join(folder, seen.relpath))
+    if not path.startswith(os.path.join(folder, "")):
+        return None  # a path from the ledger that leads out of the folder: not followed
+    return path
+
+
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFLNK: "a symbolic link",
+}
 
 
 def _digest_of(path: str) -> str | None:
+    """The SHA-256 of the regular file at `path`; None if there is nothing there.
+    Anything else (a directory, a FIFO, a symbolic link) is refused, never opened."""
     try:
-        with open(path, "rb") as fh:
-            return hashlib.file_digest(fh, "sha256").hexdigest()
+        st = os.lstat(path)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise NotFound(f"{path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        raise NotFound(f"{path} is {kind}; not restored over it")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NotFound(f"{path}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _put(source: str, target: str, digest: str, replace: bool) -> None:
     """Copy `source` to `target` whole or not at all: a hidden temporary file in the
     target's folder (the scan ignores it), checked against `digest`, then renamed (or,
-    when nothing may be replaced, linked: a file that appeared meanwhile is kept)."""
+    when nothing may be replaced, linked: a file that appeared meanwhile is kept).
+    A replaced file's mode is kept; a new file gets the umask's."""
     folder = os.path.dirname(target)
     os.makedirs(folder, exist_ok=True)
+    mode = 0o666 & ~_umask()
+    if replace:
+        with contextlib.suppress(OSError):
+            mode = stat.S_IMODE(os.stat(target).st_mode)
     fd, tmp = tempfile.mkstemp(prefix=".featsync-restore-", suffix=".tmp", dir=folder)
     try:
         h = hashlib.sha256()
@@ -391,20 +454,33 @@ def _put(source: str, target: str, digest: str, replace: bool) -> None:
                 h.update(chunk)
                 out.write(chunk)
             out.flush()
+            os.fchmod(out.fileno(), mode)
             os.fsync(out.fileno())
         if h.hexdigest() != digest:
             raise NotFound(f"the kept copy {source} is damaged (its hash is not {digest[:16]})")
-        os.chmod(tmp, 0o666 & ~_umask())
         if replace:
             os.replace(tmp, target)
         else:
-            try:
-                os.link(tmp, target)
-            except FileExistsError:
-                raise NotFound(f"{target} appeared meanwhile; not overwritten") from None
+            _create(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _create(tmp: str, target: str) -> None:
+    """`tmp` becomes `target`, which must not exist: a hard link where the file system
+    has them (atomic: a file that appeared meanwhile is never replaced), else a rename
+    after one more look."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise NotFound(f"{target} appeared meanwhile; not overwritten") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+            raise
+        if os.path.lexists(target):
+            raise NotFound(f"{target} appeared meanwhile; not overwritten") from None
+        os.rename(tmp, target)
 
 
 def _umask() -> int:

@@ -21,10 +21,11 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from featsync.backups import BackupStore
+from featsync.backups import Backup, BackupStore
 from featsync.engine import Engine
 from featsync.errors import NotFound, Transient
 from featsync.ledger import SqlLedger
+from featsync.lifecycle import look
 from featsync.localcontext import LocalContext
 from featsync.model import ImageFeatures
 from featsync.samples import textured_bytes
@@ -82,13 +83,29 @@ def _store(ws: Workspace) -> BackupStore:
 
 
 def _backups(ws: Workspace, image_id: str) -> dict[int, ImageFeatures]:
+    """The backup of each sent version, as `history` and `features get` match them."""
+    seen = look(ws.settings(), image_id)
     store = _store(ws)
     try:
         out: dict[int, ImageFeatures] = {}
-        for b in store.versions(image_id):
-            feats = store.features(image_id, b.version)
+        for version, b in seen.backups.items():
+            feats = store.features(b.id)
             assert feats is not None
-            out[b.version] = feats
+            out[version] = feats
+        return out
+    finally:
+        store.close()
+
+
+def _records(ws: Workspace, image_id: str) -> list[tuple[Backup, ImageFeatures]]:
+    """Every record kept for the image, oldest first."""
+    store = _store(ws)
+    try:
+        out = []
+        for b in store.records(image_id):
+            feats = store.features(b.id)
+            assert feats is not None
+            out.append((b, feats))
         return out
     finally:
         store.close()
@@ -118,11 +135,7 @@ def test_an_update_and_a_delete_each_leave_the_features_held_before(
     assert _backups(ws, "b.jpg") == {1: before_b}
     assert held("a.jpg") != before_a and held("b.jpg") is None
     assert _backups(ws, "c.jpg") == {}  # unchanged: nothing taken, no call made
-    store = _store(ws)
-    try:
-        b = {x.image_id: x for x in store.versions("a.jpg") + store.versions("b.jpg")}
-    finally:
-        store.close()
+    b = {x.image_id: x for x, _ in _records(ws, "a.jpg") + _records(ws, "b.jpg")}
     assert (b["a.jpg"].reason, b["b.jpg"].reason) == ("update", "delete")
     ledger = ws.ledger()
     try:
@@ -175,19 +188,23 @@ def test_retention_keeps_n_versions_drops_images_gone_long_ago_and_holds_a_size_
     assert sorted(_backups(ws, "w.jpg")) == [4, 5]
     db = sqlite3.connect(str(Path(ws.settings().backup.path) / "features.db"))
     with db:
-        db.execute("UPDATE backups SET taken_at = taken_at - 91 * 86400 WHERE image_id = 'w.jpg'")
-        db.execute("UPDATE backups SET taken_at = taken_at - 91 * 86400 WHERE image_id = 'v.jpg'")
+        db.execute("UPDATE backups SET taken_at = taken_at - 91 * 86400")
     db.close()
+    r = featsync("backup", "prune", cwd=ws.base)
+    assert r.returncode == 0, r.stderr
+    assert "0 of images gone" in r.stdout  # w.jpg was deleted today, whatever its backups' age
+    ledger = sqlite3.connect(str(ws.base / "featsync-ledger.db"))
+    with ledger:
+        ledger.execute(
+            "UPDATE images SET updated_at = updated_at - 91 * 86400 WHERE image_id = 'w.jpg'"
+        )
+    ledger.close()
     r = featsync("backup", "prune", cwd=ws.base)
     assert r.returncode == 0, r.stderr
     assert "2 of images gone over keep_deleted_days" in r.stdout
     assert _backups(ws, "w.jpg") == {} and sorted(_backups(ws, "v.jpg")) == [3, 4]  # v is held
     # the size cap: the oldest go first
-    store = _store(ws)
-    try:
-        sizes = [b.size for b in store.versions("v.jpg")]
-    finally:
-        store.close()
+    sizes = [b.size for b, _ in _records(ws, "v.jpg")]
     ws.write_config(sync={"folder": "images"}, backup={"keep_versions": 2, "max_size": 1024})
     r = featsync("backup", "prune", cwd=ws.base)
     assert r.returncode == 0 and all(s > 1024 for s in sizes), (r.stderr, sizes)
@@ -300,13 +317,8 @@ def test_an_add_that_finds_features_already_there_backs_them_up(ws: Workspace) -
     ledger.bind_context(LocalContext(settings.context.path, read_only=True).identity())
     ledger.close()  # bound, not adopted: the add meets "already there"
     _sync(ws, Backend("embedded", {}, {}, ws.remote_ids))
-    store = _store(ws)
-    try:
-        kept = store.versions("s.jpg")
-        assert [(b.version, b.reason) for b in kept] == [(0, "replace")]
-        assert store.features("s.jpg", 0) == stranger
-    finally:
-        store.close()
+    kept = _records(ws, "s.jpg")
+    assert [(b.version, b.reason, f) for b, f in kept] == [(0, "replace", stranger)]
     assert path.exists()
 
 
@@ -500,11 +512,12 @@ def test_export_streams_json_lines_in_bounded_memory(tmp_path: Path) -> None:
         with db:
             db.executemany(
                 "INSERT INTO backups (image_id, version, digest, reason, taken_at, "
-                "features_count, feature_length_in_bits, size, data) "
-                "VALUES (?, 1, ?, 'update', ?, 131, 488, ?, ?)",
+                "features_count, feature_length_in_bits, size, features_hash, data) "
+                "VALUES (?, 1, ?, 'update', ?, 131, 488, ?, ?, ?)",
                 (
-                    (f"img{i:05d}.jpg", f"{i:064x}", 1e9 + i, 8000, zlib.compress(os.urandom(7991)))
+                    (f"img{i:05d}.jpg", f"{i:064x}", 1e9 + i, 8000, str(i), zlib.compress(blob))
                     for i in range(n)
+                    for blob in [os.urandom(7991)]
                 ),
             )
         db.close()
