@@ -69,6 +69,8 @@ def export(settings: Settings, out: str | None, since: str | None, image_ids: li
                 n = _write(store, fh, start, image_ids)
         else:
             n = _write_whole(store, out, start, image_ids)
+    except BrokenPipeError:
+        raise  # the reader went away: featsync.cli ends quietly
     except OSError as exc:
         raise Fatal(f"--out {out!r}: {exc.strerror or exc}") from None
     finally:

@@ -8,8 +8,8 @@ their SHA-256, one file per distinct content however many IDs or versions share 
 A backup is the record the context answered GET with just before a change (an
 update, a delete, an add that found features there), labelled with the ledger's
 version and content hash of what the context held by the ledger. Rows are never
-overwritten: a record already kept for the image (the same features) is not kept
-twice, and any other is kept beside the rest. So a retried update whose first try
+overwritten: the same record under the same label is not kept twice, and any other
+is kept beside the rest. So a retried update whose first try
 did land adds a second row (the new features) and leaves the first (the old ones)
 as it was; a change made by hand between two syncs, or a ledger lost and begun
 again, adds rows rather than being taken for a version already kept. Which backup
@@ -23,6 +23,7 @@ and lock, apart from the ledger: it is never the ledger's one writer that waits 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import sqlite3
@@ -53,7 +54,7 @@ _DDL = (
         size INTEGER NOT NULL,
         features_hash TEXT NOT NULL,
         data BLOB NOT NULL,
-        UNIQUE (image_id, features_hash)
+        UNIQUE (image_id, version, digest, features_hash)
     )""",
     "CREATE INDEX IF NOT EXISTS backups_taken_at ON backups (taken_at)",
     "CREATE INDEX IF NOT EXISTS backups_image ON backups (image_id, taken_at)",
@@ -185,7 +186,7 @@ class BackupStore:
                 (
                     image_id,
                     version,
-                    digest or None,
+                    digest or "",  # not NULL: UNIQUE treats NULLs as all different
                     reason,
                     now,
                     held.features_count,
@@ -258,7 +259,7 @@ class BackupStore:
                 "ORDER BY taken_at, id",
                 (image_id,),
             ).fetchall()
-        return [Backup(*r) for r in rows]
+        return [_backup(r) for r in rows]
 
     def features(self, backup_id: int) -> ImageFeatures | None:
         with self.tx() as db:
@@ -327,7 +328,7 @@ class BackupStore:
         try:
             while batch := cur.fetchmany(100):
                 for *head, bits, data in batch:
-                    b = Backup(*head)
+                    b = _backup(head)
                     held = zlib.decompress(data)
                     yield b, ImageFeatures(b.image_id, b.features_count, bits, held)
         finally:
@@ -374,6 +375,11 @@ class BackupStore:
             "image_copies": copies,
             "image_bytes": copy_bytes,
         }
+
+
+def _backup(row: Sequence[Any]) -> Backup:
+    b = Backup(*row)
+    return b if b.digest else dataclasses.replace(b, digest=None)
 
 
 def match(versions: Sequence[Mapping[str, Any]], records: Sequence[Backup]) -> dict[int, Backup]:
