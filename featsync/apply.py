@@ -330,8 +330,8 @@ def _run_phase(
             batch = list(itertools.islice(todo, 2 * concurrency - len(running)))
             adds = [(a.image_id, a.file.relpath) for a in batch if a.kind is Kind.ADD and a.file]
             try:
-                if gate.backups is not None:
-                    held = [(a.image_id, a.version) for a in batch if a.version]
+                held = [(a.image_id, a.version) for a in batch if a.version]
+                if gate.backups is not None and held:
                     gate.held_digests.update(ledger.version_digests(held))
                 before.update(ledger.record_intents(adds, clock()))
             except Fatal as exc:
