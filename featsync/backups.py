@@ -38,7 +38,7 @@ from featsync.errors import Fatal, ItemRejected, NotFound, Transient
 from featsync.model import ImageFeatures, SearchContext
 from featsync.sqlitefiles import read_only_uri
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: a development build's layout (one record per version)
 _CHUNK = 1 << 20  # bytes per read when an image file is copied
 
 _DDL = (
@@ -145,6 +145,12 @@ class BackupStore:
                 raise Fatal(
                     f"backups {self.db_path!r} have schema version {row[0]}, newer than this "
                     f"featsync understands ({SCHEMA_VERSION}); upgrade featsync"
+                )
+            elif int(row[0]) < SCHEMA_VERSION:
+                raise Fatal(
+                    f"backups {self.db_path!r} have schema version {row[0]}, the layout of "
+                    "a development build of featsync: move the folder aside (export what "
+                    "you need with that build first)"
                 )
 
     def close(self) -> None:
