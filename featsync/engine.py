@@ -100,12 +100,13 @@ def bind_context(
 
 def _adopt(ledger: CycleLedger, context: SearchContext, log: Any) -> None:
     """A ledger that starts mirroring a context that can list what it holds (the
-    embedded one) learns every image ID in it: after a lost ledger, images removed
-    meanwhile are deleted (through the delete guard) instead of staying for good."""
-    listing = getattr(context, "image_ids", None)
-    if not callable(listing):
+    embedded one, featsync serve) learns every image ID in it: after a lost ledger,
+    images removed meanwhile are deleted (through the delete guard) instead of staying
+    for good."""
+    held = held_ids(context)
+    if held is None:
         return  # Aspose cannot list a context's image IDs
-    n = ledger.adopt(listing(), time.time())
+    n = ledger.adopt(held, time.time())
     if n:
         log.warning(
             "context_adopted",
@@ -113,6 +114,28 @@ def _adopt(ledger: CycleLedger, context: SearchContext, log: Any) -> None:
             reason="held by the context, unknown to the ledger: each is sent again if "
             "its file is there, deleted if not",
         )
+
+
+def held_ids(context: SearchContext, page_size: int = 1000) -> list[str] | None:
+    """Every image ID the context holds, or None if it cannot say: the embedded
+    context lists them; featsync serve pages through them (its own extension); Aspose
+    has no such call."""
+    listing = getattr(context, "image_ids", None)
+    if callable(listing):
+        return list(listing())
+    page = getattr(context, "image_id_page", None)
+    if not callable(page):
+        return None
+    out: list[str] = []
+    after = ""
+    while True:
+        ids = page(after, None, page_size)
+        if ids is None:
+            return None
+        out += ids
+        if len(ids) < page_size:
+            return out
+        after = ids[-1]
 
 
 class Stopped(Exception):

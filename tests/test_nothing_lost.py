@@ -42,9 +42,11 @@ from featsync.model import (
     State,
 )
 from featsync.plan import plan
+from featsync.samples import textured_bytes
 from tests.conftest import (
     Backend,
     CountingContext,
+    Server,
     Workspace,
     set_mtime_past,
     start_server,
@@ -588,18 +590,36 @@ def test_status_and_a_dry_run_leave_a_synced_ledger_and_store_as_they_were(
     assert ws.remote_ids() == {"b.jpg", "c.jpg"}
 
 
-def test_after_a_lost_ledger_images_removed_meanwhile_are_deleted(ws: Workspace) -> None:
+def test_after_a_lost_ledger_images_removed_meanwhile_are_deleted(
+    ws: Workspace, backend: Backend
+) -> None:
+    """The embedded context lists what it holds; featsync serve pages through it."""
     _images(ws, ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
-    assert featsync("reconcile", cwd=ws.base).returncode == 0
+    assert featsync("reconcile", cwd=ws.base, env=backend.env).returncode == 0
     for f in ws.base.glob("featsync-ledger.db*"):
         f.unlink()  # the ledger is lost (a new disk, a wiped state directory)
     (ws.images / "d.jpg").unlink()
-    r = featsync("reconcile", cwd=ws.base)
+    r = featsync("reconcile", cwd=ws.base, env=backend.env)
     assert r.returncode == 0, r.stderr
     assert "context_adopted" in r.stderr
-    assert ws.remote_ids() == {"a.jpg", "b.jpg", "c.jpg"}
-    again = featsync("reconcile", cwd=ws.base)
+    assert backend.remote() == {"a.jpg", "b.jpg", "c.jpg"}
+    again = featsync("reconcile", cwd=ws.base, env=backend.env)
     assert again.returncode == 0 and '"unchanged": 3' in again.stderr
+
+
+def test_the_ids_featsync_serve_holds_are_read_page_by_page(server: Server) -> None:
+    from featsync.engine import held_ids
+    from tests.conftest import new_context
+
+    client = new_context(server)
+    try:
+        names = [f"p{n}.png" for n in range(5)]
+        for n, name in enumerate(names):
+            client.add_features(name, textured_bytes(n, "PNG"))
+        assert held_ids(client, page_size=2) == names  # pages of 2, 2 and 1
+        assert held_ids(client, page_size=5) == names  # a full last page, then an empty one
+    finally:
+        client.close()
 
 
 def test_an_add_that_was_not_sent_after_all_leaves_no_may_hold_row(ws: Workspace) -> None:
