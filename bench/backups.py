@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,7 +27,7 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.http_throughput import CLIENT_ID, CLIENT_SECRET, start_server
+from bench.http_throughput import new_context_id, remote, serving
 from featsync import config
 from featsync.engine import Engine
 from featsync.ledger import SqlLedger
@@ -72,38 +70,24 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.05)
     ap.add_argument("--concurrency", type=int, default=16)
     args = ap.parse_args()
-    base = Path(tempfile.mkdtemp(prefix="featsync-backup-bench-"))
-    structlog.configure(logger_factory=structlog.ReturnLoggerFactory())
-    os.environ["FEATSYNC_CLIENT_ID"], os.environ["FEATSYNC_CLIENT_SECRET"] = (
-        CLIENT_ID,
-        CLIENT_SECRET,
-    )
-    server, url = start_server(base / "serve", args.latency, args.concurrency + 4)
-    print(
-        f"{args.images} updates, {args.latency * 1000:.0f} ms latency, "
-        f"concurrency {args.concurrency}, server {url}\n"
-    )
-    print(f"{'backups':>12} {'seconds':>8} {'ratio':>6} {'PUT':>6} {'GET':>6} {'store':>10}")
-    try:
+    with serving("featsync-backup-bench-", args.latency, args.concurrency + 4) as (base, url):
+        print(
+            f"{args.images} updates, {args.latency * 1000:.0f} ms latency, "
+            f"concurrency {args.concurrency}, server {url}\n"
+        )
+        print(f"{'backups':>12} {'seconds':>8} {'ratio':>6} {'PUT':>6} {'GET':>6} {'store':>10}")
         reference = None
         for mode, backup in MODES.items():
             run = base / mode.replace(" ", "")
             images = run / "images"
             images.mkdir(parents=True)
             _write(images, args.images, 0)
-            remote = {
-                "kind": "aspose",
-                "base_url": f"{url}/v3.0",
-                "auth_url": f"{url}/connect/token",
-            }
-            maker = open_context(config.parse({"context": remote}, str(run)))
-            context_id = maker.create_context()  # type: ignore[attr-defined]
-            maker.close()
+            context_id = new_context_id(url, run)
             settings = config.parse(
                 {
                     "sync": {"folder": str(images), "concurrency": args.concurrency},
                     "ledger": {"url": f"sqlite:///{run / 'ledger.db'}"},
-                    "context": {**remote, "context_id": context_id, "trust_env": False},
+                    "context": {**remote(url), "context_id": context_id, "trust_env": False},
                     "backup": {"path": str(run / "backups"), **backup},
                     "log": {"level": "warning"},
                 },
@@ -130,10 +114,6 @@ def main() -> None:
                 f"{ctx.calls['update_features']:>6} {ctx.calls['get_features']:>6} "
                 f"{store / 1e6:>7.1f} MB"
             )
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ and the client's CPU time per call. Target: at least 85% of ideal up to 16.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import select
 import shutil
@@ -20,7 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -58,20 +61,45 @@ def start_server(data: Path, latency: float, threads: int) -> tuple[subprocess.P
     raise SystemExit("featsync serve did not start")
 
 
+@contextlib.contextmanager
+def serving(prefix: str, latency: float, threads: int) -> Iterator[tuple[Path, str]]:
+    """A scratch folder and `featsync serve` (with `latency`) on a free port, the
+    credentials in the environment and structlog quiet; both gone afterwards."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    structlog.configure(logger_factory=structlog.ReturnLoggerFactory())
+    os.environ["FEATSYNC_CLIENT_ID"], os.environ["FEATSYNC_CLIENT_SECRET"] = (
+        CLIENT_ID,
+        CLIENT_SECRET,
+    )
+    server, url = start_server(base / "serve", latency, threads)
+    try:
+        yield base, url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def remote(url: str) -> dict[str, Any]:
+    """The [context] of a config pointing at `featsync serve` at `url`."""
+    return {"kind": "aspose", "base_url": f"{url}/v3.0", "auth_url": f"{url}/connect/token"}
+
+
+def new_context_id(url: str, folder: Path) -> str:
+    maker = open_context(config.parse({"context": remote(url)}, str(folder)))
+    try:
+        return maker.create_context()  # type: ignore[attr-defined, no-any-return]
+    finally:
+        maker.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--latency", type=float, default=0.05)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     args = ap.parse_args()
-    base = Path(tempfile.mkdtemp(prefix="featsync-http-bench-"))
-    structlog.configure(logger_factory=structlog.ReturnLoggerFactory())
-    os.environ["FEATSYNC_CLIENT_ID"], os.environ["FEATSYNC_CLIENT_SECRET"] = (
-        CLIENT_ID,
-        CLIENT_SECRET,
-    )
-    server, url = start_server(base / "serve", args.latency, max(args.concurrency) + 4)
-    try:
+    with serving("featsync-http-bench-", args.latency, max(args.concurrency) + 4) as (base, url):
         images = base / "images"
         images.mkdir()
         old = time.time() - 3600
@@ -87,27 +115,12 @@ def main() -> None:
         for conc in args.concurrency:
             run = base / f"c{conc}"
             run.mkdir()
-            maker = open_context(
-                config.parse(
-                    {"context": {"kind": "aspose", "base_url": f"{url}/v3.0",
-                                 "auth_url": f"{url}/connect/token"}},
-                    str(run),
-                    str(run / "featsync.toml"),
-                )
-            )  # fmt: skip
-            context_id = maker.create_context()  # type: ignore[attr-defined]
-            maker.close()
+            context_id = new_context_id(url, run)
             settings = config.parse(
                 {
                     "sync": {"folder": str(images), "concurrency": conc},
                     "ledger": {"url": f"sqlite:///{run / 'ledger.db'}"},
-                    "context": {
-                        "kind": "aspose",
-                        "base_url": f"{url}/v3.0",
-                        "auth_url": f"{url}/connect/token",
-                        "context_id": context_id,
-                        "trust_env": False,
-                    },
+                    "context": {**remote(url), "context_id": context_id, "trust_env": False},
                     "log": {"level": "warning"},
                 },
                 str(run),
@@ -129,10 +142,6 @@ def main() -> None:
             )
         verdict = "meets" if worst >= TARGET else "MISSES"
         print(f"\nlowest share {worst:.0%} ({verdict} the target >= {TARGET:.0%})")
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

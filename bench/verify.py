@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sqlite3
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,12 +31,11 @@ from urllib.parse import quote
 import requests
 import structlog
 
-from bench.http_throughput import CLIENT_ID, CLIENT_SECRET, start_server
+from bench.http_throughput import CLIENT_ID, CLIENT_SECRET, new_context_id, remote, serving
 from featsync import config, verify
 from featsync.aspose import API
 from featsync.ledger import SqlLedger
 from featsync.schema import images
-from featsync.wiring import open_context
 
 TARGET = 0.85
 DESCRIPTOR_BYTES = 61
@@ -116,23 +113,13 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.05)
     ap.add_argument("--descriptors", type=int, default=200)
     args = ap.parse_args()
-    base = Path(tempfile.mkdtemp(prefix="featsync-verify-bench-"))
-    structlog.configure(logger_factory=structlog.ReturnLoggerFactory())
-    os.environ["FEATSYNC_CLIENT_ID"], os.environ["FEATSYNC_CLIENT_SECRET"] = (
-        CLIENT_ID,
-        CLIENT_SECRET,
-    )
-    server, url = start_server(base / "serve", args.latency, args.concurrency + 4)
-    try:
-        ctx = {"kind": "aspose", "base_url": f"{url}/v3.0", "auth_url": f"{url}/connect/token"}
-        maker = open_context(config.parse({"context": ctx}, str(base), str(base / "f.toml")))
-        context_id = maker.create_context()  # type: ignore[attr-defined]
-        maker.close()
+    with serving("featsync-verify-bench-", args.latency, args.concurrency + 4) as (base, url):
+        context_id = new_context_id(url, base)
         settings = config.parse(
             {
                 "sync": {"folder": str(base / "images"), "concurrency": args.concurrency},
                 "ledger": {"url": f"sqlite:///{base / 'ledger.db'}"},
-                "context": {**ctx, "context_id": context_id, "trust_env": False},
+                "context": {**remote(url), "context_id": context_id, "trust_env": False},
                 "log": {"level": "warning"},
             },
             str(base),
@@ -165,10 +152,6 @@ def main() -> None:
         )
         verdict = "meets" if rate / ideal >= TARGET else "MISSES"
         print(f"verify at {rate / ideal:.0%} of the ideal ({verdict} the target >= {TARGET:.0%})")
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":
