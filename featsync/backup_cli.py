@@ -171,7 +171,7 @@ def prune(settings: Settings) -> int:
         return EXIT_OK
     ledger = SqlLedger(settings.ledger.url, read_only=True)
     try:
-        if ledger.image_count() == 0:
+        if ledger.row_count() == 0:
             raise Fatal(
                 f"the ledger {ledger.where()} holds no images (missing, or another "
                 "ledger): pruning would take every image for gone; not pruned"

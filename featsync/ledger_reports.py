@@ -168,10 +168,6 @@ class LedgerReports:
         with self._tx() as conn:
             return {r[0] for r in conn.execute(sa.union(held, synced)) if r[0]}
 
-    def image_count(self) -> int:
-        with self._tx() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).select_from(images)).scalar() or 0)
-
     def relpath_of(self, image_id: str) -> str | None:
         """The path the image's file was last found at (relative to the root)."""
         with self._tx() as conn:
