@@ -88,13 +88,13 @@ from featsync.errors import (
     NotFound,
     Transient,
 )
+from featsync.listing import LIST_PAGE, proper_page
 from featsync.model import ImageData, ImageFeatures, SearchResult, Secret
 from featsync.upload import Upload
 
 API = "/imaging/ai/imageSearch"
 CONTEXT_NOT_FOUND = "ContextNotFound"  # the error code featsync serve gives a missing context
 NOT_API_HOLDS_S = 5.0  # how long "base_url is not the imageSearch API" stands unasked
-LIST_PAGE = 1000  # image IDs per page of featsync serve's listing
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,10 +390,13 @@ class AsposeContext:
 
         Its answer is judged here alone, never by the rules that make a 404 or 405 of
         an image call fatal (module docstring): that a route featsync made up is missing
-        says nothing about base_url, so any answer but a transient one or a 200 with
-        ``imageIds`` (a 400, 404 or 405 of any shape, a redirect, another body) is
-        "cannot list", remembered for the client's life; the status probe and the run of
-        refusals are left alone."""
+        says nothing about base_url. Any answer but a transient one or a 200 with
+        ``imageIds`` (a 404 or 405 of any shape, a redirect, another body) is "cannot
+        list", remembered for the client's life; the status probe and the run of
+        refusals are left alone. A 400 is about this request (a bound, say), not the
+        route: "cannot list" for this call only. So is a page that is no proper page
+        (more IDs than asked for, out of order, out of the range): a server that
+        answers garbage must not make a caller page for ever."""
         if self._cannot_list:
             return None
         what = "list image IDs"
@@ -404,16 +407,18 @@ class AsposeContext:
         if r.status_code in TRANSIENT_STATUS:
             _code, reason = self._reason(r, token)
             raise Transient(f"{what}: HTTP {r.status_code} ({reason}), retries spent")
+        if r.status_code == 400:
+            return None
         ids = None
         if r.status_code == 200:
             try:
                 ids = field(r.json(), "imageIds")
             except ValueError:
                 ids = None
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        if not isinstance(ids, list):
             self._cannot_list = True
             return None
-        return ids
+        return ids if proper_page(ids, after, until, limit) else None
 
     def find_similar(
         self,

@@ -26,13 +26,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
+from featsync import listing
 from featsync.errors import Fatal, ItemRejected, NotFound, Transient
+from featsync.listing import LIST_PAGE as LIST_PAGE  # re-exported (tests)
+from featsync.listing import PageOf
 from featsync.model import SearchContext, State
 
 KINDS = ("missing", "count_differs", "held_but_deleted", "orphan")
 BREAKER = 3  # transient failures in a row that end a check early
 FILL_BATCH = 500  # features counts written to the ledger at a time
-LIST_PAGE = 1000  # image IDs asked for per page of a listing
 
 T = TypeVar("T")
 _END: Any = object()
@@ -57,9 +59,6 @@ class Drift(NamedTuple):
         return {"image_id": self.image_id, "kind": self.kind, "detail": self.detail}
 
 
-# A context's image_id_page(after, until, limit): a page of the IDs it holds, in order;
-# None: it cannot list (Aspose itself). Only some contexts have one.
-PageOf = Callable[[str, str | None, int], list[str] | None]
 Lookup = Callable[[Sequence[str]], Mapping[str, Believed]]  # the ledger's rows of these IDs
 Fill = Callable[[Sequence[tuple[str, int, int]]], int]  # (ID, version, count): how many written
 
@@ -133,8 +132,10 @@ class Check:
         stop: Callable[[], bool] = lambda: False,
         progress: Callable[[], None] = lambda: None,
         fill: Fill | None = None,
+        prefix: str = "",
     ) -> None:
         self.context = context
+        self.prefix = prefix  # the configuration's id_prefix: other IDs are not its own
         self.concurrency = max(1, concurrency)
         self.stop = stop
         self.progress = progress
@@ -191,17 +192,15 @@ class Check:
                 return
 
     def _pages(self, page_of: PageOf, after: str, until: str | None) -> Iterator[list[str]]:
-        while not self._should_stop():
-            page = page_of(after, until, LIST_PAGE)
-            if page is None:
-                self.found.listed = False
-                return
-            self.found.listed = True
-            if page:
+        listed = listing.pages(page_of, after, until, self.prefix, self._should_stop)
+        try:
+            for page in listed:
+                self.found.listed = True
                 yield page
-            if len(page) < LIST_PAGE:
-                return
-            after = page[-1]
+            if self.found.listed is None and not self.found.stopped:
+                self.found.listed = True  # an empty listing is a listing
+        except listing.CannotList:
+            self.found.listed = False
 
     def _listed(self, what: tuple[Drift, tuple[str, int] | None], held: int | None) -> None:
         drift, seen = what

@@ -17,7 +17,8 @@ from featsync import retention
 from featsync.apply import ApplyResult, apply_plan
 from featsync.backups import Backups, BackupStore
 from featsync.config import Settings
-from featsync.errors import Fatal
+from featsync.errors import Fatal, Transient
+from featsync.listing import held_ids
 from featsync.model import (
     CycleLedger,
     Kind,
@@ -72,23 +73,38 @@ def bind_context(
     log: Any,
     resync: bool = False,
     dry_run: bool = False,
+    prefix: str = "",
 ) -> None:
     """The ledger mirrors one search context: on first use record which; afterwards
     refuse another (switched in the config, or a store deleted and made anew), unless
-    told to resync, which sends every image again to the one configured now."""
+    told to resync, which sends every image again to the one configured now. `prefix`:
+    the configuration's id_prefix (what it adopts of a context that can list)."""
     want, have = context.identity(), ledger.context_identity()
     if have == want and not resync:
         return
     if have is None and not resync:  # a new ledger, or one from before bindings
         if not dry_run:
+            try:
+                _adopt(ledger, context, log, prefix)
+            except Transient as exc:
+                # Not bound yet, so the next cycle adopts (and binds): a listing that
+                # failed for now must not lose the adoption for good, nor stop the sync.
+                log.warning(
+                    "context_adoption_deferred",
+                    error=str(exc),
+                    reason="could not list what the context holds; the next cycle tries again",
+                )
+                return
             ledger.bind_context(want)
-            _adopt(ledger, context, log)
         return
     if resync:
         if not dry_run:
             n = ledger.resync(want, time.time())
             log.warning("context_resync", previous=have, context=want, images=n)
-            _adopt(ledger, context, log)
+            try:
+                _adopt(ledger, context, log, prefix)
+            except Transient as exc:  # resync sends everything anyway; the deletes wait
+                log.warning("context_adoption_deferred", error=str(exc), reason="resync")
         return
     raise Fatal(
         f"the ledger mirrors {have}, but the configuration names {want}: nothing was "
@@ -98,12 +114,12 @@ def bind_context(
     )
 
 
-def _adopt(ledger: CycleLedger, context: SearchContext, log: Any) -> None:
+def _adopt(ledger: CycleLedger, context: SearchContext, log: Any, prefix: str) -> None:
     """A ledger that starts mirroring a context that can list what it holds (the
-    embedded one, featsync serve) learns every image ID in it: after a lost ledger,
-    images removed meanwhile are deleted (through the delete guard) instead of staying
-    for good."""
-    held = held_ids(context)
+    embedded one, featsync serve) learns every image ID under its prefix in it: after
+    a lost ledger, images removed meanwhile are deleted (through the delete guard)
+    instead of staying for good. Raises Transient if the listing failed for now."""
+    held = held_ids(context, prefix)
     if held is None:
         return  # Aspose cannot list a context's image IDs
     n = ledger.adopt(held, time.time())
@@ -114,28 +130,6 @@ def _adopt(ledger: CycleLedger, context: SearchContext, log: Any) -> None:
             reason="held by the context, unknown to the ledger: each is sent again if "
             "its file is there, deleted if not",
         )
-
-
-def held_ids(context: SearchContext, page_size: int = 1000) -> list[str] | None:
-    """Every image ID the context holds, or None if it cannot say: the embedded
-    context lists them; featsync serve pages through them (its own extension); Aspose
-    has no such call."""
-    listing = getattr(context, "image_ids", None)
-    if callable(listing):
-        return list(listing())
-    page = getattr(context, "image_id_page", None)
-    if not callable(page):
-        return None
-    out: list[str] = []
-    after = ""
-    while True:
-        ids = page(after, None, page_size)
-        if ids is None:
-            return None
-        out += ids
-        if len(ids) < page_size:
-            return out
-        after = ids[-1]
 
 
 class Stopped(Exception):
@@ -213,7 +207,8 @@ class Engine:
         count against the delete limits now, so deleting a folder in bursts gains
         nothing)."""
         with self.lock:
-            bind_context(self.ledger, self.context, self.log, resync, dry_run)
+            prefix = self.settings.sync.id_prefix
+            bind_context(self.ledger, self.context, self.log, resync, dry_run, prefix)
             return self._cycle(dry_run, confirm_deletes, scope, pending_gone)
 
     def _release_withheld(self, snapshot: Snapshot) -> None:

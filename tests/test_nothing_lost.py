@@ -608,7 +608,7 @@ def test_after_a_lost_ledger_images_removed_meanwhile_are_deleted(
 
 
 def test_the_ids_featsync_serve_holds_are_read_page_by_page(server: Server) -> None:
-    from featsync.engine import held_ids
+    from featsync.listing import held_ids
     from tests.conftest import new_context
 
     client = new_context(server)
@@ -616,8 +616,8 @@ def test_the_ids_featsync_serve_holds_are_read_page_by_page(server: Server) -> N
         names = [f"p{n}.png" for n in range(5)]
         for n, name in enumerate(names):
             client.add_features(name, textured_bytes(n, "PNG"))
-        assert held_ids(client, page_size=2) == names  # pages of 2, 2 and 1
-        assert held_ids(client, page_size=5) == names  # a full last page, then an empty one
+        assert held_ids(client, limit=2) == names  # pages of 2, 2 and 1
+        assert held_ids(client, limit=5) == names  # a full last page, then an empty one
     finally:
         client.close()
 

@@ -59,6 +59,19 @@ def optional_id_arg(name: str) -> str | None:
     return checked_id(name, value) if value else None
 
 
+def bound_arg(name: str) -> str | None:
+    """A bound of a listing (``after``, ``until``): compared with IDs, never stored or
+    used as one, so any text is fine (a ledger's ID with a control character, which no
+    context holds, is still a place to start or stop); only its length is limited."""
+    value = arg(name, required=False)
+    if not value:
+        return None
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > MAX_ID_BYTES:
+        raise _bad(f"{name} is too long: {size} bytes as UTF-8 (at most {MAX_ID_BYTES})")
+    return value
+
+
 def _finite(name: str) -> float:
     raw = str(arg(name))
     try:

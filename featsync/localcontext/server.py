@@ -241,8 +241,8 @@ def _feature_routes(route: Route, contexts: Contexts) -> None:
         verify` finds orphans with it; against Aspose, which has no such route, the
         client says it cannot list and does without."""
         ctx = contexts.get(context_id)
-        after = inputs.optional_id_arg("after") or ""
-        until = inputs.optional_id_arg("until")
+        after = inputs.bound_arg("after") or ""
+        until = inputs.bound_arg("until")
         return answers.ok({"imageIds": ctx.image_id_page(after, until, inputs.page_limit())})
 
     @route(f"{API}/<context_id>/image2features", ["GET", "POST"])
