@@ -76,6 +76,7 @@ def _check(settings: Settings, sample: int | None, log: Any) -> Findings:
     try:
         context = open_context(settings, log, read_only=True)
         try:
+            same_context(ledger, context, log)  # before any GET (and so before any mark)
             check = Check(context, settings.sync.concurrency, fill=fill)
             if sample is not None:
                 check.rows(ledger.believed_sample(sample))
@@ -93,6 +94,22 @@ def _check(settings: Settings, sample: int | None, log: Any) -> Findings:
     if found.filled:
         log.info("features_counts_filled", count=found.filled)
     return found
+
+
+def same_context(ledger: SqlLedger, context: SearchContext, log: Any) -> None:
+    """Refuse (Fatal) a context other than the one the ledger mirrors: every row would
+    look missing there, and a repair would mark every row. A ledger that has not yet
+    recorded which context it mirrors (a new one, or one from before bindings) gives no
+    way to tell: its first reconcile (or a daemon's start) records it."""
+    from featsync.engine import bind_context
+
+    if ledger.context_identity() is None:
+        raise Fatal(
+            "the ledger has not yet recorded which search context it mirrors (a new "
+            "ledger, or one from before featsync recorded it): verify needs one "
+            "`featsync reconcile` (or a daemon's start) first, which records it"
+        )
+    bind_context(ledger, context, log, dry_run=True)  # the same refusal as a cycle's
 
 
 def _every_row(ledger: SqlLedger) -> Iterator[Believed]:
@@ -256,6 +273,7 @@ def review(
     cursor moves on (kept in the ledger, so a restart continues) unless the review was
     cut short. Every row is looked at once per rows / batch reviews."""
     d = settings.daemon
+    same_context(ledger, context, None)  # the daemon bound them; a store replaced since?
     n = max(1, d.verify_min, math.ceil(d.verify_sample * ledger.row_count()))
     start = ledger.review_cursor()
     rows = ledger.believed_after(start, n)

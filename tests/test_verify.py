@@ -477,3 +477,34 @@ def test_a_review_that_meets_a_failing_context_is_logged_and_the_daemon_goes_on(
         assert run.stop() == 0
     finally:
         back.stop()
+
+
+# -- the context the ledger mirrors ---------------------------------------------------------
+
+
+def test_verify_refuses_another_context_than_the_ledger_mirrors_before_any_mark(
+    ws: Workspace, tmp_path: Path
+) -> None:
+    backend = Backend("embedded", {}, {}, ws.remote_ids)
+    synced(ws, backend)
+    ws.write_config(sync={"folder": "images"}, context={"path": str(tmp_path / "other.db")})
+    for args in ((), ("--repair",), ("--sample", "2")):
+        r = featsync("verify", *args, cwd=ws.base)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "the ledger mirrors local store" in r.stderr and r.stdout == ""
+    ledger = ws.ledger()
+    try:
+        rows = ledger.believed_of(NAMES)
+        assert {r.state for r in rows.values()} == {State.SYNCED.value}  # nothing marked
+    finally:
+        ledger.close()
+
+
+def test_verify_on_a_ledger_never_bound_asks_for_one_reconcile_first(ws: Workspace) -> None:
+    ws.image("a.jpg", 1)
+    ledger = ws.ledger()  # a new ledger: it has not yet recorded which context it mirrors
+    ledger.close()
+    r = featsync("verify", "--repair", cwd=ws.base)
+    assert r.returncode == 2 and "featsync reconcile" in r.stderr, r.stdout + r.stderr
+    assert featsync("reconcile", cwd=ws.base).returncode == 0
+    assert featsync("verify", cwd=ws.base).returncode == 0
