@@ -78,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
         "not know. Exit 0 clean, 1 drift found. --repair mends it through the sync.",
     )
     how_many = ver.add_mutually_exclusive_group()
-    how_many.add_argument("--sample", type=_positive, metavar="N", help="check N images at random")
+    how_many.add_argument(
+        "--sample", type=_sample_size, metavar="N", help="check N images at random"
+    )
     how_many.add_argument("--all", action="store_true", help="check every image (the default)")
     ver.add_argument(
         "--repair",
@@ -175,6 +177,18 @@ def _positive(text: str) -> int:
     return n
 
 
+SAMPLE_MAX = 1_000_000_000  # verify --sample N at most (--all checks every image)
+
+
+def _sample_size(text: str) -> int:
+    n = _positive(text)
+    if n > SAMPLE_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is more than {SAMPLE_MAX:,} images (--all checks every image)"
+        )
+    return n
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -233,7 +247,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
         if args.command == "verify":
             from featsync import verify
 
-            return verify.run(settings, args.sample, args.all, args.repair, args.json)
+            # SIGINT/SIGTERM: the check (and a repair's cycle) stops, says so, exits 1
+            with _stop_on_signals("verify") as stop:
+                return verify.run(settings, args.sample, args.all, args.repair, args.json, stop)
         return status(settings, args.json)
     except (NotFound, ItemRejected, Transient) as exc:
         print(f"featsync: {exc}", file=sys.stderr)
@@ -285,9 +301,10 @@ def _reconcile(settings: Settings, dry_run: bool, confirm_deletes: bool, resync:
 
 
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
+def _stop_on_signals(command: str = "reconcile") -> Iterator[threading.Event]:
     """SIGINT (Ctrl-C) or SIGTERM: send nothing more, let the calls in flight finish and
-    be recorded, end the cycle with its summary; a second one stops at once.
+    be recorded, end the cycle (or verify's check) with its summary; a second one stops
+    at once. The events are `<command>_stopping` and `<command>_stopped_at_once`.
 
     The handler only sets flags (it runs in the main thread between two bytecodes, maybe
     while that thread holds the log's write lock: logging there would deadlock); a small
@@ -302,7 +319,7 @@ def _stop_on_signals() -> Iterator[threading.Event]:
             # per outcome, the lock goes with the process, and a call whose outcome is
             # not recorded is repeated once by the next run (every call is idempotent).
             # A raw write, no lock: a line of its own even if it cuts into another.
-            line = {"event": "reconcile_stopped_at_once", "signal": signal.Signals(signum).name}
+            line = {"event": f"{command}_stopped_at_once", "signal": signal.Signals(signum).name}
             os.write(2, b"\n" + json.dumps(line).encode() + b"\n")
             os._exit(128 + signum)
         caught.append(signum)
@@ -312,7 +329,7 @@ def _stop_on_signals() -> Iterator[threading.Event]:
         stop.wait()
         if caught:
             name = signal.Signals(caught[0]).name
-            logs.get().warning("reconcile_stopping", signal=name, then="Ctrl-C again")
+            logs.get().warning(f"{command}_stopping", signal=name, then="Ctrl-C again")
 
     before = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     herald = threading.Thread(target=announce, name="featsync-stop", daemon=True)

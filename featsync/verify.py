@@ -14,10 +14,8 @@ within a second or so (they are due now, as after `featsync retry`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import signal
 import threading
 import time
 from collections import Counter
@@ -35,32 +33,49 @@ if TYPE_CHECKING:
     from featsync.ledger import SqlLedger
 
 PAGE = 1000  # ledger rows read at a time by `verify --all`
-SETTLED = ("sent", "deleted", "waiting")  # repair outcomes that need no operator
+SETTLED = ("sent", "deleted")  # repair outcomes that leave no drift behind
+NOT_SENT = "not sent"  # marked, and no cycle of this run sent it (stopped, or not planned)
 
 
-def run(settings: Settings, sample: int | None, every: bool, repair: bool, as_json: bool) -> int:
+def run(
+    settings: Settings,
+    sample: int | None,
+    every: bool,
+    repair: bool,
+    as_json: bool,
+    stop: threading.Event | None = None,
+) -> int:
     """GET what the ledger believes from the context; report each difference; with
-    `repair`, mend it. `every` is the default (--all), spelt out."""
+    `repair`, mend it. `every` is the default (--all), spelt out. `stop` (set by a
+    SIGINT or SIGTERM) cuts the check or the repair's cycle short: what was done is
+    reported, what was not is counted, and the exit is 1."""
     from featsync import logs
 
     log = logs.get()
-    found = _check(settings, sample, log)
+    stop = stop or threading.Event()
+    found = _check(settings, sample, log, stop)
     mended: dict[str, Any] | None = None
-    if repair and found.drifts:
-        mended = _repair(settings, found.drifts, log)
+    if repair and found.drifts and not stop.is_set():
+        mended = _repair(settings, found.drifts, log, stop)
     if as_json:
         print(json.dumps({**describe(found), "repair": mended}, indent=2, ensure_ascii=False))
     else:
-        print("\n".join(_lines(found, sample is not None, mended)))
+        lines = _lines(found, sample is not None, mended)
+        if repair and found.drifts and mended is None:
+            lines.append("repair: not begun (stopped); nothing was marked or sent")
+        print("\n".join(lines))
     if found.unverified or found.stopped:
         return EXIT_NOT_IN_STEP
     if mended is not None:
-        left = [o for o in mended["outcomes"].values() if o not in SETTLED]
-        return EXIT_NOT_IN_STEP if left else EXIT_OK
+        settled = SETTLED + (("waiting",) if mended["daemon_pid"] is not None else ())
+        left = [o for o in mended["outcomes"].values() if o not in settled]
+        return EXIT_NOT_IN_STEP if left or mended["stopped"] else EXIT_OK
     return EXIT_NOT_IN_STEP if found.drifts else EXIT_OK
 
 
-def _check(settings: Settings, sample: int | None, log: Any) -> Findings:
+def _check(
+    settings: Settings, sample: int | None, log: Any, stop: threading.Event | None = None
+) -> Findings:
     from featsync.ledger import SqlLedger
     from featsync.wiring import open_context
 
@@ -77,7 +92,8 @@ def _check(settings: Settings, sample: int | None, log: Any) -> Findings:
         context = open_context(settings, log, read_only=True)
         try:
             same_context(ledger, context, log)  # before any GET (and so before any mark)
-            check = Check(context, settings.sync.concurrency, fill=fill)
+            halt = stop.is_set if stop is not None else lambda: False
+            check = Check(context, settings.sync.concurrency, halt, fill=fill)
             if sample is not None:
                 check.rows(ledger.believed_sample(sample))
             else:
@@ -123,9 +139,13 @@ def _every_row(ledger: SqlLedger) -> Iterator[Believed]:
         after = page[-1].image_id
 
 
-def _repair(settings: Settings, drifts: list[Drift], log: Any) -> dict[str, Any]:
+def _repair(
+    settings: Settings, drifts: list[Drift], log: Any, stop: threading.Event
+) -> dict[str, Any]:
     """Mark the drifts and run one cycle under the sync lock; if a daemon holds the
-    lock, mark them and leave them to it."""
+    lock, mark them and leave them to it. A stop (SIGINT, SIGTERM: the handlers are in
+    place before the marks are written) lets the calls in flight finish; the marks of
+    what was not sent stay for the next cycle."""
     from featsync.engine import Engine, Stopped
     from featsync.ledger import SqlLedger
     from featsync.lock import SyncLock
@@ -147,26 +167,28 @@ def _repair(settings: Settings, drifts: list[Drift], log: Any) -> dict[str, Any]
         finally:
             ledger.close()
         return _mended(log, drifts, outcomes, None, daemon=holder)
+    withheld_reason = None
     try:
         ledger = SqlLedger(url)
         try:
             ledger.mark_drift(drifts, time.time())
-            context = open_context(settings, log)
-            withheld_reason = None
-            try:
-                with _stop_on_signals() as stop:
+            if not stop.is_set():
+                context = open_context(settings, log)
+                try:
                     report = Engine(settings, ledger, context, log, stop=stop.is_set).cycle()
-                withheld_reason = report.plan.withheld_reason
-            except Stopped:
-                log.info("cycle_stopped", reason="signal, while scanning")
-            finally:
-                context.close()
+                    withheld_reason = report.plan.withheld_reason
+                except Stopped:
+                    log.info("cycle_stopped", reason="signal, while scanning")
+                finally:
+                    context.close()
             outcomes = ledger.repair_outcomes(ids)
         finally:
             ledger.close()
     finally:
         lock.release()
-    return _mended(log, drifts, outcomes, withheld_reason)
+    # No daemon: a mark this run's cycle did not act on waits for the next cycle
+    outcomes = {i: NOT_SENT if o == "waiting" else o for i, o in outcomes.items()}
+    return _mended(log, drifts, outcomes, withheld_reason, stopped=stop.is_set())
 
 
 def _mended(
@@ -175,11 +197,13 @@ def _mended(
     outcomes: dict[str, str],
     withheld_reason: str | None,
     daemon: str | None = None,
+    stopped: bool = False,
 ) -> dict[str, Any]:
     counts = outcome_counts(outcomes)
-    log.info("verify_repaired", drifts=len(drifts), daemon_pid=daemon, **counts)
+    log.info("verify_repaired", drifts=len(drifts), daemon_pid=daemon, stopped=stopped, **counts)
     return {
         "daemon_pid": daemon,
+        "stopped": stopped,
         "counts": counts,
         "outcomes": outcomes,
         "withheld_reason": withheld_reason if counts["withheld"] else None,
@@ -188,25 +212,9 @@ def _mended(
 
 def outcome_counts(outcomes: dict[str, str]) -> dict[str, int]:
     """Repair outcomes (LedgerReview.repair_outcomes) counted by kind."""
-    by = Counter(o.split(":")[0] for o in outcomes.values())
-    return {k: by.get(k, 0) for k in ("sent", "deleted", "withheld", "failed", "waiting")}
-
-
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
-    """SIGINT or SIGTERM during the repair's cycle: send nothing more, let the calls in
-    flight finish and be recorded (the handler only sets the event)."""
-    stop = threading.Event()
-
-    def on_signal(_signum: int, _frame: object) -> None:
-        stop.set()
-
-    before = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
+    by = Counter(o.split(":")[0].replace(" ", "_") for o in outcomes.values())
+    kinds = ("sent", "deleted", "withheld", "failed", "waiting", "not_sent")
+    return {k: by.get(k, 0) for k in kinds}
 
 
 def _lines(f: Findings, sampled: bool, mended: dict[str, Any] | None) -> list[str]:
@@ -235,11 +243,18 @@ def _lines(f: Findings, sampled: bool, mended: dict[str, Any] | None) -> list[st
         )
         return lines
     lines.append(
-        f"repair: {c['sent']} sent again, {c['deleted']} deleted, {c['withheld']} "
-        f"delete(s) withheld by the delete guard, {c['failed']} failed"
+        ("repair stopped (a signal)" if mended["stopped"] else "repair")
+        + f": {c['sent']} sent again, {c['deleted']} deleted, {c['withheld']} "
+        f"delete(s) withheld by the delete guard, {c['failed']} failed, "
+        f"{c['not_sent']} not sent"
     )
     for image_id, outcome in sorted(mended["outcomes"].items()):
         lines.append(f"  {outcome:<9} {image_id}")
+    if c["not_sent"]:
+        lines.append(
+            "not sent: each is marked in the ledger; the next `featsync reconcile` (or a "
+            "daemon) sends it"
+        )
     if mended["withheld_reason"]:
         lines.append(
             f"withheld: {mended['withheld_reason']}; `featsync reconcile --confirm-deletes` "

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +20,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 
 from featsync.aspose import AsposeContext, ClientSettings
 from featsync.drift import LIST_PAGE
@@ -36,7 +40,7 @@ from tests.conftest import (
     start_server,
     wait_for,
 )
-from tests.test_aspose import CREDS, OddServer, odd_server, use_server
+from tests.test_aspose import CREDS, OddServer, odd_server, requests_for, use_server
 from tests.test_cli import featsync
 from tests.test_daemon import Daemons, configure
 
@@ -508,3 +512,104 @@ def test_verify_on_a_ledger_never_bound_asks_for_one_reconcile_first(ws: Workspa
     assert r.returncode == 2 and "featsync reconcile" in r.stderr, r.stdout + r.stderr
     assert featsync("reconcile", cwd=ws.base).returncode == 0
     assert featsync("verify", cwd=ws.base).returncode == 0
+
+
+# -- signals: a check or a repair cut short ------------------------------------------------
+
+
+@contextlib.contextmanager
+def slowed(
+    ws: Workspace, tmp_path: Path, names: tuple[str, ...], gone: tuple[str, ...] = ()
+) -> Iterator[Server]:
+    """These images synced into a context of a `featsync serve` of the test's own, the
+    records of `gone` deleted behind featsync's back; then the same server (port,
+    data) again, answering every call 0.3 s late, with its access log."""
+    first = start_server(tmp_path / "serve")
+    try:
+        use_server(ws, first)
+        backend = Backend("serve", dict(ws.overrides["context"]), CREDS, set)
+        synced(ws, backend, names)
+        with behind(ws, backend) as ctx:
+            for image_id in gone:
+                ctx.delete_features(image_id)
+    finally:
+        first.stop()
+    port = int(first.url.rsplit(":", 1)[1])
+    slow = start_server(tmp_path / "serve", "--latency", "0.3", "--access-log", port=port)
+    try:
+        yield slow
+    finally:
+        slow.stop()
+
+
+def started(ws: Workspace, *args: str) -> subprocess.Popen[str]:
+    """`featsync ARGS` as a subprocess that a test signals (SIGINT as from a terminal)."""
+    env = {k: v for k, v in os.environ.items() if k != "FEATSYNC_CONFIG"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "featsync", *args],
+        cwd=ws.base,
+        env={**env, **CREDS},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # the default SIGINT, even under a runner that ignores it (a background job)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def marks(ws: Workspace) -> int:
+    """Drift marks in the ledger, read as another process would."""
+    path = make_url(ws.settings().ledger.url).database
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        q = "SELECT count(*) FROM images WHERE last_error LIKE 'verify found %'"
+        return int(db.execute(q).fetchone()[0])
+
+
+MANY = tuple(f"{n:02}.jpg" for n in range(20))
+
+
+def test_ctrl_c_during_a_check_ends_it_with_what_was_checked_and_exit_1(
+    ws: Workspace, tmp_path: Path
+) -> None:
+    with slowed(ws, tmp_path, MANY) as slow:
+        context_id = ws.overrides["context"]["context_id"]
+        proc = started(ws, "verify")
+        wait_for(
+            lambda: any(e["method"] == "GET" for e in requests_for(slow, context_id)),
+            30,
+            "the check's first GET",
+        )
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, out + err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "stopped early (stop requested)" in out, out
+    assert "verify_stopping" in err
+
+
+def test_a_sample_too_large_for_the_ledger_is_refused_by_the_arguments(ws: Workspace) -> None:
+    r = featsync("verify", "--sample", "99999999999999999999", cwd=ws.base)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "--sample" in r.stderr
+
+
+def test_ctrl_c_during_a_repair_says_what_was_not_sent_and_exits_1(
+    ws: Workspace, tmp_path: Path
+) -> None:
+    with slowed(ws, tmp_path, MANY, gone=MANY[:12]):
+        proc = started(ws, "verify", "--repair", "--json")
+        wait_for(lambda: marks(ws) > 0, 60, "the repair's marks")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 1, out + err
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err
+        repair = json.loads(out)["repair"]
+        assert repair["stopped"] is True and repair["daemon_pid"] is None
+        counts = repair["counts"]
+        assert counts["waiting"] == 0 and counts["not_sent"] >= 1
+        assert counts["sent"] + counts["not_sent"] + counts["failed"] == 12
+        assert "not sent" in set(repair["outcomes"].values())
+        # the marks stay: the next cycle sends them
+        assert featsync("reconcile", cwd=ws.base, env=CREDS).returncode == 0
+        r = featsync("verify", cwd=ws.base, env=CREDS)
+        assert r.returncode == 0, r.stdout + r.stderr
