@@ -102,7 +102,7 @@ class Daemon:
         """The ledger and the context, bound together; the ledger's lock first, unless
         it is the one the daemon holds already (a lock is never let go and taken again:
         another process could take it in between)."""
-        lock = SyncLock(settings.ledger.url) if take_lock else None
+        lock = SyncLock(settings.ledger.url, role="daemon") if take_lock else None
         if lock is not None:
             lock.acquire()
         try:

@@ -94,6 +94,22 @@ class LedgerReview:
         self._set_meta(CURSOR_KEY, image_id)
 
     @waits_when_locked
+    def in_flux(self) -> tuple[int, int]:
+        """Rows a check cannot judge, being in flux (failed: quarantined, waiting for a
+        retry, or marked by a repair), and how many of them are drift marks no cycle
+        has acted on yet (a withheld delete's mark included)."""
+        marked = sa.and_(
+            images.c.error_kind == "unknown", images.c.last_error.startswith(MARK_PREFIX)
+        )
+        with self._tx() as conn:
+            failed, marks = conn.execute(
+                sa.select(sa.func.count(), sa.func.count().filter(marked)).where(
+                    images.c.state == State.FAILED.value
+                )
+            ).one()
+        return int(failed or 0), int(marks or 0)
+
+    @waits_when_locked
     def repair_outcomes(self, image_ids: Iterable[str]) -> dict[str, str]:
         """Where each of these IDs stands after a repair: "sent" (synced), "deleted",
         "withheld" (its delete is held back by the delete guard), "failed: <error>" or

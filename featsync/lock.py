@@ -16,6 +16,13 @@ Two kernel locks, on one open file description:
   without ever holding the lock itself (a probe that took it, even for an instant,
   would make a daemon or a reconcile starting at that instant fail). The flock cannot
   be tested that way; the holder's pid is the file's first line.
+
+The second line says what the holder is (`role`): "daemon" (its cycles act on drift
+marks within seconds, so `verify --repair` may leave them to it), "reconcile",
+"verify --repair"; an older version writes no role ("?": not known to be a daemon).
+Both lines are written while only the flock is held, before the OFD lock that makes
+the holder visible: `who` never reads what a crashed holder left behind (its locks went
+with it, so nobody is seen holding), nor a new holder's file before it is written.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+from dataclasses import dataclass
 
 from sqlalchemy.engine import make_url
 
@@ -37,12 +45,21 @@ def _whole_file(kind: int) -> bytes:
     return struct.pack(_FLOCK, kind, os.SEEK_SET, 0, 0, 0)  # l_len 0: to the end; pid 0
 
 
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """The process syncing with a ledger now: its pid and what it is ("?": unknown)."""
+
+    pid: str
+    role: str
+
+
 class SyncLock:
-    def __init__(self, ledger_url: str) -> None:
+    def __init__(self, ledger_url: str, role: str = "reconcile") -> None:
         u = make_url(ledger_url)
         db = u.database
         file_db = u.get_backend_name() == "sqlite" and db and db != ":memory:"
         self.path = f"{db}.lock" if file_db else None
+        self.role = role  # written beside the pid: "daemon", "reconcile", "verify --repair"
         self._fd: int | None = None
 
     @property
@@ -59,9 +76,14 @@ class SyncLock:
             raise Fatal(f"cannot open lock file {self.path!r}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Ours alone now (no syncing process gets past the flock): who we are is
+            # written before the OFD lock makes us visible to `who`.
+            lines = f"{os.getpid()}\n{self.role}\n".encode()
+            os.pwrite(fd, lines, 0)  # first the pid, then cut what an older one left
+            os.ftruncate(fd, len(lines))
             fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _whole_file(fcntl.F_WRLCK))
         except BlockingIOError:
-            holder = _first_line(fd)
+            holder = _read_holder(fd).pid
             os.close(fd)
             raise Fatal(
                 f"another featsync (pid {holder}) is syncing with this ledger "
@@ -70,13 +92,15 @@ class SyncLock:
         except BaseException:
             os.close(fd)
             raise
-        line = f"{os.getpid()}\n".encode()
-        os.pwrite(fd, line, 0)  # first the pid, then cut what an older one left behind
-        os.ftruncate(fd, len(line))
         self._fd = fd
 
     def holder(self) -> str | None:
-        """The pid of the process syncing with this ledger now, or None.
+        """The pid of the process syncing with this ledger now, or None."""
+        who = self.who()
+        return None if who is None else who.pid
+
+    def who(self) -> Holder | None:
+        """The process syncing with this ledger now (its pid and role), or None.
 
         Only looks: the file is opened read-only (never made), and F_OFD_GETLK reports
         a conflicting lock without taking any, so the holder, or a process taking the
@@ -88,14 +112,14 @@ class SyncLock:
         except FileNotFoundError:
             return None
         except OSError:
-            return "?"
+            return Holder("?", "?")
         try:
             answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _whole_file(fcntl.F_WRLCK))
             if struct.unpack(_FLOCK, answer)[0] == fcntl.F_UNLCK:
                 return None
-            return _first_line(fd)
+            return _read_holder(fd)
         except OSError:
-            return "?"
+            return Holder("?", "?")
         finally:
             os.close(fd)
 
@@ -105,7 +129,9 @@ class SyncLock:
             self._fd = None
 
 
-def _first_line(fd: int) -> str:
-    """The pid the holder wrote (a holder that has not written it yet: "?")."""
-    head = os.pread(fd, 32, 0).decode("ascii", "replace")
-    return head.split("\n", 1)[0].strip() or "?"
+def _read_holder(fd: int) -> Holder:
+    """The pid and role the holder wrote (what it did not write, as an older version
+    writes no role: "?")."""
+    lines = os.pread(fd, 128, 0).decode("ascii", "replace").split("\n")
+    role = lines[1].strip() if len(lines) > 1 else ""
+    return Holder(lines[0].strip() or "?", role or "?")

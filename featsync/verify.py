@@ -31,6 +31,7 @@ from featsync.model import SearchContext
 
 if TYPE_CHECKING:
     from featsync.ledger import SqlLedger
+    from featsync.lock import Holder
 
 PAGE = 1000  # ledger rows read at a time by `verify --all`
 SETTLED = ("sent", "deleted")  # repair outcomes that leave no drift behind
@@ -54,17 +55,19 @@ def run(
     log = logs.get()
     stop = stop or threading.Event()
     found = _check(settings, sample, log, stop)
+    pending, marked = _in_flux(settings)  # rows no check can judge: failed, marked
     mended: dict[str, Any] | None = None
     if repair and found.drifts and not stop.is_set():
         mended = _repair(settings, found.drifts, log, stop)
     if as_json:
-        print(json.dumps({**describe(found), "repair": mended}, indent=2, ensure_ascii=False))
+        report = {**describe(found), "pending": pending, "marked": marked, "repair": mended}
+        print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
-        lines = _lines(found, sample is not None, mended)
+        lines = _lines(found, sample is not None, (pending, marked), mended)
         if repair and found.drifts and mended is None:
             lines.append("repair: not begun (stopped); nothing was marked or sent")
         print("\n".join(lines))
-    if found.unverified or found.stopped:
+    if found.unverified or found.stopped or marked:  # a mark: drift not yet mended
         return EXIT_NOT_IN_STEP
     if mended is not None:
         settled = SETTLED + (("waiting",) if mended["daemon_pid"] is not None else ())
@@ -128,6 +131,16 @@ def same_context(ledger: SqlLedger, context: SearchContext, log: Any) -> None:
     bind_context(ledger, context, log, dry_run=True)  # the same refusal as a cycle's
 
 
+def _in_flux(settings: Settings) -> tuple[int, int]:
+    from featsync.ledger import SqlLedger
+
+    ledger = SqlLedger(settings.ledger.url, read_only=True)
+    try:
+        return ledger.in_flux()
+    finally:
+        ledger.close()
+
+
 def _every_row(ledger: SqlLedger) -> Iterator[Believed]:
     """Every row, a page at a time (never the whole ledger in memory)."""
     after = ""
@@ -153,11 +166,11 @@ def _repair(
 
     url = settings.ledger.url
     ids = [d.image_id for d in drifts]
-    lock = SyncLock(url)
+    lock = SyncLock(url, role="verify --repair")
     try:
         lock.acquire()
     except Fatal:
-        holder = lock.holder()
+        holder = lock.who()
         if holder is None:
             raise
         ledger = SqlLedger(url)
@@ -166,7 +179,11 @@ def _repair(
             outcomes = ledger.repair_outcomes(ids)
         finally:
             ledger.close()
-        return _mended(log, drifts, outcomes, None, daemon=holder)
+        if holder.role == "daemon":  # its cycles act on the marks within seconds
+            return _mended(log, drifts, outcomes, None, holder)
+        # A reconcile, another verify --repair: their cycles planned before the marks
+        outcomes = {i: NOT_SENT if o == "waiting" else o for i, o in outcomes.items()}
+        return _mended(log, drifts, outcomes, None, holder)
     withheld_reason = None
     try:
         ledger = SqlLedger(url)
@@ -196,13 +213,25 @@ def _mended(
     drifts: Sequence[Drift],
     outcomes: dict[str, str],
     withheld_reason: str | None,
-    daemon: str | None = None,
+    holder: Holder | None = None,
     stopped: bool = False,
 ) -> dict[str, Any]:
+    """What a repair did (the JSON's "repair"); `holder`: the process holding the sync
+    lock, which the marks were left to (its role "daemon": it mends them)."""
     counts = outcome_counts(outcomes)
-    log.info("verify_repaired", drifts=len(drifts), daemon_pid=daemon, stopped=stopped, **counts)
+    daemon = holder.pid if holder is not None and holder.role == "daemon" else None
+    held_by = None if holder is None else {"pid": holder.pid, "role": holder.role}
+    log.info(
+        "verify_repaired",
+        drifts=len(drifts),
+        daemon_pid=daemon,
+        holder=held_by,
+        stopped=stopped,
+        **counts,
+    )
     return {
         "daemon_pid": daemon,
+        "holder": held_by,
         "stopped": stopped,
         "counts": counts,
         "outcomes": outcomes,
@@ -217,7 +246,9 @@ def outcome_counts(outcomes: dict[str, str]) -> dict[str, int]:
     return {k: by.get(k, 0) for k in kinds}
 
 
-def _lines(f: Findings, sampled: bool, mended: dict[str, Any] | None) -> list[str]:
+def _lines(
+    f: Findings, sampled: bool, flux: tuple[int, int], mended: dict[str, Any] | None
+) -> list[str]:
     lines = [f"{d.kind:<16} {d.image_id}: {d.detail}" for d in f.drifts]
     lines += [f"unverified       {i}: {e}" for i, e in f.unverified]
     kinds = ", ".join(f"{k} {n}" for k, n in sorted(f.by_kind().items()))
@@ -232,6 +263,12 @@ def _lines(f: Findings, sampled: bool, mended: dict[str, Any] | None) -> list[st
         lines.append("orphans: not looked for (the search context cannot list its image IDs)")
     if f.filled:
         lines.append(f"filled {f.filled} features count(s) the ledger lacked")
+    pending, marked = flux
+    if pending:
+        lines.append(
+            f"pending: {pending} image(s) not checked, in flux in the ledger (failed, or "
+            f"waiting for a retry), {marked} marked by a repair and not yet mended"
+        )
     if mended is None:
         return lines
     c = mended["counts"]
@@ -240,6 +277,15 @@ def _lines(f: Findings, sampled: bool, mended: dict[str, Any] | None) -> list[st
             f"repair: {len(mended['outcomes'])} drift(s) marked; a daemon (pid "
             f"{mended['daemon_pid']}) syncs with this ledger and mends them within seconds; "
             "`featsync verify` again to see"
+        )
+        return lines
+    if mended["holder"] is not None:
+        h = mended["holder"]
+        lines.append(
+            f"repair: {len(mended['outcomes'])} drift(s) marked, none sent: the sync lock "
+            f"is held by pid {h['pid']} ({h['role']}), which is no daemon and does not act "
+            "on the marks; the next cycle (`featsync reconcile` once it is done, or a "
+            "daemon) mends them"
         )
         return lines
     lines.append(

@@ -26,6 +26,7 @@ from featsync.aspose import AsposeContext, ClientSettings
 from featsync.drift import LIST_PAGE
 from featsync.errors import NotFound
 from featsync.localcontext import LocalContext
+from featsync.lock import SyncLock
 from featsync.model import SearchContext, Secret, State
 from featsync.samples import textured_bytes
 from featsync.schema import images, meta
@@ -613,3 +614,69 @@ def test_ctrl_c_during_a_repair_says_what_was_not_sent_and_exits_1(
         assert featsync("reconcile", cwd=ws.base, env=CREDS).returncode == 0
         r = featsync("verify", cwd=ws.base, env=CREDS)
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+# -- the sync lock's holder: a daemon, or not ------------------------------------------------
+
+
+def test_repair_beside_a_lock_holder_that_is_no_daemon_says_so_and_the_marks_are_counted(
+    ws: Workspace,
+) -> None:
+    backend = Backend("embedded", {}, {}, ws.remote_ids)
+    synced(ws, backend)
+    with behind(ws, backend) as ctx:
+        ctx.delete_features("b.jpg")
+    holder = SyncLock(ws.settings().ledger.url)  # a reconcile's lock, held by this process
+    holder.acquire()
+    try:
+        r = featsync("verify", "--repair", "--json", cwd=ws.base)
+        assert r.returncode == 1, r.stdout + r.stderr
+        repair = json.loads(r.stdout)["repair"]
+        assert repair["daemon_pid"] is None
+        assert repair["holder"] == {"pid": str(os.getpid()), "role": "reconcile"}
+        assert repair["outcomes"] == {"b.jpg": "not sent"}
+        # b.jpg is marked now (failed): not checked, but counted, and not clean
+        r = featsync("verify", cwd=ws.base)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "0 drift(s)" in r.stdout and "1 marked" in r.stdout, r.stdout
+        code, report = verify(ws, backend)
+        assert code == 1 and report["pending"] == 1 and report["marked"] == 1
+    finally:
+        holder.release()
+    assert featsync("reconcile", cwd=ws.base).returncode == 0  # the next cycle mends it
+    code, report = verify(ws, backend)
+    assert code == 0 and report["pending"] == 0 and report["marked"] == 0
+    assert backend.remote() == set(NAMES)
+
+
+def test_the_lock_says_who_holds_it_and_a_crashed_holder_is_not_taken_for_the_next(
+    ws: Workspace,
+) -> None:
+    url = ws.settings().ledger.url
+    ws.ledger().close()
+    code = (
+        "import sys; from featsync.lock import SyncLock\n"
+        f"lock = SyncLock({url!r}, role='daemon'); lock.acquire()\n"
+        "print('held', flush=True); sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+        who = SyncLock(url).who()
+        assert who is not None and (who.pid, who.role) == (str(proc.pid), "daemon")
+    finally:
+        proc.kill()  # a crash: the kernel drops the lock, the file keeps what it said
+        proc.wait()
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.close()
+        proc.stdout.close()
+    assert SyncLock(url).who() is None
+    mine = SyncLock(url, role="verify --repair")
+    mine.acquire()
+    try:
+        who = SyncLock(url).who()
+        assert who is not None and (who.pid, who.role) == (str(os.getpid()), "verify --repair")
+    finally:
+        mine.release()
