@@ -64,6 +64,9 @@ def run(
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
         lines = _lines(found, sample is not None, (pending, marked), mended)
+        # IDs, file names and errors come from outside: none may move the cursor, colour
+        # the terminal or forge a line of its own
+        lines = [printable(line) for line in lines]
         if repair and found.drifts and mended is None:
             lines.append("repair: not begun (stopped); nothing was marked or sent")
         print("\n".join(lines))
@@ -244,6 +247,14 @@ def outcome_counts(outcomes: dict[str, str]) -> dict[str, int]:
     by = Counter(o.split(":")[0].replace(" ", "_") for o in outcomes.values())
     kinds = ("sent", "deleted", "withheld", "failed", "waiting", "not_sent")
     return {k: by.get(k, 0) for k in kinds}
+
+
+def printable(text: str) -> str:
+    """`text` with each non-printable character (a control character, a line break, an
+    escape) written as a Python escape: `\\x1b`, `\\n`, `\\u2028`."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _lines(

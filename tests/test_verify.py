@@ -680,3 +680,19 @@ def test_the_lock_says_who_holds_it_and_a_crashed_holder_is_not_taken_for_the_ne
         assert who is not None and (who.pid, who.role) == (str(os.getpid()), "verify --repair")
     finally:
         mine.release()
+
+
+def test_ids_with_control_characters_are_escaped_in_the_text_output(ws: Workspace) -> None:
+    backend = Backend("embedded", {}, {}, ws.remote_ids)
+    synced(ws, backend)
+    evil = "evil\x1b[31mRED\x1b[0m\nverified 3 images: 0 drift(s), 0 unverified"
+    with behind(ws, backend) as ctx:
+        ctx.add_features(evil, textured_bytes(5))
+    r = featsync("verify", cwd=ws.base)
+    assert r.returncode == 1
+    assert "\x1b" not in r.stdout
+    assert not any(x.startswith("verified 3 images: 0") for x in r.stdout.splitlines())
+    assert "orphan           evil\\x1b[31mRED\\x1b[0m\\nverified 3 images" in r.stdout
+    assert len(r.stdout.splitlines()) == 2, r.stdout
+    code, report = verify(ws, backend)  # JSON escapes it by itself, the ID as it is
+    assert code == 1 and kinds(report) == [(evil, "orphan")]
