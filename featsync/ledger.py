@@ -27,6 +27,7 @@ from featsync.ledger_memory import LedgerMemory
 from featsync.ledger_reports import LedgerReports
 from featsync.ledger_review import LedgerReview
 from featsync.model import Kind, LedgerRow, LocalFile, Outcome, QuickKey, State
+from featsync.scan import image_id_for
 from featsync.schema import (
     ADDED_COLUMNS,
     GENERATION_TRIGGERS,
@@ -316,12 +317,24 @@ class SqlLedger(LedgerMemory, LedgerReports, LedgerReview):
     @waits_when_locked
     def due_paths(self, now: float, id_prefix: str) -> list[str]:
         """Paths (relative to the root, as found on disk) of the failed images whose next
-        try is due: what the daemon looks at again. A row from before paths were kept
-        falls back to its ID without the prefix."""
+        try is due: what the daemon looks at again (see `due_work`)."""
+        return self.due_work(now, id_prefix)[0]
+
+    @waits_when_locked
+    def due_work(self, now: float, id_prefix: str) -> tuple[list[str], list[tuple[str, float]]]:
+        """The failed images whose next try is due: the paths a targeted cycle judges
+        them by, and (image ID, updated_at) of those no path reaches, which only a full
+        cycle can judge.
+
+        A path reaches a row when it gives back the row's ID: its relpath, or for a row
+        from before paths were kept, its ID without the prefix. A row with neither (an
+        ID added behind featsync's back and marked by `verify --repair`, an NFD one, one
+        outside the prefix) would otherwise be handed to a targeted cycle by a path that
+        maps to another ID, and stay due for ever."""
         due = sa.func.coalesce(images.c.next_attempt_at, 0.0)
         with self._tx() as conn:
             rows = conn.execute(
-                sa.select(images.c.image_id, images.c.relpath)
+                sa.select(images.c.image_id, images.c.relpath, images.c.updated_at)
                 .where(
                     images.c.state == State.FAILED.value,
                     due <= now,
@@ -330,13 +343,17 @@ class SqlLedger(LedgerMemory, LedgerReports, LedgerReview):
                 )
                 .order_by(images.c.image_id)
             ).all()
-        out = []
-        for image_id, relpath in rows:
-            if relpath:
-                out.append(relpath)
-            elif image_id.startswith(id_prefix):
-                out.append(image_id[len(id_prefix) :])
-        return out
+        paths: list[str] = []
+        unreached: list[tuple[str, float]] = []
+        for image_id, relpath, updated_at in rows:
+            path = relpath
+            if not path and image_id.startswith(id_prefix):
+                path = image_id[len(id_prefix) :]
+            if path and image_id_for(path, id_prefix) == image_id:
+                paths.append(path)
+            else:
+                unreached.append((image_id, float(updated_at or 0.0)))
+        return paths, unreached
 
     @waits_when_locked
     def retry(self, image_ids: Sequence[str] | None, now: float) -> list[str]:

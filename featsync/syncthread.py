@@ -121,6 +121,8 @@ class SyncThread:
         self.rescan_after_pause = False  # a full cycle was cut short by an outage
         self.root_lost = False  # the last full rescan found no folder
         self.counts: Counts | None = None  # for the heartbeat, which never reads the ledger
+        # (image ID, updated_at) of due rows no path reaches, a full cycle asked for them
+        self.asked_full_for: frozenset[tuple[str, float]] = frozenset()
         # The last review's drift by kind, not (yet) mended ({}: none; None: no review yet)
         self.drift: dict[str, int] | None = None
         self.reviewed_at: float | None = None  # monotonic: the last review's end
@@ -225,7 +227,16 @@ class SyncThread:
         root = engine.settings.sync.folder
         paths = set(self.main.pending.take(lambda rel: _size(os.path.join(root, rel))))
         # By the path found on disk: an ID is not a path (an NFD name's ID is NFC)
-        paths.update(self.ledger.due_paths(time.time(), engine.settings.sync.id_prefix))
+        due, unreached = self.ledger.due_work(time.time(), engine.settings.sync.id_prefix)
+        paths.update(due)
+        if unreached:
+            # No path reaches these rows: a full cycle judges them, asked for once (a
+            # row that cycle left as it was is not asked for again; a new failure
+            # recorded on it, a new updated_at, is)
+            asked = frozenset(unreached)
+            if not asked <= self.asked_full_for:
+                self.main.request_full("due, no path")
+            self.asked_full_for = asked
         if paths:
             self._cycle(sorted(paths), "changes", self._gone_meanwhile(root, paths))
 

@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -696,3 +697,29 @@ def test_ids_with_control_characters_are_escaped_in_the_text_output(ws: Workspac
     assert len(r.stdout.splitlines()) == 2, r.stdout
     code, report = verify(ws, backend)  # JSON escapes it by itself, the ID as it is
     assert code == 1 and kinds(report) == [(evil, "orphan")]
+
+
+def test_an_orphan_with_an_nfd_id_handed_to_a_daemon_is_deleted_by_one_full_cycle(
+    ws: Workspace, daemons: Daemons
+) -> None:
+    configure(ws)
+    for n, name in enumerate(NAMES):
+        set_mtime_past(ws.image(name, n))
+    run = daemons.start()
+    wait_for(lambda: ws.remote_ids() == set(NAMES), 30, run.tail())
+    run.wait_event("cycle_finished")
+    nfd = unicodedata.normalize("NFD", "café.jpg")  # no path gives this ID: IDs are NFC
+    ctx = LocalContext(ws.settings().context.path)
+    try:
+        ctx.add_features(nfd, textured_bytes(8))
+    finally:
+        ctx.close()
+    r = featsync("verify", "--repair", cwd=ws.base)
+    assert r.returncode == 0 and f"a daemon (pid {run.proc.pid})" in r.stdout, r.stdout
+    wait_for(lambda: ws.remote_ids() == set(NAMES), 20, run.tail())
+    cycles = run.count("cycle_finished")
+    run.wait_event("heartbeat", run.count("heartbeat") + 3)  # three beats, no cycle
+    assert run.count("cycle_finished") == cycles, run.tail()
+    code, report = verify(ws, Backend("embedded", {}, {}, ws.remote_ids))
+    assert code == 0 and report["marked"] == 0
+    assert run.stop() == 0
