@@ -306,7 +306,7 @@ class Daemon:
             "last_good_cycle_age_s": age,
             "watcher": self.watcher.active if self.watcher is not None else "off",
             "paused_for_s": round(max(0.0, sync.outage_until - now), 1),
-            # the last review's drift by kind, not mended ({}: none; None: no review yet)
+            # drift found by reviews, not yet mended, by kind ({}: none; None: no review yet)
             "drift": sync.drift,
             "last_review_age_s": None
             if sync.reviewed_at is None

@@ -22,9 +22,12 @@ for them (see featsync.daemon).
 The reviews of the search context run here as well, between cycles, every [daemon]
 verify_interval (timed by this thread: a review is its own work, never posted twice,
 and one that comes late is only late): a rolling sample of the ledger's images GET
-from the context (featsync.verify.review); drift is logged as `context_drift`, kept in
-`drift` for the heartbeat, and with [daemon] repair = true marked in the ledger and
-mended by a full cycle right away. A review stops with the daemon like a cycle does.
+from the context (featsync.verify.review); drift is logged as `context_drift`, kept
+until mended (`drifted`: an ID goes when a cycle records it, synced or deleted, or a
+later review of its range finds it clean; counted by kind in `drift` for the
+heartbeat), and with [daemon] repair = true marked in the ledger and mended by a full
+cycle right away. A review stops with the daemon like a cycle does; one stopped or
+failed part way changes neither the drift kept nor the time of the last review.
 """
 
 from __future__ import annotations
@@ -36,10 +39,10 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from featsync import config
-from featsync.drift import Drift
+from featsync.drift import Drift, checkable
 from featsync.engine import CycleReport, Engine, Stopped
 from featsync.errors import FeatsyncError
 from featsync.ledger import SqlLedger
@@ -50,11 +53,13 @@ from featsync.scan import image_id_for
 from featsync.systemd import Pulse
 from featsync.watch import Pending, Watcher
 
+if TYPE_CHECKING:
+    from featsync.verify import Reviewed
+
 # After an outage (transient errors in a row, or a fatal error such as refused
 # credentials), the next try waits [daemon] outage_wait, doubling up to this cap.
 OUTAGE_WAIT_CAP_S = 600.0
 TICK_S = 0.5  # the longest either loop sleeps (flags are read this often)
-SETTLED = ("sent", "deleted")  # a repaired drift's outcomes that leave no drift
 
 Opened = tuple[SyncLock | None, SqlLedger, SearchContext]
 
@@ -123,9 +128,14 @@ class SyncThread:
         self.counts: Counts | None = None  # for the heartbeat, which never reads the ledger
         # (image ID, updated_at) of due rows no path reaches, a full cycle asked for them
         self.asked_full_for: frozenset[tuple[str, float]] = frozenset()
-        # The last review's drift by kind, not (yet) mended ({}: none; None: no review yet)
+        # Drift found by reviews and not yet mended: image ID -> (kind, its ledger row's
+        # (state, version) when found; None: no row). An ID goes when a cycle records it
+        # (synced or deleted) or a later review of its range finds it clean.
+        self.drifted: dict[str, tuple[str, tuple[str, int] | None]] = {}
+        # ... by kind, for the heartbeat ({}: none; None: no review finished yet); a new
+        # dict each time (the main thread reads it)
         self.drift: dict[str, int] | None = None
-        self.reviewed_at: float | None = None  # monotonic: the last review's end
+        self.reviewed_at: float | None = None  # monotonic: the last finished review's end
         self.review_from = time.monotonic()  # the next review is due verify_interval after
         # A reload waiting for this thread: set by the main thread only when empty,
         # emptied here once taken over.
@@ -294,6 +304,8 @@ class SyncThread:
         a = report.applied
         if a is not None:
             self.synced_since_start += a.added + a.updated + a.deleted
+            if a.added + a.updated + a.deleted:
+                self._drop_mended()
         # What this cycle could not finish is looked at again: the paths of a targeted
         # cycle go back to waiting; a full cycle cut short (calls not sent) is run again
         # after the pause. Files a full cycle found still being written are not a reason
@@ -343,16 +355,67 @@ class SyncThread:
         if f.stopped == "stop requested":
             self.log.info("review_stopped", checked=f.checked, not_checked=f.not_checked)
             return
-        self.reviewed_at = time.monotonic()
         repair = self.engine.settings.daemon.repair
-        verify.log_review(self.log, done, self.reviewed_at - began, repair)
-        self.drift = f.by_kind()
+        verify.log_review(self.log, done, time.monotonic() - began, repair and not f.stopped)
+        if f.stopped:  # failed part way (review_failed): as if it had not run
+            return
+        self.reviewed_at = time.monotonic()
+        try:
+            self._reviewed(done)
+        except Exception as exc:  # the ledger unreadable: the drift kept as it was
+            self.log.warning("drift_not_updated", error=f"{type(exc).__name__}: {exc}")
         if f.drifts and repair:
             self._repair(f.drifts)
         self._status_soon()
 
+    def _reviewed(self, done: Reviewed) -> None:
+        """A finished review: the drift it found joins `drifted`; a drifted ID in its
+        range that it found clean goes."""
+        f = done.findings
+
+        def in_range(image_id: str) -> bool:
+            return image_id > done.start and (done.end is None or image_id <= done.end)
+
+        found = {d.image_id: d.kind for d in f.drifts}
+        unverified = {i for i, _error in f.unverified}
+        again = [i for i in self.drifted if in_range(i) and i not in found and i not in unverified]
+        rows = self.ledger.believed_of([*found, *again])
+        for image_id in again:
+            row = rows.get(image_id)
+            if row is not None and checkable(row):
+                del self.drifted[image_id]  # its GET found it as the ledger says
+            elif (row is None or not row.remote) and f.listed:
+                del self.drifted[image_id]  # the listing found it not held
+            # else in flux (a mark, a failed send): no evidence either way
+        for image_id, kind in found.items():
+            row = rows.get(image_id)
+            self.drifted[image_id] = (kind, None if row is None else (row.state, row.version))
+        self._drift_counts()
+
+    def _drop_mended(self) -> None:
+        """After a cycle that changed the context: a drifted ID whose row that cycle
+        recorded (synced or deleted, another version than when found) is mended."""
+        if not self.drifted:
+            return
+        try:
+            rows = self.ledger.believed_of(list(self.drifted))
+        except Exception as exc:  # kept as it is; the next cycle looks again
+            self.log.warning("drift_not_updated", error=f"{type(exc).__name__}: {exc}")
+            return
+        for image_id, (_kind, seen) in list(self.drifted.items()):
+            row = rows.get(image_id)
+            if row is None or not checkable(row):
+                continue
+            if seen is None or (row.state, row.version) != seen:
+                del self.drifted[image_id]
+        self._drift_counts()
+
+    def _drift_counts(self) -> None:
+        self.drift = dict(Counter(kind for kind, _seen in self.drifted.values()))
+
     def _repair(self, drifts: list[Drift]) -> None:
-        """Mark the drifts "may hold" and mend them with a full cycle, now."""
+        """Mark the drifts "may hold" and mend them with a full cycle, now (the cycle
+        drops what it mended from `drifted`)."""
         from featsync import verify
 
         self.ledger.mark_drift(drifts, time.time())
@@ -360,8 +423,6 @@ class SyncThread:
         outcomes = self.ledger.repair_outcomes([d.image_id for d in drifts])
         by = verify.outcome_counts(outcomes)
         self.log.info("verify_repaired", drifts=len(drifts), daemon_pid=os.getpid(), **by)
-        left = [d for d in drifts if outcomes.get(d.image_id, "").split(":")[0] not in SETTLED]
-        self.drift = dict(Counter(d.kind for d in left))
 
     def _outage(self, error: str) -> None:
         first = self.engine.settings.daemon.outage_wait
@@ -398,6 +459,8 @@ class SyncThread:
             if lock is not None:
                 self.lock = lock
         self.engine = self._engine(r.settings, self.ledger, self.context)
+        if r.fresh is not None:  # another ledger or context: the drift found is not theirs
+            self.drifted, self.drift, self.reviewed_at = {}, None, None
         self.main.request_full("reload")
         if old is not None:
             self._count()  # of the ledger now in use

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from tests.conftest import (
 )
 from tests.test_aspose import CREDS, OddServer, odd_server, requests_for, use_server
 from tests.test_cli import featsync
-from tests.test_daemon import Daemons, configure
+from tests.test_daemon import Daemons, Running, configure
 
 NAMES = ("a.jpg", "b.jpg", "c.jpg")
 
@@ -368,7 +368,7 @@ def test_the_daemon_reviews_finds_drift_and_with_repair_mends_it(
     assert strays and strays[0]["image_ids"] == ["zz-stray.jpg"]
     run.wait_event("heartbeat", run.count("heartbeat") + 1)
     beats = [e["drift"] for e in run.events("heartbeat")]
-    assert {"missing": 1} in beats or {"orphan": 1} in beats
+    assert beats[-1] == {"missing": 1, "orphan": 1}  # found in two ranges, not mended
     assert run.stop() == 0
     assert "03.jpg" not in backend.remote()  # found, not mended
     ledger = ws.ledger()
@@ -722,4 +722,78 @@ def test_an_orphan_with_an_nfd_id_handed_to_a_daemon_is_deleted_by_one_full_cycl
     assert run.count("cycle_finished") == cycles, run.tail()
     code, report = verify(ws, Backend("embedded", {}, {}, ws.remote_ids))
     assert code == 0 and report["marked"] == 0
+    assert run.stop() == 0
+
+
+# -- the heartbeat's drift: found and not yet mended ---------------------------------------
+
+TWENTY_FIVE = tuple(f"{n:02}.jpg" for n in range(25))
+RANGES = {  # reviews of 5 images each: 00-04, 05-09, ..., 20-24, then the (empty) end
+    "verify_interval": 0.5,
+    "verify_min": 5,
+    "verify_sample": 0.0,
+    "heartbeat_interval": 1.0,
+}
+
+
+def beats_after(run: Running, event: str, match: Callable[[dict[str, Any]], bool]) -> list[Any]:
+    """The heartbeats logged after the first `event` that `match` accepts."""
+    events = run.events()
+    first = next(n for n, e in enumerate(events) if e["event"] == event and match(e))
+    return [e for e in events[first:] if e["event"] == "heartbeat"]
+
+
+def test_the_heartbeats_drift_outlives_reviews_of_other_ranges_and_goes_when_mended(
+    ws: Workspace, daemons: Daemons
+) -> None:
+    backend = Backend("embedded", {}, {}, ws.remote_ids)
+    synced(ws, backend, TWENTY_FIVE)
+    with behind(ws, backend) as ctx:
+        ctx.delete_features("02.jpg")
+    configure(ws, daemon=RANGES)
+    run = daemons.start()
+    run.wait_event("context_drift", timeout=60)
+    run.wait_event("heartbeat", run.count("heartbeat") + 4)  # other ranges reviewed meanwhile
+    beats = beats_after(run, "context_drift", lambda _e: True)
+    drifts = [b["drift"] for b in beats]
+    assert len(drifts) >= 3 and all(d == {"missing": 1} for d in drifts), drifts
+
+    r = featsync("verify", "--repair", cwd=ws.base)  # the daemon mends it
+    assert r.returncode == 0, r.stdout + r.stderr
+    wait_for(lambda: run.count("image_added") >= 1, 30, "02.jpg sent again")
+    run.wait_event("heartbeat", run.count("heartbeat") + 2)
+    drifts = [b["drift"] for b in beats_after(run, "cycle_finished", lambda e: e["added"] == 1)]
+    assert drifts and all(d == {} for d in drifts), drifts  # mended: gone without a review
+    assert run.stop() == 0
+
+
+def test_a_review_cut_short_changes_neither_the_drift_nor_its_age(
+    ws: Workspace, daemons: Daemons, tmp_path: Path
+) -> None:
+    first = start_server(tmp_path / "serve")
+    try:
+        use_server(ws, first)
+        backend = Backend("serve", dict(ws.overrides["context"]), CREDS, set)
+        synced(ws, backend, TWENTY_FIVE[:10])
+        with behind(ws, backend) as ctx:
+            ctx.delete_features("02.jpg")
+        context = {**ws.overrides["context"], "max_retries": 0}
+        configure(ws, context=context, daemon=RANGES)
+        run = daemons.start(CREDS)
+        run.wait_event("context_drift", timeout=60)
+        run.wait_event("heartbeat", run.count("heartbeat") + 1)
+    finally:
+        first.stop()
+    port = int(first.url.rsplit(":", 1)[1])
+    broken = start_server(tmp_path / "serve", "--error-rate", "1", port=port)
+    try:
+        run.wait_event("review_failed", 3, timeout=60)
+        run.wait_event("heartbeat", run.count("heartbeat") + 2)
+    finally:
+        broken.stop()
+    beats = beats_after(run, "review_failed", lambda _e: True)
+    drifts = [b["drift"] for b in beats]
+    assert drifts and all(d == {"missing": 1} for d in drifts), drifts
+    ages = [b["last_review_age_s"] for b in beats]
+    assert ages == sorted(ages) and ages[-1] > ages[0], ages  # no reset by a failed review
     assert run.stop() == 0
