@@ -8,8 +8,11 @@ drifted IDs are marked "may hold" in the ledger (featsync.ledger_review.mark_dri
 then one ordinary cycle runs, so a file that is there is sent again (an update finds
 what the context held, and a backup of it can be taken first) and an ID whose file
 is gone is deleted through the delete guard, which may withhold it. When a daemon
-holds the sync lock, the marks are written and the daemon's own cycles act on them
-within a second or so (they are due now, as after `featsync retry`).
+holds the sync lock (its role, featsync.lock), the marks are written and the daemon's
+own cycles act on them within a second or so (they are due now, as after `featsync
+retry`); when another process holds it (a reconcile, another repair), the marks are
+written and wait for the next cycle, and the repair says so (exit 1). Until a cycle
+acts on them, a marked row is not checked (it is in flux) but counted: `marked`.
 """
 
 from __future__ import annotations

@@ -240,19 +240,19 @@ def test_sample_n_checks_n_images_at_random(ws: Workspace) -> None:
 
 
 def test_an_unreachable_context_leaves_images_unverified_and_exits_1(
-    ws: Workspace, server: Server, tmp_path: Path
+    ws: Workspace, tmp_path: Path
 ) -> None:
-    use_server(ws, server)
-    backend = Backend("serve", dict(ws.overrides["context"]), CREDS, set)
-    synced(ws, backend)
-    broken = start_server(tmp_path / "broken", "--error-rate", "1")
+    first = start_server(tmp_path / "serve")
     try:
-        context = {
-            **ws.overrides["context"],
-            "base_url": broken.api,
-            "auth_url": broken.token_url,
-            "max_retries": 0,
-        }
+        use_server(ws, first)
+        synced(ws, Backend("serve", dict(ws.overrides["context"]), CREDS, set))
+    finally:
+        first.stop()
+    # The same server (port, data: the context the ledger mirrors), now failing every call
+    port = int(first.url.rsplit(":", 1)[1])
+    broken = start_server(tmp_path / "serve", "--error-rate", "1", port=port)
+    try:
+        context = {**ws.overrides["context"], "max_retries": 0}
         ws.write_config(sync=ws.overrides["sync"], context=context)
         r = featsync("verify", cwd=ws.base, env=CREDS)
     finally:
