@@ -36,6 +36,7 @@ from featsync import config, verify
 from featsync.aspose import API
 from featsync.ledger import SqlLedger
 from featsync.schema import images
+from featsync.wiring import open_context
 
 TARGET = 0.85
 DESCRIPTOR_BYTES = 61
@@ -128,6 +129,9 @@ def main() -> None:
         fill_store(base / "serve" / f"{context_id}.search", args.images, args.descriptors)
         ledger = SqlLedger(settings.ledger.url)
         fill_ledger(ledger, args.images, args.descriptors)
+        bound = open_context(settings)
+        ledger.bind_context(bound.identity())  # as a first reconcile would
+        bound.close()
         ledger.close()
         print(
             f"{args.images} images of {args.descriptors} descriptors "

@@ -110,7 +110,7 @@ class Daemon:
             try:
                 context = open_context(settings, self.log)
                 try:  # another context than the ledger mirrors: refuse to start (exit 2)
-                    bind_context(ledger, context, self.log)
+                    bind_context(ledger, context, self.log, prefix=settings.sync.id_prefix)
                 except BaseException:
                     context.close()
                     raise

@@ -102,7 +102,9 @@ def _check(
         try:
             same_context(ledger, context, log)  # before any GET (and so before any mark)
             halt = stop.is_set if stop is not None else lambda: False
-            check = Check(context, settings.sync.concurrency, halt, fill=fill)
+            check = Check(
+                context, settings.sync.concurrency, halt, fill=fill, prefix=settings.sync.id_prefix
+            )
             if sample is not None:
                 check.rows(ledger.believed_sample(sample))
             else:
@@ -354,7 +356,14 @@ def review(
     rows = ledger.believed_after(start, n)
     end = rows[-1].image_id if len(rows) == n else None
     started(len(rows), start)
-    check = Check(context, settings.sync.concurrency, stop, progress, ledger.fill_counts)
+    check = Check(
+        context,
+        settings.sync.concurrency,
+        stop,
+        progress,
+        ledger.fill_counts,
+        prefix=settings.sync.id_prefix,
+    )
     check.rows(rows)
     if not check.found.stopped:
         check.listing(ledger.believed_of, start, end)

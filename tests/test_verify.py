@@ -290,7 +290,6 @@ def test_serve_lists_a_contexts_ids_in_pages(server: Server) -> None:
         (404, b"<html>Not Found</html>"),
         (404, b'{"error": {"code": "NotFound", "message": "no such route"}}'),
         (405, b'{"error": {"code": "MethodNotAllowed"}}'),
-        (400, b'{"Message": "The request is invalid."}'),
         (302, b""),
         (200, b'{"something": "else"}'),
     ],
