@@ -25,7 +25,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from featsync.backups import Backups
+from featsync.backups import BACKUP_WAIT, BackupNotTaken, Backups
 from featsync.errors import (
     AlreadyExists,
     Fatal,
@@ -102,10 +102,13 @@ def _send(
         )
 
     def backup(reason: str) -> None:
-        """Keep what the context holds before `reason` replaces it."""
+        """Keep what the context holds before `reason` replaces it; then, if a stop
+        came meanwhile, the change is not sent (`_NotSent`)."""
         if gate.backups is not None:
             held = gate.held_digests.get(action.image_id)
             notes.append(gate.backups.before(ctx, action.image_id, action.version, held, reason))
+            if gate.stop():
+                raise _NotSent
 
     try:
         if action.kind is Kind.DELETE:
@@ -169,8 +172,12 @@ def _send(
         return result(None, error=why, kind="transient" if exc.errno in SHORT_OF else "rejected")
     except SourceChanged as exc:
         return result(None, kind="deferred", error=str(exc))
+    except _NotSent:
+        return result(None, kind="not_sent", error="not sent: stop requested")
     except ItemRejected as exc:
         return result(None, error=str(exc), kind="rejected")
+    except BackupNotTaken as exc:  # waits like a transient failure; not the service's
+        return result(None, error=str(exc), kind=BACKUP_WAIT)
     except Transient as exc:
         return result(None, error=str(exc), kind="transient")
     except Fatal as exc:
@@ -179,6 +186,10 @@ def _send(
         return result(None, error=str(exc), kind="transient")
     except Exception as exc:  # a bug or an odd input: this image's failure, not the batch's
         return result(None, error=_unexpected(exc), kind="internal")
+
+
+class _NotSent(Exception):
+    """A stop came while the backup before the call was taken: the call is not made."""
 
 
 def _call(
@@ -304,7 +315,7 @@ class _Gate:
             self.transient_run += 1
             if self.transient_run >= self.breaker and self.res.backed_off is None:
                 self.res.backed_off = out.error or "transient error"
-        elif out.error_kind not in ("deferred", "not_sent"):
+        elif out.error_kind not in ("deferred", "not_sent", BACKUP_WAIT):
             self.transient_run = 0
 
 

@@ -407,7 +407,7 @@ class AsposeContext:
         if r.status_code in TRANSIENT_STATUS:
             _code, reason = self._reason(r, token)
             raise Transient(f"{what}: HTTP {r.status_code} ({reason}), retries spent")
-        if r.status_code == 400:
+        if r.status_code in (400, 401, 403):  # about this request or its token, not the route
             return None
         ids = None
         if r.status_code == 200:

@@ -15,7 +15,7 @@ import time
 from typing import IO, Any
 
 from featsync import logs, retention
-from featsync.backups import BackupStore
+from featsync.backups import BackupStore, current_umask
 from featsync.config import Settings
 from featsync.errors import Fatal
 from featsync.looks import EXIT_OK, when
@@ -86,19 +86,13 @@ def _write_whole(store: BackupStore, out: str, since: float | None, image_ids: l
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             n = _write(store, fh, since, image_ids)
             fh.flush()
-            os.fchmod(fh.fileno(), 0o666 & ~_umask())
+            os.fchmod(fh.fileno(), 0o666 & ~current_umask())
             os.fsync(fh.fileno())
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return n
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _write(store: BackupStore, fh: IO[str], since: float | None, image_ids: list[str]) -> int:
@@ -159,7 +153,7 @@ def listing(settings: Settings, image_ids: list[str], as_json: bool) -> int:
     return EXIT_OK
 
 
-def prune(settings: Settings) -> int:
+def prune(settings: Settings, unknown: bool = False) -> int:
     """Apply every retention rule now (featsync.retention; a cycle applies them by
     itself). Refused without a ledger that knows images: "gone" is judged by it, and
     a wrong --config or ledger URL must not look like every image gone."""
@@ -183,7 +177,7 @@ def prune(settings: Settings) -> int:
                 b.keep_versions,
                 b.keep_deleted_days,
                 b.max_size,
-                ledger.gone_before,
+                lambda ids, cutoff: ledger.gone_before(ids, cutoff, unknown),
                 ledger.current_digests,
                 time.time(),
             )

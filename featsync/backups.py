@@ -70,8 +70,14 @@ _DDL = (
 _COLUMNS = "id, image_id, version, digest, reason, taken_at, features_count, size"
 
 
+# The error kind of a change held back for its backup: retried like a transient failure
+# (no try counted), but neither counted nor reset by the worker's outage breaker.
+BACKUP_WAIT = "backup"
+
+
 class BackupNotTaken(Transient):
-    """The features could not be backed up: the change they guard waits."""
+    """The features could not be backed up: the change they guard waits (retried like a
+    transient failure, but it says nothing about the service: adds go on)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +227,16 @@ class BackupStore:
         with contextlib.suppress(OSError):
             if os.stat(path).st_size == size:
                 return False
+        try:
+            self._copy(fd, size, digest, path)
+        except BaseException:
+            if not os.path.exists(path):  # no copy: no note of one either
+                with contextlib.suppress(Fatal), self.tx() as db:
+                    db.execute("DELETE FROM kept_images WHERE digest = ?", (digest,))
+            raise
+        return True
+
+    def _copy(self, fd: int, size: int, digest: str, path: str) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -244,7 +260,6 @@ class BackupStore:
             raise
         os.close(out)
         os.replace(tmp, path)
-        return True
 
     def _note_image(self, digest: str, size: int, now: float) -> None:
         with self.tx() as db:
@@ -383,6 +398,13 @@ class BackupStore:
         }
 
 
+def current_umask() -> int:
+    """The process's umask (for a file made with a temporary name, then renamed)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _backup(row: Sequence[Any]) -> Backup:
     b = Backup(*row)
     return b if b.digest else dataclasses.replace(b, digest=None)
@@ -391,15 +413,20 @@ def _backup(row: Sequence[Any]) -> Backup:
 def match(versions: Sequence[Mapping[str, Any]], records: Sequence[Backup]) -> dict[int, Backup]:
     """Which kept record is the backup of each sent version in `versions` (the ledger's
     history rows): the earliest with that version and that version's content hash (any
-    hash, when the history has none)."""
+    hash, when the history has none), preferring one whose features count is the one
+    the version was recorded with (when known)."""
     out: dict[int, Backup] = {}
     for h in versions:
         if h["action"] not in ("add", "update"):
             continue
-        for r in records:  # oldest first
-            if r.version == h["version"] and (not h["digest"] or r.digest == h["digest"]):
-                out[h["version"]] = r
-                break
+        same = [
+            r
+            for r in records  # oldest first
+            if r.version == h["version"] and (not h["digest"] or r.digest == h["digest"])
+        ]
+        counted = [r for r in same if r.features_count == h.get("features_count")]
+        if counted or same:
+            out[h["version"]] = (counted or same)[0]
     return out
 
 
@@ -412,16 +439,45 @@ def _marks(values: Sequence[Any]) -> str:
 # -- taking a backup (a worker, before its call) ------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
 class Backups:
-    """What apply's workers need: the store (None: it could not be opened, and
-    `unavailable` says why), the rules."""
+    """What apply's workers need: the store, opened by the first worker that needs it
+    (a cycle of plain adds may never: it then creates nothing), and the rules. A store
+    that cannot be opened stays unopened (`unavailable` says why)."""
 
-    store: BackupStore | None
-    required: bool
-    images: bool
-    unavailable: str = ""
-    clock: Callable[[], float] = time.time
+    def __init__(
+        self,
+        path: str | None,
+        required: bool,
+        images: bool,
+        store: BackupStore | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.required = required
+        self.images = images
+        self.clock = clock
+        self.unavailable = ""
+        self._store = store
+        self._lock = threading.Lock()
+
+    @property
+    def store(self) -> BackupStore | None:
+        with self._lock:
+            if self._store is None and not self.unavailable and self.path is not None:
+                try:
+                    self._store = BackupStore(self.path)
+                except Fatal as exc:
+                    self.unavailable = str(exc)
+            return self._store
+
+    @property
+    def opened(self) -> BackupStore | None:
+        """The store if a worker opened it (never opens it)."""
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
 
     def before(
         self, ctx: SearchContext, image_id: str, version: int, digest: str | None, reason: str
@@ -430,16 +486,24 @@ class Backups:
         update or a delete) replaces it. Returns what happened, for the log: "kept",
         "kept already", "nothing held" or "skipped: why" (when not required). Raises
         BackupNotTaken when a backup was required and could not be taken."""
-        if self.store is None:
+        store = self.store
+        if store is None:
             return self._not_taken(self.unavailable)
         try:
             held = ctx.get_features(image_id)
         except NotFound:
             return "nothing held"
-        except (Transient, ItemRejected) as exc:
+        except Transient as exc:
             return self._not_taken(f"GET features failed: {exc}")
+        except ItemRejected as exc:  # refused for this image: it waits, longer each time
+            if self.required:
+                raise ItemRejected(
+                    f"features backup not taken (GET features refused: {exc}), so nothing "
+                    "was replaced ([backup] required = true)"
+                ) from exc
+            return f"skipped: GET features refused: {exc}"
         try:
-            kept = self.store.put(image_id, version, digest, reason, held, self.clock())
+            kept = store.put(image_id, version, digest, reason, held, self.clock())
         except Fatal as exc:  # the store cannot be written (disk full, ...)
             return self._not_taken(str(exc))
         return "kept" if kept else "kept already"
@@ -449,13 +513,14 @@ class Backups:
         that cannot be made is a note in the log, and holds nothing back."""
         if not self.images or digest.startswith("unhashed:"):
             return None
-        if self.store is None:
+        store = self.store
+        if store is None:
             return f"image copy skipped: {self.unavailable}"
         try:
-            self.store.keep_image(fd, size, digest, self.clock())
+            store.keep_image(fd, size, digest, self.clock())
         except (OSError, ValueError, Fatal) as exc:
             why = getattr(exc, "strerror", None) or str(exc)
-            where = self.store.image_path(digest)
+            where = store.image_path(digest)
             return f"image copy skipped: {where}: {why}"
         return None
 

@@ -122,7 +122,14 @@ def _parser() -> argparse.ArgumentParser:
     bl = bk_sub.add_parser("list", parents=[common], help="the kept versions, by image ID")
     bl.add_argument("image_ids", nargs="*", metavar="IMAGE_ID")
     bl.add_argument("--json", action="store_true", help="print JSON")
-    bk_sub.add_parser("prune", parents=[common], help="apply the retention rules now")
+    bp = bk_sub.add_parser("prune", parents=[common], help="apply the retention rules now")
+    bp.add_argument(
+        "--unknown",
+        action="store_true",
+        help="also drop the backups of image IDs the ledger does not know at all, once "
+        "their newest record is keep_deleted_days old (never done by itself: a lost "
+        "ledger or another configuration's backups look the same)",
+    )
 
     serving.add_parser(sub)
 
@@ -411,7 +418,7 @@ def _backup(settings: Settings, args: argparse.Namespace) -> int:
         return backup_cli.export(settings, args.out, args.since, args.image_ids)
     if args.action == "list":
         return backup_cli.listing(settings, args.image_ids, args.json)
-    return backup_cli.prune(settings)
+    return backup_cli.prune(settings, args.unknown)
 
 
 def _features(settings: Settings, args: argparse.Namespace) -> int:

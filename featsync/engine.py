@@ -227,17 +227,14 @@ class Engine:
             self.log.info("deletes_released", count=len(back), reason="the files are back")
 
     def _backups(self, p: Plan) -> Backups | None:
-        """The backups, opened for a cycle that may replace or delete features. A store
-        that cannot be opened holds back what needs a backup (unless [backup] required
-        = false), not the adds."""
+        """The backups for a cycle that sends anything (an add may meet features
+        already there); the store opens when a worker first needs it. One that cannot
+        be opened holds back what needs a backup (unless [backup] required = false),
+        not the adds."""
         b = self.settings.backup
         if not b.enabled or not p.actions:
             return None
-        try:
-            return Backups(BackupStore(b.path), b.required, b.images)
-        except Fatal as exc:
-            self.log.error("backups_unavailable", error=str(exc), required=b.required)
-            return Backups(None, b.required, b.images, unavailable=str(exc))
+        return Backups(b.path, b.required, b.images)
 
     def _prune(self, store: BackupStore, touched: list[str]) -> None:
         """The retention rules (featsync.retention): for the images this cycle touched,
@@ -353,12 +350,16 @@ class Engine:
                 in_flight=self._count_in_flight,
                 backups=backups,
             )
-            if backups is not None and backups.store is not None:
+            if backups is not None and backups.unavailable:
+                log.error(
+                    "backups_unavailable", error=backups.unavailable, required=backups.required
+                )
+            if backups is not None and backups.opened is not None:
                 touched = [a.image_id for a in p.actions if a.kind is not Kind.ADD or a.held]
-                self._prune(backups.store, touched)
+                self._prune(backups.opened, touched)
         finally:
-            if backups is not None and backups.store is not None:
-                backups.store.close()
+            if backups is not None:
+                backups.close()
         report = CycleReport(snapshot, p, applied, _ms(started))
         if confirm_deletes and applied.fatal is None:
             self.ledger.confirm_deletes(time.time())

@@ -486,7 +486,8 @@ class SqlLedger(LedgerMemory, LedgerReports, LedgerReview):
         # A transient error (network, busy server) is no fault of the image: it does not
         # count as a try, so an outage does not push every image's next try far away.
         # The count is the action's, not the row's + 1: a changed file starts afresh.
-        tries = a.attempts if outcome.error_kind == "transient" else a.attempts + 1
+        waits = outcome.error_kind in ("transient", "backup")  # no fault of the image
+        tries = a.attempts if waits else a.attempts + 1
         values: dict[str, Any] = {
             "state": State.FAILED,
             "attempts": tries,

@@ -127,9 +127,12 @@ class LedgerReports:
                         out[image_id] = digest
         return out
 
-    def gone_before(self, image_ids: Sequence[str], cutoff: float) -> set[str]:
-        """Those of `image_ids` the ledger says were deleted before `cutoff`, or does
-        not know at all (the retention rule for images that are gone)."""
+    def gone_before(
+        self, image_ids: Sequence[str], cutoff: float, unknown: bool = False
+    ) -> set[str]:
+        """Those of `image_ids` the ledger says were deleted before `cutoff` (the
+        retention rule for images that are gone); with `unknown`, also those it does
+        not know at all."""
         ids = sorted(set(image_ids))
         known: dict[str, tuple[str, float]] = {}
         with self._tx() as conn:
@@ -144,7 +147,8 @@ class LedgerReports:
         return {
             i
             for i in ids
-            if i not in known or (known[i][0] == State.DELETED.value and known[i][1] < cutoff)
+            if (unknown and i not in known)
+            or (i in known and known[i][0] == State.DELETED.value and known[i][1] < cutoff)
         }
 
     def current_digests(self) -> set[str]:

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from featsync.backups import Backup, Backups, BackupStore, match
+from featsync.backups import Backup, Backups, BackupStore, current_umask, match
 from featsync.config import Settings
 from featsync.errors import NotFound
 from featsync.looks import EXIT_NOT_IN_STEP, EXIT_OK, when
@@ -85,7 +85,7 @@ def back_up_by_hand(settings: Settings, context: SearchContext, image_id: str, r
         ledger.close()
     store = BackupStore(settings.backup.path)
     try:
-        return Backups(store, settings.backup.required, images=False).before(
+        return Backups(None, settings.backup.required, images=False, store=store).before(
             context, image_id, version, digest, reason
         )
     finally:
@@ -256,9 +256,10 @@ def compare(a: ImageFeatures, b: ImageFeatures, similar: bool) -> dict[str, Any]
             if pool.get(r, 0) > 0:
                 pool[r] -= 1
                 same += 1
-        share = same / len(rows_a) if rows_a else 1.0
+        share = same / len(rows_a) if rows_a else None  # nothing there to be unchanged
     similarity = None
-    if similar and rows_a is not None and rows_b is not None:
+    same_width = a.feature_length_in_bits == b.feature_length_in_bits
+    if similar and same_width and rows_a is not None and rows_b is not None:
         import numpy as np
 
         from featsync.localcontext import matching
@@ -442,7 +443,7 @@ def _put(source: str, target: str, digest: str, replace: bool) -> None:
     A replaced file's mode is kept; a new file gets the umask's."""
     folder = os.path.dirname(target)
     os.makedirs(folder, exist_ok=True)
-    mode = 0o666 & ~_umask()
+    mode = 0o666 & ~current_umask()
     if replace:
         with contextlib.suppress(OSError):
             mode = stat.S_IMODE(os.stat(target).st_mode)
@@ -481,9 +482,3 @@ def _create(tmp: str, target: str) -> None:
         if os.path.lexists(target):
             raise NotFound(f"{target} appeared meanwhile; not overwritten") from None
         os.rename(tmp, target)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -185,7 +185,7 @@ class Outcome(NamedTuple):
     inode: int
     features_count: int | None
     error: str | None
-    error_kind: str | None  # "rejected" | "transient" | "fatal"
+    error_kind: str | None  # "rejected" | "transient" | "backup" | "fatal" | ...
     duration_ms: float
     # A failed add that reached the context without a clear "no": it may hold the
     # features now (the answer was lost, the call timed out, the server erred after).

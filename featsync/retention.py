@@ -4,7 +4,9 @@ prune`:
 
 - at most `keep_versions` records per image ID, the newest by time;
 - nothing kept of an image the ledger says was deleted more than `keep_deleted_days`
-  ago (or does not know at all, if its newest record is that old);
+  ago (an ID the ledger does not know at all is no evidence: a lost ledger, a first
+  cycle cut short, another configuration's backups; `backup prune --unknown` drops
+  those, if their newest record is that old);
 - beyond `max_size` bytes, the oldest records go first. The image copies of what the
   context holds now are not counted against it (they cannot be freed: each is the
   way back from the next change), only those kept for older versions;
@@ -48,7 +50,7 @@ class Pruned:
         return bool(self.versions or self.gone or self.size or self.images or self.temp_files)
 
 
-Gone = Callable[[Sequence[str], float], set[str]]  # IDs deleted before a time, or unknown
+Gone = Callable[[Sequence[str], float], set[str]]  # IDs the ledger deleted before a time
 
 
 def prune(
@@ -98,11 +100,11 @@ def _delete(store: BackupStore, ids: list[int]) -> None:
 
 
 def _versions(store: BackupStore, keep: int, touched: Sequence[str] | None, out: Pruned) -> None:
-    """Records beyond the newest `keep` of each image (of `touched` only, if given)."""
-    rank = (
-        "SELECT id, size, ROW_NUMBER() OVER "
-        "(PARTITION BY image_id ORDER BY taken_at DESC, id DESC) AS n FROM backups"
-    )
+    """Of each image (of `touched` only, if given), the records kept are the newest
+    `keep` by time and, whatever their age, the first record of each of the `keep`
+    newest labels (version and content hash): the one `backups.match` takes for that
+    version's backup, which a later record under the same label (a change by hand, a
+    retried update that had landed) must not push out."""
     groups: list[list[str] | None] = [None]
     if touched is not None:
         ids = sorted(set(touched))
@@ -110,14 +112,36 @@ def _versions(store: BackupStore, keep: int, touched: Sequence[str] | None, out:
     victims: list[tuple[int, int]] = []
     for chunk in groups:
         where = "" if chunk is None else f" WHERE image_id IN ({','.join('?' * len(chunk))})"
-        sql = f"SELECT id, size FROM ({rank}{where}) WHERE n > ?"  # noqa: S608
-        victims += store.cursor(sql, [*(chunk or []), keep])
+        sql = (
+            f"SELECT image_id, id, size, version, digest FROM backups{where} "  # noqa: S608
+            "ORDER BY image_id, taken_at, id"
+        )
+        image: list[tuple[int, int, tuple[int, str]]] = []
+        current = None
+        for image_id, backup_id, size, version, digest in store.cursor(sql, chunk or []):
+            if image_id != current:
+                victims += _beyond(image, keep)
+                image, current = [], image_id
+            image.append((backup_id, size, (version, digest)))
+        victims += _beyond(image, keep)
     _delete(store, [v[0] for v in victims])
     out.versions += len(victims)
     out.freed += sum(v[1] for v in victims)
 
 
+def _beyond(records: list[tuple[int, int, tuple[int, str]]], keep: int) -> list[tuple[int, int]]:
+    """The (id, size) of one image's records (oldest first) that the rule lets go."""
+    first: dict[tuple[int, str], int] = {}
+    for backup_id, _size, label in records:
+        first.setdefault(label, backup_id)
+    newest_labels = sorted(first.items(), key=lambda kv: kv[1])[-keep:]
+    kept = {backup_id for _label, backup_id in newest_labels}
+    kept.update(backup_id for backup_id, _size, _label in records[-keep:])
+    return [(backup_id, size) for backup_id, size, _label in records if backup_id not in kept]
+
+
 def _gone(store: BackupStore, cutoff: float, gone_before: Gone, out: Pruned) -> None:
+    """Images the ledger says were deleted before `cutoff`."""
     stale = [
         r[0]
         for r in store.cursor(

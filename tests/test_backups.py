@@ -377,7 +377,7 @@ def test_a_failing_backup_get_holds_the_update_back_and_loses_nothing(ws: Worksp
         (ws.images / "gone.jpg").unlink()
         report, logs = _cycle(ws, ctx)
         assert report.applied.updated == 0 and report.applied.deleted == 0
-        assert report.applied.transient == 2 and not report.in_step
+        assert report.applied.failed == 2 and not report.in_step  # waiting, no outage
         assert ctx.inner.get_features("f.jpg") == before  # not replaced unbacked
         assert "gone.jpg" in set(ctx.inner.image_ids())  # not deleted unbacked
         failed = [e for e in logs if e["event"] == "image_failed"]

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from featsync.backups import BackupStore
+from featsync.localcontext import LocalContext
+from featsync.model import ImageFeatures
 from featsync.samples import textured_bytes
 from tests.conftest import Workspace, set_mtime_past
 from tests.test_backups import _backups, _records, _write
@@ -27,7 +29,7 @@ def _sync(ws: Workspace, expect: int = 0) -> subprocess.CompletedProcess[str]:
     return r
 
 
-def _held(ws: Workspace, image_id: str) -> object:
+def _held(ws: Workspace, image_id: str) -> ImageFeatures:
     ctx = ws.context()
     try:
         return ctx.get_features(image_id)
@@ -118,29 +120,136 @@ def test_prune_refuses_without_the_ledger_that_says_what_is_gone(ws: Workspace) 
 
 @pytest.mark.parametrize("required", [True, False])
 def test_a_backups_folder_that_cannot_be_opened(ws: Workspace, required: bool) -> None:
-    """Only what needs a backup waits (required), or everything goes, logged (not)."""
-    _write(ws, "u.jpg", 1)
-    _write(ws, "d.jpg", 2)
-    _write(ws, "k.jpg", 3)
+    """Only what needs a backup waits (required), or everything goes, logged (not). The
+    waits are no outage: more of them than the worker's breaker allows (3) stop no add
+    queued behind them (the adds go first, and the deletes after every send)."""
+    for n in range(5):
+        _write(ws, f"u{n}.jpg", n)
+    _write(ws, "d.jpg", 10)
+    _write(ws, "k.jpg", 11)
     _sync(ws)
     (ws.base / "notadir").write_text("a file where the backups folder should be")
     ws.write_config(
-        sync={"folder": "images"}, backup={"path": "notadir/backups", "required": required}
+        sync={"folder": "images", "concurrency": 1},
+        backup={"path": "notadir/backups", "required": required},
     )
-    _write(ws, "u.jpg", 4)
+    for n in range(5):
+        _write(ws, f"u{n}.jpg", 20 + n)
     (ws.images / "d.jpg").unlink()
-    _write(ws, "new.jpg", 5)
+    _write(ws, "zz-new.jpg", 30)  # sorted after the updates: sent after five failed
     r = _sync(ws, expect=1 if required else 0)
     events = json_lines(r.stderr)
     assert [e for e in events if e["event"] == "backups_unavailable"]
+    assert not [e for e in events if e["event"] == "worker_backoff"], r.stderr[-3000:]
     done = {e["image_id"]: e["event"] for e in events if e["event"].startswith("image_")}
     if required:
-        assert done == {"new.jpg": "image_added", "u.jpg": "image_failed", "d.jpg": "image_failed"}
-        assert ws.remote_ids() == {"u.jpg", "d.jpg", "k.jpg", "new.jpg"}
+        assert done["zz-new.jpg"] == "image_added"
+        assert {done[f"u{n}.jpg"] for n in range(5)} == {"image_failed"}
+        assert done["d.jpg"] == "image_failed"
+        assert ws.remote_ids() >= {"d.jpg", "zz-new.jpg"}
     else:
-        assert done["u.jpg"] == "image_updated" and done["d.jpg"] == "image_deleted"
+        assert done["u0.jpg"] == "image_updated" and done["d.jpg"] == "image_deleted"
         skipped = [e for e in events if e["event"] == "backup_skipped"]
-        assert len(skipped) == 2 and "not a directory" in skipped[0]["reason"].lower()
+        assert len(skipped) == 6 and "not a directory" in skipped[0]["reason"].lower()
+
+
+def test_retention_never_lets_a_later_record_take_a_versions_label(ws: Workspace) -> None:
+    """A change by hand, then a sync: two records under v1's label. Pruning to
+    keep_versions keeps the first (v1's backup), not just the newest by time."""
+    _write(ws, "x.jpg", 1)
+    _write(ws, "keep.jpg", 2)
+    _sync(ws)
+    original = _held(ws, "x.jpg")
+    other = ws.base / "other.jpg"
+    other.write_bytes(textured_bytes(3, "JPEG"))
+    assert (
+        featsync("features", "update", "x.jpg", "--file", str(other), cwd=ws.base).returncode == 0
+    )
+    for seed in (4, 5, 6):
+        _write(ws, "x.jpg", seed)
+        _sync(ws)
+    assert _backups(ws, "x.jpg")[1] == original
+    r = featsync("features", "get", "x.jpg", "--version", "1", cwd=ws.base)
+    assert json.loads(r.stdout) == original.as_json()
+
+
+def test_backups_of_ids_the_ledger_does_not_know_are_kept_unless_asked(ws: Workspace) -> None:
+    """A lost ledger: IDs it does not know yet are no evidence of anything gone."""
+    _write(ws, "a.jpg", 1)
+    _write(ws, "b.jpg", 2)
+    _write(ws, "c.jpg", 3)
+    _sync(ws)
+    _write(ws, "a.jpg", 4)
+    _write(ws, "b.jpg", 5)
+    _sync(ws)
+    (ws.images / "b.jpg").unlink()  # gone while the ledger is lost too
+    db = sqlite3.connect(str(Path(ws.settings().backup.path) / "features.db"))
+    with db:
+        db.execute("UPDATE backups SET taken_at = taken_at - 200 * 86400")
+        db.execute("DELETE FROM meta WHERE key = 'full_prune_at'")
+    db.close()
+    for p in ws.base.glob("featsync-ledger.db*"):
+        p.unlink()
+    for p in ws.base.glob("featsync-context.db*"):
+        p.unlink()
+    _write(ws, "a.jpg", 6)
+    _sync(ws)  # a new ledger: a full prune runs after its cycle
+    assert sorted(_backups(ws, "a.jpg")) == [] and len(_records(ws, "a.jpg")) == 1
+    assert len(_records(ws, "b.jpg")) == 1  # unknown to the new ledger: kept
+    r = featsync("backup", "prune", cwd=ws.base)
+    assert r.returncode == 0 and len(_records(ws, "b.jpg")) == 1
+    r = featsync("backup", "prune", "--unknown", cwd=ws.base)
+    assert r.returncode == 0 and _records(ws, "b.jpg") == [], r.stdout
+
+
+def test_features_diff_of_records_of_other_lengths_or_empty() -> None:
+    from featsync.lifecycle import compare
+    from featsync.model import ImageFeatures
+
+    wide = ImageFeatures("x", 2, 488, bytes(122))
+    narrow = ImageFeatures("x", 1, 256, bytes(32))
+    empty = ImageFeatures("x", 0, 488, b"")
+    report = compare(wide, narrow, similar=True)
+    assert report["similarity"] is None and report["identical"] is False
+    assert compare(empty, wide, similar=True)["share_unchanged"] is None
+
+
+def test_a_stop_during_the_backup_sends_no_update(ws: Workspace) -> None:
+    import structlog
+
+    from featsync.engine import Engine
+    from featsync.ledger import SqlLedger
+
+    _write(ws, "s.jpg", 1)
+    _write(ws, "t.jpg", 2)
+    _sync(ws)
+    before = _held(ws, "s.jpg")
+    _write(ws, "s.jpg", 3)
+    stop = [False]
+
+    class StopOnGet:
+        def __init__(self, inner: LocalContext) -> None:
+            self.inner = inner
+
+        def get_features(self, image_id: str) -> object:
+            stop[0] = True  # SIGTERM arrives while the backup GET is under way
+            return self.inner.get_features(image_id)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+    settings = ws.settings()
+    ledger = SqlLedger(settings.ledger.url)
+    ctx = StopOnGet(LocalContext(settings.context.path))
+    try:
+        report = Engine(settings, ledger, ctx, structlog.get_logger(), stop=lambda: stop[0]).cycle()  # type: ignore[arg-type]
+    finally:
+        ctx.inner.close()
+        ledger.close()
+    assert report.applied is not None and report.applied.updated == 0
+    assert report.applied.not_sent == 1
+    assert _held(ws, "s.jpg") == before  # backed up, and not replaced after the stop
+    assert _sync(ws).returncode == 0 and _held(ws, "s.jpg") != before
 
 
 def test_restore_refuses_targets_that_are_not_regular_files(ws: Workspace) -> None:
