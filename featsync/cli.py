@@ -246,7 +246,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
         if args.command == "history":
             return lifecycle.history(settings, args.image_id, args.json)
         if args.command == "restore":
-            return lifecycle.restore(
+            from featsync import restore
+
+            return restore.restore(
                 settings, args.image_id, args.version, args.to, args.dry_run, args.force
             )
         if args.command == "backup":

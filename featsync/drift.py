@@ -311,3 +311,56 @@ def describe(f: Findings) -> dict[str, Any]:
         "stopped": f.stopped,
         "not_checked": f.not_checked,
     }
+
+
+class DriftKept:
+    """Drift found by a daemon's reviews and not yet mended, for the heartbeat: image ID
+    -> (kind, its ledger row's (state, version) when found; None: no row). An ID goes
+    when a cycle records it (synced or deleted at another version) or a later review of
+    its range finds it clean. `counts` is by kind ({}: none; None: no review finished
+    yet), a new dict each time (another thread reads it)."""
+
+    def __init__(self) -> None:
+        self.drifted: dict[str, tuple[str, tuple[str, int] | None]] = {}
+        self.counts: dict[str, int] | None = None
+
+    def reviewed(self, start: str, end: str | None, f: Findings, lookup: Lookup) -> None:
+        """A finished review of (start, end]: the drift it found joins; a drifted ID in
+        its range that it found clean goes."""
+
+        def in_range(image_id: str) -> bool:
+            return image_id > start and (end is None or image_id <= end)
+
+        found = {d.image_id: d.kind for d in f.drifts}
+        unverified = {i for i, _error in f.unverified}
+        again = [i for i in self.drifted if in_range(i) and i not in found and i not in unverified]
+        rows = lookup([*found, *again])
+        for image_id in again:
+            row = rows.get(image_id)
+            if row is not None and checkable(row):
+                del self.drifted[image_id]  # its GET found it as the ledger says
+            elif (row is None or not row.remote) and f.listed:
+                del self.drifted[image_id]  # the listing found it not held
+            # else in flux (a mark, a failed send): no evidence either way
+        for image_id, kind in found.items():
+            row = rows.get(image_id)
+            self.drifted[image_id] = (kind, None if row is None else (row.state, row.version))
+        self._count()
+
+    def drop_mended(self, lookup: Lookup) -> None:
+        """After a cycle that changed the context: a drifted ID whose row that cycle
+        recorded (synced or deleted, another version than when found) is mended. Raises
+        what `lookup` raises (the drift is then kept as it is)."""
+        if not self.drifted:
+            return
+        rows = lookup(list(self.drifted))
+        for image_id, (_kind, seen) in list(self.drifted.items()):
+            row = rows.get(image_id)
+            if row is None or not checkable(row):
+                continue
+            if seen is None or (row.state, row.version) != seen:
+                del self.drifted[image_id]
+        self._count()
+
+    def _count(self) -> None:
+        self.counts = dict(Counter(kind for kind, _seen in self.drifted.values()))

@@ -36,13 +36,12 @@ import os
 import random
 import threading
 import time
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from featsync import config
-from featsync.drift import Drift, checkable
+from featsync.drift import Drift, DriftKept
 from featsync.engine import CycleReport, Engine, Stopped
 from featsync.errors import FeatsyncError
 from featsync.ledger import SqlLedger
@@ -54,7 +53,7 @@ from featsync.systemd import Pulse
 from featsync.watch import Pending, Watcher
 
 if TYPE_CHECKING:
-    from featsync.verify import Reviewed
+    pass
 
 # After an outage (transient errors in a row, or a fatal error such as refused
 # credentials), the next try waits [daemon] outage_wait, doubling up to this cap.
@@ -128,13 +127,7 @@ class SyncThread:
         self.counts: Counts | None = None  # for the heartbeat, which never reads the ledger
         # (image ID, updated_at) of due rows no path reaches, a full cycle asked for them
         self.asked_full_for: frozenset[tuple[str, float]] = frozenset()
-        # Drift found by reviews and not yet mended: image ID -> (kind, its ledger row's
-        # (state, version) when found; None: no row). An ID goes when a cycle records it
-        # (synced or deleted) or a later review of its range finds it clean.
-        self.drifted: dict[str, tuple[str, tuple[str, int] | None]] = {}
-        # ... by kind, for the heartbeat ({}: none; None: no review finished yet); a new
-        # dict each time (the main thread reads it)
-        self.drift: dict[str, int] | None = None
+        self.kept = DriftKept()  # drift found by reviews and not yet mended
         self.reviewed_at: float | None = None  # monotonic: the last finished review's end
         self.review_from = time.monotonic()  # the next review is due verify_interval after
         # A reload waiting for this thread: set by the main thread only when empty,
@@ -361,57 +354,23 @@ class SyncThread:
             return
         self.reviewed_at = time.monotonic()
         try:
-            self._reviewed(done)
+            self.kept.reviewed(done.start, done.end, done.findings, self.ledger.believed_of)
         except Exception as exc:  # the ledger unreadable: the drift kept as it was
             self.log.warning("drift_not_updated", error=f"{type(exc).__name__}: {exc}")
         if f.drifts and repair:
             self._repair(f.drifts)
         self._status_soon()
 
-    def _reviewed(self, done: Reviewed) -> None:
-        """A finished review: the drift it found joins `drifted`; a drifted ID in its
-        range that it found clean goes."""
-        f = done.findings
-
-        def in_range(image_id: str) -> bool:
-            return image_id > done.start and (done.end is None or image_id <= done.end)
-
-        found = {d.image_id: d.kind for d in f.drifts}
-        unverified = {i for i, _error in f.unverified}
-        again = [i for i in self.drifted if in_range(i) and i not in found and i not in unverified]
-        rows = self.ledger.believed_of([*found, *again])
-        for image_id in again:
-            row = rows.get(image_id)
-            if row is not None and checkable(row):
-                del self.drifted[image_id]  # its GET found it as the ledger says
-            elif (row is None or not row.remote) and f.listed:
-                del self.drifted[image_id]  # the listing found it not held
-            # else in flux (a mark, a failed send): no evidence either way
-        for image_id, kind in found.items():
-            row = rows.get(image_id)
-            self.drifted[image_id] = (kind, None if row is None else (row.state, row.version))
-        self._drift_counts()
-
     def _drop_mended(self) -> None:
-        """After a cycle that changed the context: a drifted ID whose row that cycle
-        recorded (synced or deleted, another version than when found) is mended."""
-        if not self.drifted:
-            return
         try:
-            rows = self.ledger.believed_of(list(self.drifted))
+            self.kept.drop_mended(self.ledger.believed_of)
         except Exception as exc:  # kept as it is; the next cycle looks again
             self.log.warning("drift_not_updated", error=f"{type(exc).__name__}: {exc}")
-            return
-        for image_id, (_kind, seen) in list(self.drifted.items()):
-            row = rows.get(image_id)
-            if row is None or not checkable(row):
-                continue
-            if seen is None or (row.state, row.version) != seen:
-                del self.drifted[image_id]
-        self._drift_counts()
 
-    def _drift_counts(self) -> None:
-        self.drift = dict(Counter(kind for kind, _seen in self.drifted.values()))
+    @property
+    def drift(self) -> dict[str, int] | None:
+        """The heartbeat's `drift` (featsync.drift.DriftKept)."""
+        return self.kept.counts
 
     def _repair(self, drifts: list[Drift]) -> None:
         """Mark the drifts "may hold" and mend them with a full cycle, now (the cycle
@@ -460,7 +419,7 @@ class SyncThread:
                 self.lock = lock
         self.engine = self._engine(r.settings, self.ledger, self.context)
         if r.fresh is not None:  # another ledger or context: the drift found is not theirs
-            self.drifted, self.drift, self.reviewed_at = {}, None, None
+            self.kept, self.reviewed_at = DriftKept(), None
         self.main.request_full("reload")
         if old is not None:
             self._count()  # of the ledger now in use
