@@ -25,7 +25,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from featsync.backups import BACKUP_WAIT, BackupNotTaken, Backups
+from featsync.backup_worker import BACKUP_WAIT, BackupNotTaken, Backups
 from featsync.errors import (
     AlreadyExists,
     Fatal,

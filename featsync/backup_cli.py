@@ -3,6 +3,7 @@ and trimmed to the retention rules on demand."""
 
 from __future__ import annotations
 
+import argparse
 import base64
 import datetime as dt
 import json
@@ -22,6 +23,64 @@ from featsync.looks import EXIT_OK, when
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """`restore` and `backup export | list | prune` on featsync's command line."""
+    res = sub.add_parser(
+        "restore",
+        parents=[common],
+        help="put a kept image file back into the folder (the sync then sends it)",
+        description="Copy the kept image of a version (default: the one before the last "
+        "change) back to where the file was, or to --to PATH. A different file there is "
+        "never replaced without --force. Needs [backup] images = true when it was sent.",
+    )
+    res.add_argument("image_id", metavar="IMAGE_ID")
+    res.add_argument("--version", type=natural, metavar="N", help="the version to restore")
+    res.add_argument("--to", metavar="PATH", help="where to put the file")
+    res.add_argument("--dry-run", action="store_true", help="say what would be done")
+    res.add_argument("--force", action="store_true", help="replace a different file")
+    bk = sub.add_parser("backup", parents=[common], help="the kept features backups")
+    bk_sub = bk.add_subparsers(dest="action", required=True, metavar="ACTION")
+    exp = bk_sub.add_parser(
+        "export", parents=[common], help="stream the backups as JSON lines (Aspose's shape)"
+    )
+    exp.add_argument("--out", metavar="FILE", help="write to FILE (default: standard output)")
+    exp.add_argument(
+        "--since", metavar="TIME", help="only backups taken since: 2026-11-01, 12h, 7d, ..."
+    )
+    exp.add_argument("image_ids", nargs="*", metavar="IMAGE_ID")
+    bl = bk_sub.add_parser("list", parents=[common], help="the kept versions, by image ID")
+    bl.add_argument("image_ids", nargs="*", metavar="IMAGE_ID")
+    bl.add_argument("--json", action="store_true", help="print JSON")
+    bp = bk_sub.add_parser("prune", parents=[common], help="apply the retention rules now")
+    bp.add_argument(
+        "--unknown",
+        action="store_true",
+        help="also drop the backups of image IDs the ledger does not know at all, once "
+        "their newest record is keep_deleted_days old (never done by itself: a lost "
+        "ledger or another configuration's backups look the same)",
+    )
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    """`featsync backup ACTION`."""
+    if args.action == "export":
+        return export(settings, args.out, args.since, args.image_ids)
+    if args.action == "list":
+        return listing(settings, args.image_ids, args.json)
+    return prune(settings, args.unknown)
+
+
+def natural(text: str) -> int:
+    """An argparse type: a version number (0, 1, 2, ...)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version number (0, 1, 2, ...)")
+    return n
 
 
 def parse_since(text: str, now: float | None = None) -> float:

@@ -28,14 +28,13 @@ import hashlib
 import os
 import sqlite3
 import threading
-import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from featsync.errors import Fatal, ItemRejected, NotFound, Transient
-from featsync.model import ImageFeatures, SearchContext
+from featsync.errors import Fatal
+from featsync.model import ImageFeatures
 from featsync.sqlitefiles import read_only_uri
 
 SCHEMA_VERSION = 2  # 1: a development build's layout (one record per version)
@@ -68,16 +67,6 @@ _DDL = (
 )
 
 _COLUMNS = "id, image_id, version, digest, reason, taken_at, features_count, size"
-
-
-# The error kind of a change held back for its backup: retried like a transient failure
-# (no try counted), but neither counted nor reset by the worker's outage breaker.
-BACKUP_WAIT = "backup"
-
-
-class BackupNotTaken(Transient):
-    """The features could not be backed up: the change they guard waits (retried like a
-    transient failure, but it says nothing about the service: adds go on)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,100 +423,3 @@ def _marks(values: Sequence[Any]) -> str:
     """SQL placeholders for `values` (only "?" marks reach the SQL text: S608 below is
     about f-strings that hold nothing else)."""
     return ",".join("?" * len(values))
-
-
-# -- taking a backup (a worker, before its call) ------------------------------------------
-
-
-class Backups:
-    """What apply's workers need: the store, opened by the first worker that needs it
-    (a cycle of plain adds may never: it then creates nothing), and the rules. A store
-    that cannot be opened stays unopened (`unavailable` says why)."""
-
-    def __init__(
-        self,
-        path: str | None,
-        required: bool,
-        images: bool,
-        store: BackupStore | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.path = path
-        self.required = required
-        self.images = images
-        self.clock = clock
-        self.unavailable = ""
-        self._store = store
-        self._lock = threading.Lock()
-
-    @property
-    def store(self) -> BackupStore | None:
-        with self._lock:
-            if self._store is None and not self.unavailable and self.path is not None:
-                try:
-                    self._store = BackupStore(self.path)
-                except Fatal as exc:
-                    self.unavailable = str(exc)
-            return self._store
-
-    @property
-    def opened(self) -> BackupStore | None:
-        """The store if a worker opened it (never opens it)."""
-        return self._store
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-
-    def before(
-        self, ctx: SearchContext, image_id: str, version: int, digest: str | None, reason: str
-    ) -> str:
-        """GET what the context holds for `image_id` and keep it, before `reason` (an
-        update or a delete) replaces it. Returns what happened, for the log: "kept",
-        "kept already", "nothing held" or "skipped: why" (when not required). Raises
-        BackupNotTaken when a backup was required and could not be taken."""
-        store = self.store
-        if store is None:
-            return self._not_taken(self.unavailable)
-        try:
-            held = ctx.get_features(image_id)
-        except NotFound:
-            return "nothing held"
-        except Transient as exc:
-            return self._not_taken(f"GET features failed: {exc}")
-        except ItemRejected as exc:  # refused for this image: it waits, longer each time
-            if self.required:
-                raise ItemRejected(
-                    f"features backup not taken (GET features refused: {exc}), so nothing "
-                    "was replaced ([backup] required = true)"
-                ) from exc
-            return f"skipped: GET features refused: {exc}"
-        try:
-            kept = store.put(image_id, version, digest, reason, held, self.clock())
-        except Fatal as exc:  # the store cannot be written (disk full, ...)
-            return self._not_taken(str(exc))
-        return "kept" if kept else "kept already"
-
-    def keep_image(self, fd: int, size: int, digest: str) -> str | None:
-        """A copy of the file about to be sent, if `images` is on. Best effort: a copy
-        that cannot be made is a note in the log, and holds nothing back."""
-        if not self.images or digest.startswith("unhashed:"):
-            return None
-        store = self.store
-        if store is None:
-            return f"image copy skipped: {self.unavailable}"
-        try:
-            store.keep_image(fd, size, digest, self.clock())
-        except (OSError, ValueError, Fatal) as exc:
-            why = getattr(exc, "strerror", None) or str(exc)
-            where = store.image_path(digest)
-            return f"image copy skipped: {where}: {why}"
-        return None
-
-    def _not_taken(self, why: str) -> str:
-        if self.required:
-            raise BackupNotTaken(
-                f"features backup not taken ({why}), so nothing was replaced "
-                "([backup] required = true)"
-            )
-        return f"skipped: {why}"

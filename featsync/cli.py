@@ -18,7 +18,7 @@ import unicodedata
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from featsync import __version__, lifecycle, logs, serving
+from featsync import __version__, backup_cli, lifecycle, logs, serving
 from featsync.config import Settings, config_path, load
 from featsync.errors import ConfigError, Fatal, FeatsyncError, ItemRejected, NotFound, Transient
 from featsync.looks import EXIT_FATAL, EXIT_NOT_IN_STEP, EXIT_OK, status
@@ -96,40 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     hist.add_argument("image_id", metavar="IMAGE_ID")
     hist.add_argument("--json", action="store_true", help="print JSON")
-    res = sub.add_parser(
-        "restore",
-        parents=[common],
-        help="put a kept image file back into the folder (the sync then sends it)",
-        description="Copy the kept image of a version (default: the one before the last "
-        "change) back to where the file was, or to --to PATH. A different file there is "
-        "never replaced without --force. Needs [backup] images = true when it was sent.",
-    )
-    res.add_argument("image_id", metavar="IMAGE_ID")
-    res.add_argument("--version", type=_natural, metavar="N", help="the version to restore")
-    res.add_argument("--to", metavar="PATH", help="where to put the file")
-    res.add_argument("--dry-run", action="store_true", help="say what would be done")
-    res.add_argument("--force", action="store_true", help="replace a different file")
-    bk = sub.add_parser("backup", parents=[common], help="the kept features backups")
-    bk_sub = bk.add_subparsers(dest="action", required=True, metavar="ACTION")
-    exp = bk_sub.add_parser(
-        "export", parents=[common], help="stream the backups as JSON lines (Aspose's shape)"
-    )
-    exp.add_argument("--out", metavar="FILE", help="write to FILE (default: standard output)")
-    exp.add_argument(
-        "--since", metavar="TIME", help="only backups taken since: 2026-11-01, 12h, 7d, ..."
-    )
-    exp.add_argument("image_ids", nargs="*", metavar="IMAGE_ID")
-    bl = bk_sub.add_parser("list", parents=[common], help="the kept versions, by image ID")
-    bl.add_argument("image_ids", nargs="*", metavar="IMAGE_ID")
-    bl.add_argument("--json", action="store_true", help="print JSON")
-    bp = bk_sub.add_parser("prune", parents=[common], help="apply the retention rules now")
-    bp.add_argument(
-        "--unknown",
-        action="store_true",
-        help="also drop the backups of image IDs the ledger does not know at all, once "
-        "their newest record is keep_deleted_days old (never done by itself: a lost "
-        "ledger or another configuration's backups look the same)",
-    )
+    backup_cli.add_parsers(sub, common)
 
     serving.add_parser(sub)
 
@@ -156,22 +123,14 @@ def _parser() -> argparse.ArgumentParser:
         if action in ("add", "update"):
             one.add_argument("--file", required=True, metavar="PATH")
         if action == "get":
-            one.add_argument("--version", type=_natural, metavar="N", help="a kept version")
+            one.add_argument(
+                "--version", type=backup_cli.natural, metavar="N", help="a kept version"
+            )
         if action == "diff":
-            one.add_argument("--from", dest="from_v", type=_natural, metavar="N")
-            one.add_argument("--to", dest="to_v", type=_natural, metavar="M")
+            one.add_argument("--from", dest="from_v", type=backup_cli.natural, metavar="N")
+            one.add_argument("--to", dest="to_v", type=backup_cli.natural, metavar="M")
             one.add_argument("--json", action="store_true", help="print JSON")
     return parser
-
-
-def _natural(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a version number (0, 1, 2, ...)")
-    return n
 
 
 def _positive(text: str) -> int:
@@ -252,7 +211,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
                 settings, args.image_id, args.version, args.to, args.dry_run, args.force
             )
         if args.command == "backup":
-            return _backup(settings, args)
+            return backup_cli.run(settings, args)
         if args.command == "verify":
             from featsync import verify
 
@@ -411,16 +370,6 @@ def _context(settings: Settings, action: str, yes: bool) -> int:
     finally:
         client.close()
     return EXIT_OK
-
-
-def _backup(settings: Settings, args: argparse.Namespace) -> int:
-    from featsync import backup_cli
-
-    if args.action == "export":
-        return backup_cli.export(settings, args.out, args.since, args.image_ids)
-    if args.action == "list":
-        return backup_cli.listing(settings, args.image_ids, args.json)
-    return backup_cli.prune(settings, args.unknown)
 
 
 def _features(settings: Settings, args: argparse.Namespace) -> int:

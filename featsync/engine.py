@@ -15,7 +15,8 @@ from typing import Any
 
 from featsync import retention
 from featsync.apply import ApplyResult, apply_plan
-from featsync.backups import Backups, BackupStore
+from featsync.backup_worker import Backups
+from featsync.backups import BackupStore
 from featsync.config import Settings
 from featsync.errors import Fatal, Transient
 from featsync.listing import held_ids

@@ -10,7 +10,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from featsync.backups import Backup, Backups, BackupStore, match
+from featsync.backup_worker import Backups
+from featsync.backups import Backup, BackupStore, match
 from featsync.config import Settings
 from featsync.errors import NotFound
 from featsync.looks import EXIT_NOT_IN_STEP, EXIT_OK, when
