@@ -716,6 +716,8 @@ def test_an_orphan_with_an_nfd_id_handed_to_a_daemon_is_deleted_by_one_full_cycl
     r = featsync("verify", "--repair", cwd=ws.base)
     assert r.returncode == 0 and f"a daemon (pid {run.proc.pid})" in r.stdout, r.stdout
     wait_for(lambda: ws.remote_ids() == set(NAMES), 20, run.tail())
+    # the cycle that deleted it has written its line (the store changed a moment before)
+    wait_for(lambda: any(e["deleted"] for e in run.events("cycle_finished")), 20, run.tail())
     cycles = run.count("cycle_finished")
     run.wait_event("heartbeat", run.count("heartbeat") + 3)  # three beats, no cycle
     assert run.count("cycle_finished") == cycles, run.tail()
