@@ -370,9 +370,10 @@ def test_the_daemon_reviews_finds_drift_and_with_repair_mends_it(
     assert beats[-1] == {"missing": 1, "orphan": 1}  # found in two ranges, not mended
     assert run.stop() == 0
     assert "03.jpg" not in backend.remote()  # found, not mended
+    finished = [e for e in run.events("review_finished") if not e["stopped"]]
     ledger = ws.ledger()
-    try:
-        assert ledger.review_cursor() != ""  # kept for the next start
+    try:  # kept for the next start: where the last whole review ended ("" after the end)
+        assert ledger.review_cursor() == (finished[-1]["until"] or "")
     finally:
         ledger.close()
 
@@ -387,7 +388,7 @@ def test_the_daemon_reviews_finds_drift_and_with_repair_mends_it(
     assert mended() == 2 and again.events("verify_repaired")[0]["daemon_pid"] == again.proc.pid
     n = again.count("review_finished")
     again.wait_event("review_finished", n + 2, timeout=60)  # a whole round, clean
-    assert [e["drift"] for e in again.events("review_finished")[n:]] == [0, 0]
+    assert [e["drift"] for e in again.events("review_finished")[n : n + 2]] == [0, 0]
     assert again.stop() == 0
 
 
