@@ -581,20 +581,19 @@ def test_export_filters_by_time_and_id_and_says_what_a_bad_time_is(ws: Workspace
     assert doc["totals"]["backups"] == 2
 
 
-def test_backups_through_the_daemon(ws: Workspace, daemons: Any) -> None:
+def test_backups_through_the_daemon(
+    ws: Workspace, backend: Backend, held: Held, daemons: Any
+) -> None:
     """The daemon's watcher path takes the same backups as reconcile."""
     from tests.conftest import wait_for
     from tests.test_daemon import configure
 
     _write(ws, "dd.jpg", 101)
-    configure(ws, backup={"images": True})
-    d = daemons.start()
-    wait_for(lambda: ws.remote_ids() == {"dd.jpg"}, 60, "the first sync")
-    ctx = ws.context()
-    try:
-        before = ctx.get_features("dd.jpg")
-    finally:
-        ctx.close()
+    configure(ws, context=backend.context, backup={"images": True})
+    d = daemons.start(backend.env)
+    wait_for(lambda: backend.remote() == {"dd.jpg"}, 60, "the first sync\n" + d.tail())
+    before = held("dd.jpg")
+    assert before is not None
     (ws.images / "dd.jpg").write_bytes(textured_bytes(102, "JPEG"))
     wait_for(lambda: 1 in _backups(ws, "dd.jpg"), 60, "a backup of v1\n" + d.tail())
     assert _backups(ws, "dd.jpg") == {1: before}
