@@ -7,21 +7,19 @@ folder could not be fully seen; 2 a bad config or a fatal error.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import signal
 import sys
-import threading
 import time
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from featsync import __version__, backup_cli, lifecycle, logs, serving
 from featsync.config import Settings, config_path, load
 from featsync.errors import ConfigError, Fatal, FeatsyncError, ItemRejected, NotFound, Transient
 from featsync.looks import EXIT_FATAL, EXIT_NOT_IN_STEP, EXIT_OK, status
+from featsync.stopping import stop_on_signals
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -191,7 +189,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings.log.format, settings.log.level)
     try:
         if args.command == "reconcile":
-            return _reconcile(settings, args.dry_run, args.confirm_deletes, args.resync)
+            from featsync import reconcile_cli
+
+            return reconcile_cli.run(settings, args.dry_run, args.confirm_deletes, args.resync)
         if args.command == "run":
             from featsync import daemon
 
@@ -216,7 +216,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             from featsync import verify
 
             # SIGINT/SIGTERM: the check (and a repair's cycle) stops, says so, exits 1
-            with _stop_on_signals("verify") as stop:
+            with stop_on_signals("verify") as stop:
                 return verify.run(settings, args.sample, args.all, args.repair, args.json, stop)
         return status(settings, args.json)
     except (NotFound, ItemRejected, Transient) as exc:
@@ -226,89 +226,6 @@ def _main(argv: Sequence[str] | None = None) -> int:
         logs.get().error("fatal_error", error=str(exc))
         print(f"featsync: {exc}", file=sys.stderr)
         return EXIT_FATAL
-
-
-def _reconcile(settings: Settings, dry_run: bool, confirm_deletes: bool, resync: bool) -> int:
-    from featsync.engine import Engine, Stopped, describe
-    from featsync.ledger import SqlLedger
-    from featsync.lock import SyncLock
-    from featsync.wiring import open_context
-
-    if resync and dry_run:
-        print(
-            "featsync: --resync sends every image again; a dry run cannot show that "
-            "plan (it would be: add every image of the folder)",
-            file=sys.stderr,
-        )
-        return EXIT_FATAL
-    lock = SyncLock(settings.ledger.url)
-    if not dry_run:  # a dry run writes nothing: it may look while a daemon syncs
-        lock.acquire()
-    try:
-        ledger = SqlLedger(settings.ledger.url, read_only=dry_run)
-        try:
-            context = open_context(settings, logs.get(), read_only=dry_run)
-            try:
-                with _stop_on_signals() as stop:
-                    engine = Engine(settings, ledger, context, logs.get(), stop=stop.is_set)
-                    report = engine.cycle(
-                        dry_run=dry_run, confirm_deletes=confirm_deletes, resync=resync
-                    )
-            except Stopped:
-                logs.get().info("cycle_stopped", reason="signal, while scanning")
-                return EXIT_NOT_IN_STEP
-            finally:
-                context.close()
-        finally:
-            ledger.close()
-    finally:
-        lock.release()
-    if dry_run:
-        print("\n".join(describe(report.plan)))
-    return EXIT_OK if report.in_step else EXIT_NOT_IN_STEP
-
-
-@contextlib.contextmanager
-def _stop_on_signals(command: str = "reconcile") -> Iterator[threading.Event]:
-    """SIGINT (Ctrl-C) or SIGTERM: send nothing more, let the calls in flight finish and
-    be recorded, end the cycle (or verify's check) with its summary; a second one stops
-    at once. The events are `<command>_stopping` and `<command>_stopped_at_once`.
-
-    The handler only sets flags (it runs in the main thread between two bytecodes, maybe
-    while that thread holds the log's write lock: logging there would deadlock); a small
-    thread says that the stop was heard.
-    """
-    stop = threading.Event()
-    caught: list[int] = []
-
-    def on_signal(signum: int, _frame: object) -> None:
-        if caught:
-            # Now, without waiting for the calls in flight: the ledger is one transaction
-            # per outcome, the lock goes with the process, and a call whose outcome is
-            # not recorded is repeated once by the next run (every call is idempotent).
-            # A raw write, no lock: a line of its own even if it cuts into another.
-            line = {"event": f"{command}_stopped_at_once", "signal": signal.Signals(signum).name}
-            os.write(2, b"\n" + json.dumps(line).encode() + b"\n")
-            os._exit(128 + signum)
-        caught.append(signum)
-        stop.set()
-
-    def announce() -> None:
-        stop.wait()
-        if caught:
-            name = signal.Signals(caught[0]).name
-            logs.get().warning(f"{command}_stopping", signal=name, then="Ctrl-C again")
-
-    before = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    herald = threading.Thread(target=announce, name="featsync-stop", daemon=True)
-    herald.start()
-    try:
-        yield stop
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
-        stop.set()  # ends the herald if no signal came
-        herald.join()
 
 
 def _retry(settings: Settings, image_ids: list[str], every: bool) -> int:
