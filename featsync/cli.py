@@ -15,9 +15,17 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
-from featsync import __version__, backup_cli, lifecycle, logs, serving
+from featsync import __version__, backup_cli, jsonout, lifecycle, logs, serving
 from featsync.config import Settings, config_path, load
-from featsync.errors import ConfigError, Fatal, FeatsyncError, ItemRejected, NotFound, Transient
+from featsync.errors import (
+    AlreadyExists,
+    ConfigError,
+    Fatal,
+    FeatsyncError,
+    ItemRejected,
+    NotFound,
+    Transient,
+)
 from featsync.looks import EXIT_FATAL, EXIT_NOT_IN_STEP, EXIT_OK, status
 from featsync.stopping import stop_on_signals
 
@@ -64,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     rt.add_argument("image_ids", nargs="*", metavar="IMAGE_ID")
     rt.add_argument("--all", action="store_true", help="every failed image")
+    rt.add_argument("--json", action="store_true", help="print JSON")
     st = sub.add_parser("status", parents=[common], help="show the ledger's view of the sync")
     st.add_argument("--json", action="store_true", help="print JSON")
     ver = sub.add_parser(
@@ -103,7 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     ctx_sub = ctx.add_subparsers(dest="action", required=True, metavar="ACTION")
     ctx_sub.add_parser("create", parents=[common], help="create one and print its id")
-    ctx_sub.add_parser("status", parents=[common], help="print the configured context's status")
+    ctx_status = ctx_sub.add_parser(
+        "status", parents=[common], help="print the configured context's status"
+    )
+    ctx_status.add_argument("--json", action="store_true", help="print JSON")
     delete = ctx_sub.add_parser("delete", parents=[common], help="delete the configured context")
     delete.add_argument("--yes", action="store_true", help="really delete it")
 
@@ -177,9 +189,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         try:
             return serving.run(args)
         except FeatsyncError as exc:
-            logs.get().error("fatal_error", error=str(exc))
-            print(f"featsync: {exc}", file=sys.stderr)
-            return EXIT_FATAL
+            return _fatal(exc)
     path = config_path(getattr(args, "config", None))
     try:
         settings = load(path)
@@ -197,9 +207,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
             return daemon.run(path, settings)
         if args.command == "retry":
-            return _retry(settings, args.image_ids, args.all)
+            return _retry(settings, args.image_ids, args.all, args.json)
         if args.command == "context":
-            return _context(settings, args.action, getattr(args, "yes", False))
+            return _context(
+                settings, args.action, getattr(args, "yes", False), getattr(args, "json", False)
+            )
         if args.command == "features":
             return _features(settings, args)
         if args.command == "history":
@@ -210,6 +222,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             return restore.restore(
                 settings, args.image_id, args.version, args.to, args.dry_run, args.force
             )
+
         if args.command == "backup":
             return backup_cli.run(settings, args)
         if args.command == "verify":
@@ -219,16 +232,26 @@ def _main(argv: Sequence[str] | None = None) -> int:
             with stop_on_signals("verify") as stop:
                 return verify.run(settings, args.sample, args.all, args.repair, args.json, stop)
         return status(settings, args.json)
-    except (NotFound, ItemRejected, Transient) as exc:
+    except (NotFound, AlreadyExists, ItemRejected, Transient) as exc:
+        # one image's trouble (`features add` of an ID already there): exit 1, as a
+        # cycle's per-image failures
         print(f"featsync: {exc}", file=sys.stderr)
         return EXIT_NOT_IN_STEP
     except FeatsyncError as exc:
+        return _fatal(exc)
+
+
+def _fatal(exc: FeatsyncError) -> int:
+    """A fatal error: said once. Off a terminal both as a `fatal_error` log event (for
+    journald and log shippers) and as a plain line (for cron's mail); on a terminal,
+    where both would land on the same screen, the plain line alone."""
+    if not sys.stderr.isatty():
         logs.get().error("fatal_error", error=str(exc))
-        print(f"featsync: {exc}", file=sys.stderr)
-        return EXIT_FATAL
+    print(f"featsync: {exc}", file=sys.stderr)
+    return EXIT_FATAL
 
 
-def _retry(settings: Settings, image_ids: list[str], every: bool) -> int:
+def _retry(settings: Settings, image_ids: list[str], every: bool, as_json: bool) -> int:
     from featsync.ledger import SqlLedger
 
     if bool(image_ids) == every:
@@ -239,9 +262,12 @@ def _retry(settings: Settings, image_ids: list[str], every: bool) -> int:
         cleared = ledger.retry(None if every else image_ids, time.time())
     finally:
         ledger.close()
+    missing = sorted(set(image_ids).difference(cleared))
+    if as_json:
+        jsonout.emit({"retry": cleared, "count": len(cleared), "not_failed": missing})
+        return EXIT_NOT_IN_STEP if missing else EXIT_OK
     for image_id in cleared:
         print(f"retry {image_id}")
-    missing = sorted(set(image_ids).difference(cleared))
     for image_id in missing:
         print(f"featsync: {image_id}: not a failed image", file=sys.stderr)
     print(
@@ -262,7 +288,7 @@ def _aspose(settings: Settings) -> Any:
     return open_context(settings, logs.get())
 
 
-def _context(settings: Settings, action: str, yes: bool) -> int:
+def _context(settings: Settings, action: str, yes: bool, as_json: bool = False) -> int:
     if action == "create":
         client = _aspose(settings)  # no context ID is needed to create one
         try:
@@ -273,7 +299,12 @@ def _context(settings: Settings, action: str, yes: bool) -> int:
     client = _aspose(settings)
     try:
         if action == "status":
-            print(client.status())
+            answer = client.status()
+            if as_json:
+                context_id = settings.context.context_id
+                jsonout.emit({"context_id": context_id, "status": answer})
+            else:
+                print(answer)
         elif not yes:
             print(
                 f"featsync: this deletes search context {settings.context.context_id!r} "

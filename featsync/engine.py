@@ -312,7 +312,12 @@ class Engine:
         policy = self.policy(confirm_deletes, held, started_wall, pending_gone)
         p = plan(snapshot, rows, policy, started_wall)
         if snapshot.root_state is not RootState.OK:
-            log.error("folder_unavailable", folder=snapshot.root, state=snapshot.root_state.value)
+            log.error(
+                "folder_unavailable",
+                folder=snapshot.root,
+                state=snapshot.root_state.value,
+                fix=f"mount or create it, or set [sync] folder in {self.settings.config_path}",
+            )
         if p.withheld:
             log.warning("deletes_withheld", count=len(p.withheld), reason=p.withheld_reason)
         updates = p.count(Kind.UPDATE)

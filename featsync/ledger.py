@@ -40,7 +40,7 @@ from featsync.schema import (
     metadata,
     quick_cache,
 )
-from featsync.sqlitefiles import read_only_uri, waits_when_locked
+from featsync.sqlitefiles import folder_missing, read_only_uri, waits_when_locked
 
 _IN_CHUNK = 500  # image IDs per IN (...) query, well below any database's parameter limit
 BUSY_TIMEOUT_MS = 10_000  # SQLite waits this long for a lock within one statement
@@ -69,7 +69,7 @@ class SqlLedger(LedgerMemory, LedgerReports, LedgerReview, LedgerRetries):
         if read_only and self._open_read_only(url):
             return
         try:
-            self.engine: Engine = sa.create_engine(url)
+            self.engine: Engine = _create_engine(url)
             self.caches_quick_keys = self.engine.dialect.name == "sqlite"
             if self.engine.dialect.name == "sqlite":
                 sa.event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -611,6 +611,46 @@ class SqlLedger(LedgerMemory, LedgerReports, LedgerReview, LedgerRetries):
     def record_cycle(self, **fields: Any) -> None:
         with self._tx() as conn:
             conn.execute(cycles.insert().values(**fields))
+
+
+# The database driver SQLAlchemy imports for a URL, and the package that brings it
+DRIVER_PACKAGES = {
+    "psycopg2": "psycopg2-binary",
+    "psycopg": "psycopg[binary]",
+    "asyncpg": "asyncpg",
+    "pg8000": "pg8000",
+    "pymysql": "PyMySQL",
+    "MySQLdb": "mysqlclient",
+    "mysql": "mysql-connector-python",
+    "mariadb": "mariadb",
+    "oracledb": "oracledb",
+    "cx_Oracle": "cx_Oracle",
+    "pyodbc": "pyodbc",
+    "pymssql": "pymssql",
+}
+
+
+def _create_engine(url: str) -> Engine:
+    """sa.create_engine, with a missing database driver said as such: which ledger,
+    which module, and the package that brings it (SQLAlchemy itself raises a bare
+    ModuleNotFoundError)."""
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
+        missing = folder_missing(
+            f"ledger {url}", u.database, "[ledger] url"
+        )  # no password in SQLite's
+        if missing is not None:
+            raise missing
+    try:
+        return sa.create_engine(url)
+    except ImportError as exc:
+        where = make_url(url).render_as_string(hide_password=True)
+        module = (exc.name or "").split(".")[0] or "?"
+        package = DRIVER_PACKAGES.get(module, module)
+        raise Fatal(
+            f"ledger {where}: its database driver, the Python module {module!r}, is not "
+            f"installed; install it (`pip install '{package}'`) or use an sqlite:/// ledger"
+        ) from None
 
 
 def _reason(exc: sa.exc.SQLAlchemyError) -> str:

@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from featsync import jsonout
 from featsync.backup_worker import Backups
 from featsync.backups import Backup, BackupStore, match
 from featsync.config import Settings
@@ -103,7 +104,7 @@ def history(settings: Settings, image_id: str, as_json: bool) -> int:
         out.append(
             {
                 "version": h["version"],
-                "at": h["at"],
+                "at": h["at"],  # made ISO 8601 for --json below
                 "action": h["action"],
                 "hash": h["digest"],
                 "features_count": h["features_count"],
@@ -116,8 +117,10 @@ def history(settings: Settings, image_id: str, as_json: bool) -> int:
     # before a lost ledger, or the new features of a retried update that had landed.
     strays = [b.as_json() for b in seen.others]
     if as_json:
-        doc = {"image_id": image_id, "versions": out, "other_backups": strays}
-        print(json.dumps(doc, indent=2, ensure_ascii=False))
+        versions = [{**v, "at": jsonout.iso(v["at"])} for v in out]
+        others = [{**b, "taken_at": jsonout.iso(b["taken_at"])} for b in strays]
+        doc = {"image_id": image_id, "versions": versions, "other_backups": others}
+        jsonout.emit(doc)
         return EXIT_OK
     for v in out:
         count = "-" if v["features_count"] is None else f"{v['features_count']} features"

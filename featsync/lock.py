@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from sqlalchemy.engine import make_url
 
 from featsync.errors import Fatal
+from featsync.sqlitefiles import folder_missing
 
 # struct flock: l_type, l_whence, l_start, l_len, l_pid and the tail padding (native
 # alignment: 32 bytes on x86-64 and arm64; the kernel writes the answer back into it)
@@ -59,6 +60,7 @@ class SyncLock:
         db = u.database
         file_db = u.get_backend_name() == "sqlite" and db and db != ":memory:"
         self.path = f"{db}.lock" if file_db else None
+        self._ledger = f"ledger {u.render_as_string(hide_password=True)}"
         self.role = role  # written beside the pid: "daemon", "reconcile", "verify --repair"
         self._fd: int | None = None
 
@@ -73,7 +75,12 @@ class SyncLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise Fatal(f"cannot open lock file {self.path!r}: {exc.strerror}") from None
+            missing = folder_missing(self._ledger, self.path, "[ledger] url")
+            if missing is not None:
+                raise missing from None
+            raise Fatal(
+                f"{self._ledger}: cannot open its lock file {self.path!r}: {exc.strerror}"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # Ours alone now (no syncing process gets past the flock): who we are is

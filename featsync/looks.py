@@ -4,10 +4,10 @@ it returns an exit code: 0 in step, 1 not (failures, withheld deletes, never syn
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
+from featsync import jsonout
 from featsync.config import Settings
 
 EXIT_OK, EXIT_NOT_IN_STEP, EXIT_FATAL = 0, 1, 2
@@ -31,13 +31,31 @@ def status(settings: Settings, as_json: bool) -> int:
     finally:
         ledger.close()
     if as_json:
-        print(json.dumps(data, indent=2, ensure_ascii=False))
+        jsonout.emit(_as_json(data))
     else:
         print("\n".join(_status_lines(data)))
     last = data["last_cycle"]
     held_back = last is not None and (last["withheld_deletes"] or not last["complete"])
     held_back = held_back or bool(data["withheld_deletes"]) or last is None  # never synced
     return EXIT_NOT_IN_STEP if data["failures"] or held_back else EXIT_OK
+
+
+def _as_json(data: dict[str, Any]) -> dict[str, Any]:
+    """Numbers as numbers, times as ISO 8601 (README: "JSON for scripts")."""
+    pid = data["syncing_pid"]
+    out = {**data, "syncing_pid": int(pid) if pid and pid.isdigit() else None}
+    out["syncing"] = pid is not None  # a holder whose pid could not be read is still one
+    out["failures"] = [
+        {**f, "next_attempt_at": jsonout.iso(f["next_attempt_at"])} for f in data["failures"]
+    ]
+    c = data["last_cycle"]
+    if c is not None:
+        out["last_cycle"] = {
+            **c,
+            "started_at": jsonout.iso(c["started_at"]),
+            "finished_at": jsonout.iso(c["finished_at"]),
+        }
+    return out
 
 
 def when(ts: float | None) -> str:

@@ -33,6 +33,15 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+def folder_missing(what: str, path: str, key: str) -> Fatal | None:
+    """The error to raise when the folder an SQLite file (or its lock file) is to be made
+    in does not exist: it names the file the user configured, not a file beside it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(folder):
+        return None
+    return Fatal(f"{what}: its folder {folder!r} does not exist; create it, or fix {key}")
+
+
 def _busy(exc: BaseException) -> bool:
     """Whether `exc` (or what it wraps) is SQLite's "database is locked" / "busy"."""
     while exc is not None:

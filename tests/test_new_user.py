@@ -1,0 +1,158 @@
+"""Small things a new user meets first, each tried the way a new user tries it: a typo
+in the config, a pipe into `head`, a terminal, a database driver not installed, and
+what scripts read (`--json`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import Server, Workspace
+from tests.test_cli import featsync, json_lines
+from tests.tty import run_on_tty
+
+
+def _iso_with_zone(text: object) -> bool:
+    assert isinstance(text, str), text
+    return dt.datetime.fromisoformat(text).tzinfo is not None
+
+
+def test_a_missing_folder_names_the_config_key_to_fix(ws: Workspace) -> None:
+    ws.write_config(sync={"folder": "imgaes"})  # a typo
+    r = featsync("reconcile", cwd=ws.base)
+    assert r.returncode == 1, r.stderr
+    [event] = [e for e in json_lines(r.stderr) if e["event"] == "folder_unavailable"]
+    assert event["state"] == "missing" and event["folder"] == str(ws.base / "imgaes")
+    assert "[sync] folder" in event["fix"] and str(ws.config_path) in event["fix"]
+
+
+@pytest.mark.parametrize(
+    ("url", "module", "package"),
+    [
+        ("postgresql://sync:hunter2@db.example/featsync", "psycopg", "psycopg[binary]"),
+        ("postgresql+psycopg2://sync:hunter2@db.example/featsync", "psycopg2", "psycopg2-binary"),
+        ("mysql+pymysql://sync:hunter2@db.example/featsync", "pymysql", "PyMySQL"),
+    ],
+)
+@pytest.mark.parametrize("command", ["reconcile", "status", "run"])
+def test_a_ledger_whose_driver_is_missing_exits_2_naming_the_package(
+    ws: Workspace, url: str, module: str, package: str, command: str
+) -> None:
+    if importlib.util.find_spec(module) is not None:
+        pytest.skip(f"{module} is installed here: the missing driver cannot be shown")
+    ws.image("a.jpg", 1)
+    ws.write_config(sync={"folder": "images"}, ledger={"url": url})
+    r = featsync(command, cwd=ws.base)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"'{module}'" in r.stderr and f"pip install '{package}'" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert "hunter2" not in r.stdout + r.stderr  # the password never shows
+
+
+@pytest.mark.parametrize("command", [("reconcile",), ("run",), ("retry", "--all")])
+def test_a_ledger_in_a_missing_folder_names_the_ledger_not_its_lock_file(
+    ws: Workspace, command: tuple[str, ...]
+) -> None:
+    ws.image("a.jpg", 1)
+    ws.write_config(sync={"folder": "images"}, ledger={"url": "sqlite:///state/ledger.db"})
+    r = featsync(*command, cwd=ws.base)
+    assert r.returncode == 2, r.stdout + r.stderr
+    said = r.stderr.strip().splitlines()[-1]
+    assert said.startswith("featsync: ledger sqlite:///") and "ledger.db" in said, said
+    assert f"{ws.base / 'state'}' does not exist" in said and "[ledger] url" in said
+    assert ".lock" not in r.stderr
+    assert not (ws.base / "state").exists()  # nothing made on a guess
+
+
+def test_features_add_of_an_id_already_there_exits_1_like_other_per_image_failures(
+    ws: Workspace,
+) -> None:
+    ws.image("a.jpg", 1)
+    assert featsync("reconcile", cwd=ws.base).returncode == 0
+    r = featsync("features", "add", "a.jpg", "--file", str(ws.images / "a.jpg"), cwd=ws.base)
+    assert r.returncode == 1, r.stderr
+    assert "a.jpg" in r.stderr and "already exist" in r.stderr
+    missing = featsync(
+        "features", "update", "nope.jpg", "--file", str(ws.images / "a.jpg"), cwd=ws.base
+    )
+    assert missing.returncode == 1, missing.stderr  # the other per-image miss, as before
+
+
+def test_features_get_into_a_closed_pipe_ends_quietly(ws: Workspace) -> None:
+    """`featsync features get ID | head -1`: the reader goes away before featsync is
+    done writing. Made certain here: the pipe's reading end is closed before featsync
+    even starts, so its first write fails, whatever the record's size or the timing."""
+    ws.image("a.jpg", 1)
+    assert featsync("reconcile", cwd=ws.base).returncode == 0
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "featsync", "features", "get", "a.jpg"],
+            cwd=ws.base,
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(writer)
+    assert r.stderr == ""  # no traceback, no "Exception ignored" at exit
+    assert r.returncode == 141  # 128 + SIGPIPE, as `cat` ends
+
+
+def test_a_fatal_error_is_said_once_on_a_terminal_and_as_json_off_it(ws: Workspace) -> None:
+    ws.image("a.jpg", 1)
+    ws.write_config(sync={"folder": "images"}, ledger={"url": "sqlite:///state/ledger.db"})
+    code, screen = run_on_tty("reconcile", cwd=ws.base)
+    assert code == 2, screen
+    assert screen.count("does not exist") == 1, screen
+    assert screen.count("featsync: ledger ") == 1, screen  # the plain line, and no log event
+    off = featsync("reconcile", cwd=ws.base)  # journald, cron: the event and the plain line
+    assert [e["event"] for e in json_lines(off.stderr)] == ["fatal_error"]
+    assert off.stderr.strip().splitlines()[-1].startswith("featsync: ledger ")
+
+
+def test_status_and_history_json_have_numbers_and_iso_times(ws: Workspace) -> None:
+    ws.image("a.jpg", 1)
+    (ws.images / "bad.jpg").write_bytes(b"not an image")
+    assert featsync("reconcile", cwd=ws.base).returncode == 1
+    status = json.loads(featsync("status", "--json", cwd=ws.base).stdout)
+    assert status["syncing_pid"] is None and status["syncing"] is False
+    assert status["counts"]["synced"] == 1 and isinstance(status["counts"]["synced"], int)
+    [failure] = status["failures"]
+    assert failure["image_id"] == "bad.jpg" and isinstance(failure["attempts"], int)
+    assert _iso_with_zone(failure["next_attempt_at"])
+    cycle = status["last_cycle"]
+    assert _iso_with_zone(cycle["started_at"]) and _iso_with_zone(cycle["finished_at"])
+    assert isinstance(cycle["duration_ms"], float) and cycle["added"] == 1
+    hist = json.loads(featsync("history", "a.jpg", "--json", cwd=ws.base).stdout)
+    [v1] = hist["versions"]
+    assert v1["version"] == 1 and v1["action"] == "add" and _iso_with_zone(v1["at"])
+    assert isinstance(v1["features_count"], int) and v1["features_count"] > 0
+
+
+def test_retry_json_says_what_will_be_tried_and_what_was_not_failed(ws: Workspace) -> None:
+    (ws.images / "bad.jpg").write_bytes(b"not an image")
+    ws.image("a.jpg", 1)
+    featsync("reconcile", cwd=ws.base)
+    r = featsync("retry", "bad.jpg", "a.jpg", "--json", cwd=ws.base)
+    assert r.returncode == 1, r.stderr  # a.jpg is not a failed image
+    assert json.loads(r.stdout) == {"retry": ["bad.jpg"], "count": 1, "not_failed": ["a.jpg"]}
+
+
+def test_context_status_json_through_featsync_serve(ws: Workspace, server: Server) -> None:
+    from tests.test_aspose import CREDS, use_server
+
+    context_id = use_server(ws, server)
+    r = featsync("context", "status", "--json", cwd=ws.base, env=CREDS)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"context_id": context_id, "status": "Idle"}
+    assert CREDS["FEATSYNC_CLIENT_SECRET"] not in r.stdout + r.stderr
