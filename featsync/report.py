@@ -1,0 +1,249 @@
+"""`featsync report`: what the ledger, the backups and (with --probe / --duplicates)
+the search context say about the sync, as a readable summary, as JSON (every figure)
+or as one self-contained HTML page (featsync.report_html).
+
+Read-only: the ledger and the backups are opened read-only, the context only searched;
+the sync lock is never taken, so a report runs beside a daemon or a reconcile.
+
+Exit codes: 0 nothing needs attention; 1 images are failing, deletes are withheld, or a
+probe found images that do not find themselves (featsync.looks: "not in step");
+2 a bad config or a fatal error.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from featsync import jsonout
+from featsync.config import Settings
+from featsync.looks import EXIT_NOT_IN_STEP, EXIT_OK, when
+from featsync.report_data import gather
+from featsync.report_files import Folder
+
+PROBE_MAX_BYTES = 64 * 1024 * 1024  # a probe or a thumbnail reads no bigger file
+DUPLICATES_THRESHOLD = 80.0  # percent similarity, the default of --duplicates
+
+
+def folder_of(settings: Settings) -> Folder:
+    from featsync.wiring import scan_rules
+
+    return Folder(scan_rules(settings), PROBE_MAX_BYTES)
+
+
+def build(
+    settings: Settings, probe_n: int | None, duplicates: float | None, log: Any = None
+) -> dict[str, Any]:
+    """Every figure of the report (times as Unix seconds)."""
+    from featsync.ledger import SqlLedger
+    from featsync.lock import SyncLock
+
+    ledger = SqlLedger(settings.ledger.url, read_only=True)
+    try:
+        data = gather(ledger, settings.backup.path, settings.sync.min_features)
+        picked = None
+        if probe_n:
+            from featsync.report_probe import sample
+
+            picked = sample(ledger, probe_n)
+    finally:
+        ledger.close()
+    data.update(
+        generated_at=time.time(),
+        folder=settings.sync.folder,
+        context_kind=settings.context.kind,
+        syncing_pid=SyncLock(settings.ledger.url).holder(),
+        probe=None,
+        duplicates=None,
+    )
+    if picked is not None or duplicates is not None:
+        from featsync import report_probe
+        from featsync.wiring import open_context
+
+        context = open_context(settings, log, read_only=True)
+        try:
+            if picked is not None:
+                data["probe"] = report_probe.probe(context, folder_of(settings), picked)
+            if duplicates is not None:
+                data["duplicates"] = report_probe.duplicates(context, duplicates)
+        finally:
+            context.close()
+    return data
+
+
+def exit_code(data: dict[str, Any]) -> int:
+    probe = data["probe"]
+    lost = probe is not None and bool(probe["not_finding_themselves"])
+    needs = data["totals"]["failed"] or data["totals"]["withheld"] or lost
+    return EXIT_NOT_IN_STEP if needs else EXIT_OK
+
+
+_TIMES = frozenset(
+    {"at", "failed_at", "next_attempt_at", "generated_at", "last_marked_at", "last_verify_at"}
+    | {"started_at", "finished_at"}
+)
+
+
+def as_json(value: Any, key: str = "") -> Any:
+    """The report with its times in ISO 8601 (featsync.jsonout.iso)."""
+    if isinstance(value, dict):
+        return {k: as_json(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [as_json(v) for v in value]
+    if key in _TIMES and isinstance(value, int | float) and not isinstance(value, bool):
+        return jsonout.iso(float(value))
+    return value
+
+
+def cost_note(data: dict[str, Any]) -> str:
+    """What a probe costs, in words."""
+    p = data["probe"]
+    if data["context_kind"] == "aspose":
+        return (
+            f"{p['find_calls']} find call(s) against the Aspose context (each one API "
+            f"call, billed as such), {p['seconds']:.1f} s"
+        )
+    each = p["seconds"] / p["find_calls"] if p["find_calls"] else 0.0
+    return (
+        f"{p['find_calls']} find call(s) against the embedded context, {p['seconds']:.1f} s "
+        f"({each:.2f} s a call: each compares the query with every stored image)"
+    )
+
+
+def lines(data: dict[str, Any], shown: int = 10) -> list[str]:
+    t = data["totals"]
+    pid = data["syncing_pid"]
+    out = [
+        f"folder: {data['folder']}",
+        f"context: {data['context_identity'] or 'not recorded yet'} ({data['context_kind']})",
+        f"syncing: {'pid ' + pid + ' (a daemon or a reconcile)' if pid else 'no process now'}",
+        f"images: {t['synced']} synced ({t['weak']} weak), {t['failed']} failed, "
+        f"{t['withheld']} withheld deletes, {t['deleted']} deleted",
+    ]
+    c = data["last_cycle"]
+    out.append(
+        "last full cycle: never"
+        if c is None
+        else f"last full cycle: {when(c['finished_at'])}: {c['added']} added, "
+        f"{c['updated']} updated, {c['deleted']} deleted, {c['failed']} failed"
+        + ("" if c["complete"] else " (scan incomplete)")
+    )
+    v = data["verify"]
+    drift = ", ".join(f"{n} {k}" for k, n in sorted(v["drift_by_kind"].items())) or "none"
+    out.append(
+        f"verify: drift found and not yet mended: {drift}"
+        + (f" (newest marked {when(v['last_marked_at'])})" if v["last_marked_at"] else "")
+        + "; the ledger keeps no time of a verify that found nothing"
+    )
+    f = data["features"]
+    if f["images"]:
+        out.append(
+            f"features per image ({f['images']} synced images): min {f['min']}, "
+            f"p5 {f['p5']}, median {f['median']}, p95 {f['p95']}, max {f['max']}"
+        )
+    out += _listed(
+        f"weak (below min_features {data['min_features']}), worst first",
+        [f"{w['image_id']}: {w['features_count']} features" for w in data["weak"]],
+        shown,
+    )
+    d = data["drops"]
+    out += _listed(
+        f"biggest drops in features between versions ({d['images_with_a_drop']} images)",
+        [
+            f"{x['image_id']}: {x['from_count']} -> {x['to_count']} "
+            f"(v{x['from_version']} -> v{x['to_version']}, {when(x['at'])})"
+            for x in d["worst"]
+        ],
+        shown,
+    )
+    u = data["last_update_changes"]
+    out += _listed(
+        f"changed most on their last update ({u['compared']} of {u['updated_images']} "
+        "updated images have the backup to compare)",
+        [
+            f"{x['image_id']}: {x['before']} -> {x['after']} features ({x['change']:+d})"
+            for x in u["worst"]
+        ],
+        shown,
+    )
+    out += _listed(
+        "failing",
+        [
+            f"{x['image_id']}: {x['error']} (tries {x['attempts']}, next try "
+            f"{when(x['next_attempt_at'])})"
+            for x in data["failures"]
+        ],
+        shown,
+    )
+    e = data["exact_duplicates"]
+    out += _listed(
+        f"exact duplicates ({e['groups']} contents under {e['images']} image IDs)",
+        [", ".join(g["image_ids"]) for g in e["list"]],
+        shown,
+    )
+    out += _probe_lines(data, shown)
+    out += _activity_lines(data, shown)
+    return out
+
+
+def _listed(title: str, items: list[str], shown: int) -> list[str]:
+    if not items:
+        return [f"{title}: none"]
+    more = f"  ... and {len(items) - shown} more (--json lists them)" if len(items) > shown else ""
+    return [f"{title}:"] + [f"  {i}" for i in items[:shown]] + ([more] if more else [])
+
+
+def _probe_lines(data: dict[str, Any], shown: int) -> list[str]:
+    out: list[str] = []
+    p = data["probe"]
+    if p is not None:
+        o = p["outcomes"]
+        out.append(
+            f"probe of {p['asked']} images: {o.get('found_first', 0)} find themselves first, "
+            f"{o.get('found_lower', 0)} ranked lower, {o.get('not_found', 0)} not found, "
+            f"{o.get('changed', 0)} changed since their sync, "
+            f"{o.get('unreadable', 0) + o.get('error', 0)} not searched; cost: {cost_note(data)}"
+        )
+        out += _listed(
+            "do not find themselves (might need feature updates)",
+            [
+                f"{x['image_id']}: "
+                + (
+                    "not among the results"
+                    if x["rank"] is None
+                    else f"rank {x['rank']}, similarity {x['similarity']}"
+                )
+                + _first(x)
+                for x in p["not_finding_themselves"]
+            ],
+            shown,
+        )
+        changed = [x for x in p["images"] if x["outcome"] in ("changed", "unreadable", "error")]
+        out += [f"  not searched: {x['image_id']}: {x['reason']}" for x in changed[:shown]]
+    dup = data["duplicates"]
+    if dup is not None:
+        out += _listed(
+            f"near-duplicate groups at {dup['threshold']:g}% ({len(dup['groups'])}, "
+            f"one find-duplicates call, {dup['seconds']:.1f} s)",
+            [", ".join(f"{m['image_id']} ({m['similarity']})" for m in g) for g in dup["groups"]],
+            shown,
+        )
+    return out
+
+
+def _first(x: dict[str, Any]) -> str:
+    top = x["top"]
+    return "" if top is None else f"; first: {top['image_id']} ({top['similarity']})"
+
+
+def _activity_lines(data: dict[str, Any], shown: int) -> list[str]:
+    days = data["activity"]
+    return _listed(
+        "activity per day (UTC; failed: failed actions in full cycles)",
+        [
+            f"{d['day']}: {d['added']} added, {d['updated']} updated, {d['deleted']} deleted, "
+            f"{d['failed']} failed"
+            for d in days[-shown:]
+        ],
+        shown,
+    )

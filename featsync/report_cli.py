@@ -1,0 +1,112 @@
+"""`featsync report` on the command line: its parser and its run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from typing import Any
+
+from featsync import jsonout, logs
+from featsync.config import Settings
+from featsync.errors import Fatal
+from featsync.report import DUPLICATES_THRESHOLD, as_json, build, exit_code, lines
+
+PROBE_MAX = 100_000  # --probe N at most
+
+
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    rep = sub.add_parser(
+        "report",
+        parents=[common],
+        help="a report on the sync: totals, features, weak, failing, duplicates, activity",
+        description="Report what the ledger and the backups say: totals by state, the "
+        "context, the last full cycle and the drift verify found; the features per image "
+        "and the weak images; the biggest drops in features between versions and the "
+        "biggest changes on last updates; failing images; exact duplicates; activity per "
+        "day. --probe N searches the context for N random images with their own files "
+        "(N find calls: against Aspose, N API calls); --duplicates asks the context for "
+        "near-duplicate groups (one call; the embedded context compares every pair, "
+        "slow past a few hundred images). Read-only: it never takes the sync lock. "
+        "Exit 0 nothing needs attention; 1 images are failing, deletes are withheld or "
+        "probed images do not find themselves; 2 a bad config or a fatal error.",
+    )
+    rep.add_argument("--json", action="store_true", help="print every figure as JSON")
+    rep.add_argument("--html", metavar="FILE", help="write a self-contained HTML page to FILE")
+    rep.add_argument(
+        "--probe", type=_probe_size, metavar="N", help="search for N random images (N calls)"
+    )
+    rep.add_argument(
+        "--duplicates",
+        nargs="?",
+        const=DUPLICATES_THRESHOLD,
+        type=_percent,
+        metavar="PERCENT",
+        help=f"near-duplicate groups at this similarity (default {DUPLICATES_THRESHOLD:g})",
+    )
+
+
+def _probe_size(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= PROBE_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to {PROBE_MAX}")
+    return n
+
+
+def _percent(text: str) -> float:
+    try:
+        p = float(text)
+    except ValueError:
+        p = -1.0
+    if not 0 <= p <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a similarity from 0 to 100")
+    return p
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    data = build(settings, args.probe, args.duplicates, logs.get())
+    if args.html:
+        from featsync.report_html import page
+
+        write_page(args.html, page(settings, data))
+    if args.json:
+        jsonout.emit(as_json(data))
+    else:
+        print("\n".join(printable(x) for x in lines(data)))
+        if args.html:
+            print(f"report written to {args.html}")
+    return exit_code(data)
+
+
+def write_page(path: str, text: str) -> None:
+    """Write the page whole or not at all (a temporary file beside it, renamed)."""
+    where = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".featsync-report-", suffix=".tmp", dir=where)
+    except OSError as exc:
+        raise Fatal(f"--html {path!r}: cannot write there: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as exc:
+        os.unlink(tmp)
+        raise Fatal(f"--html {path!r}: cannot write it: {exc.strerror or exc}") from None
+
+
+def _umask() -> int:
+    from featsync.backups import current_umask
+
+    return current_umask()
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped: nothing from a file name, an ID or an
+    error colours the terminal or forges a line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -1,0 +1,351 @@
+"""What `featsync report` reads from the ledger and the backups: totals, the features
+distribution, weak and failing images, drops in features between versions, the last
+updates' changes, exact duplicates and the activity per day. Read-only: its own SELECTs
+over the ledger's engine (opened read-only by the caller) and the backups' store opened
+read-only; nothing is written, no lock is taken. Times stay Unix seconds here
+(featsync.report turns them into ISO 8601 for --json)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from featsync.backups import Backup, BackupStore, match
+from featsync.model import Kind, State
+from featsync.schema import cycles, history, images
+
+if TYPE_CHECKING:
+    from featsync.ledger import SqlLedger
+
+LISTED = 50  # rows per list (drops, changes): the worst; the totals count them all
+SENT = (Kind.ADD.value, Kind.UPDATE.value)
+
+
+def percentile(ordered: Sequence[int], p: float) -> int | None:
+    """The nearest-rank percentile of sorted values (None when there are none)."""
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def histogram(values: Sequence[int], bins: int = 20) -> list[dict[str, int]]:
+    """Equal-width bins [low, high) over the values (the last bin includes its top)."""
+    if not values:
+        return []
+    low, high = min(values), max(values)
+    width = max(1, math.ceil((high - low + 1) / bins))
+    counts: dict[int, int] = {}
+    for v in values:
+        counts[(v - low) // width] = counts.get((v - low) // width, 0) + 1
+    n = (high - low) // width + 1
+    return [
+        {"low": low + i * width, "high": low + (i + 1) * width, "count": counts.get(i, 0)}
+        for i in range(n)
+    ]
+
+
+def distribution(counts: Sequence[int]) -> dict[str, Any]:
+    ordered = sorted(counts)
+    return {
+        "images": len(ordered),
+        "min": ordered[0] if ordered else None,
+        "p5": percentile(ordered, 5),
+        "median": percentile(ordered, 50),
+        "p95": percentile(ordered, 95),
+        "max": ordered[-1] if ordered else None,
+        "mean": round(sum(ordered) / len(ordered), 1) if ordered else None,
+        "histogram": histogram(ordered),
+    }
+
+
+def day_of(ts: float) -> str:
+    """The UTC day of a Unix time, "2026-12-02"."""
+    return dt.datetime.fromtimestamp(ts, dt.UTC).date().isoformat()
+
+
+def gather(ledger: SqlLedger, backup_path: str, min_features: int) -> dict[str, Any]:
+    """Every figure the ledger and the backups give (no context, no files)."""
+    counts = ledger.counts(min_features)
+    withheld = ledger.withheld_ids()
+    failed, marks = ledger.in_flux()
+    with ledger.engine.connect() as conn:
+        synced = conn.execute(
+            sa.select(images.c.image_id, images.c.features_count, images.c.relpath).where(
+                images.c.state == State.SYNCED.value
+            )
+        ).all()
+        data: dict[str, Any] = {
+            "failures": _failures(conn),
+            "exact_duplicates": _exact_duplicates(conn),
+            "activity": _activity(conn),
+            "verify": _verify(conn, marks, ledger.review_cursor()),
+        }
+        drops, updated = _drops(conn)
+        last_updates = _last_updates(conn)
+    known = [int(r[1]) for r in synced if r[1] is not None]
+    weak = sorted(
+        (r for r in synced if r[1] is not None and r[1] < min_features),
+        key=lambda r: (r[1], r[0]),
+    )
+    data.update(
+        totals={
+            "synced": counts.get(State.SYNCED.value, 0),
+            "weak": counts.get("weak", 0),
+            "failed": counts.get(State.FAILED.value, 0),
+            "withheld": len(withheld),
+            "deleted": counts.get(State.DELETED.value, 0),
+            "drift_marks": marks,
+            "features_unknown": len(synced) - len(known),
+        },
+        context_identity=ledger.context_identity(),
+        last_cycle=ledger.last_cycle(),
+        min_features=min_features,
+        features=distribution(known),
+        weak=[{"image_id": r[0], "features_count": r[1], "relpath": r[2]} for r in weak],
+        withheld_deletes=sorted(withheld),
+        drops={"images_with_a_drop": updated, "worst": drops},
+    )
+    data["last_update_changes"], data["backups"] = _backup_changes(backup_path, last_updates)
+    data["verify"]["failed_rows"] = failed
+    return data
+
+
+def _failures(conn: sa.Connection) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        sa.select(
+            images.c.image_id,
+            images.c.last_error,
+            images.c.error_kind,
+            images.c.attempts,
+            images.c.next_attempt_at,
+            images.c.failed_action,
+            images.c.updated_at,
+            images.c.relpath,
+        )
+        .where(images.c.state == State.FAILED.value)
+        .order_by(images.c.attempts.desc(), images.c.image_id)
+    ).all()
+    return [
+        {
+            "image_id": r.image_id,
+            "error": r.last_error,
+            "error_kind": r.error_kind,
+            "attempts": r.attempts,
+            "next_attempt_at": r.next_attempt_at,
+            "action": r.failed_action,
+            "failed_at": r.updated_at,
+            "relpath": r.relpath,
+        }
+        for r in rows
+    ]
+
+
+def _exact_duplicates(conn: sa.Connection) -> dict[str, Any]:
+    """One content hash under several image IDs that the context holds (synced rows)."""
+    shared = (
+        sa.select(images.c.digest)
+        .where(images.c.state == State.SYNCED.value, images.c.digest != "")
+        .group_by(images.c.digest)
+        .having(sa.func.count() > 1)
+    )
+    rows = conn.execute(
+        sa.select(images.c.digest, images.c.image_id)
+        .where(images.c.state == State.SYNCED.value, images.c.digest.in_(shared))
+        .order_by(images.c.digest, images.c.image_id)
+    ).all()
+    groups: dict[str, list[str]] = {}
+    for digest, image_id in rows:
+        groups.setdefault(digest, []).append(image_id)
+    ordered = sorted(groups.items(), key=lambda g: (-len(g[1]), g[1][0]))
+    return {
+        "groups": len(ordered),
+        "images": sum(len(ids) for ids in groups.values()),
+        "extra_copies": sum(len(ids) - 1 for ids in groups.values()),
+        "list": [{"hash": d, "image_ids": ids} for d, ids in ordered],
+    }
+
+
+def _activity(conn: sa.Connection) -> list[dict[str, Any]]:
+    """Per UTC day: adds, updates, deletes (history), and failed actions (the full
+    cycles' counts: an image failing in three cycles counts three times)."""
+    days: dict[str, dict[str, Any]] = {}
+
+    def day(ts: float) -> dict[str, Any]:
+        d = day_of(ts)
+        if d not in days:
+            days[d] = {"day": d, "added": 0, "updated": 0, "deleted": 0, "failed": 0}
+        return days[d]
+
+    names = {Kind.ADD.value: "added", Kind.UPDATE.value: "updated", Kind.DELETE.value: "deleted"}
+    for action, at in conn.execute(sa.select(history.c.action, history.c.at)):
+        if action in names:
+            day(at)[names[action]] += 1
+    for finished, failed in conn.execute(sa.select(cycles.c.finished_at, cycles.c.failed)):
+        if failed:
+            day(finished)["failed"] += int(failed)
+    return [days[d] for d in sorted(days)]
+
+
+def _verify(conn: sa.Connection, marks: int, cursor: str) -> dict[str, Any]:
+    """What the last verify or review left in the ledger: its drift marks not yet mended
+    (and when the newest was made) and the daemon's review cursor. The ledger keeps no
+    time of a verify that found nothing."""
+    from featsync.ledger_review import MARK_PREFIX
+
+    rows = conn.execute(
+        sa.select(images.c.image_id, images.c.last_error, images.c.updated_at)
+        .where(
+            images.c.state == State.FAILED.value,
+            images.c.error_kind == "unknown",
+            images.c.last_error.startswith(MARK_PREFIX),
+        )
+        .order_by(images.c.updated_at.desc(), images.c.image_id)
+    ).all()
+    kinds: dict[str, int] = {}
+    for r in rows:
+        kind = str(r.last_error)[len(MARK_PREFIX) :].split(":", 1)[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return {
+        "drift_marks": marks,
+        "drift_by_kind": kinds,
+        "last_marked_at": rows[0].updated_at if rows else None,
+        "marked": [{"image_id": r.image_id, "drift": r.last_error} for r in rows[:LISTED]],
+        "review_cursor": cursor or None,
+        "last_verify_at": None,  # not recorded by the ledger (see the docstring)
+    }
+
+
+def _drops(conn: sa.Connection) -> tuple[list[dict[str, Any]], int]:
+    """The biggest drops in features count from one sent version of an image to its
+    next (history), worst first; and how many images had any."""
+    result = conn.execute(
+        sa.select(history.c.image_id, history.c.version, history.c.features_count, history.c.at)
+        .where(history.c.action.in_(SENT), history.c.features_count.is_not(None))
+        .order_by(history.c.image_id, history.c.version)
+    )
+    worst: list[dict[str, Any]] = []
+    images_with_a_drop: set[str] = set()
+    before: tuple[str, int, int] | None = None
+    for image_id, version, count, at in result:
+        if before is not None and before[0] == image_id and count < before[2]:
+            images_with_a_drop.add(image_id)
+            worst.append(
+                {
+                    "image_id": image_id,
+                    "from_version": before[1],
+                    "to_version": version,
+                    "from_count": before[2],
+                    "to_count": count,
+                    "drop": before[2] - count,
+                    "at": at,
+                }
+            )
+            if len(worst) > 4 * LISTED:
+                worst = _worst_drops(worst)
+        before = (image_id, version, count)
+    return _worst_drops(worst), len(images_with_a_drop)
+
+
+def _worst_drops(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows.sort(key=lambda d: (-d["drop"], d["image_id"], d["to_version"]))
+    return rows[:LISTED]
+
+
+def _last_updates(conn: sa.Connection) -> dict[str, list[dict[str, Any]]]:
+    """The sent history of each synced image whose last change was an update."""
+    last = (
+        sa.select(history.c.image_id, sa.func.max(history.c.id).label("last_id"))
+        .group_by(history.c.image_id)
+        .subquery()
+    )
+    updated = (
+        sa.select(history.c.image_id)
+        .join(last, last.c.last_id == history.c.id)
+        .where(history.c.action == Kind.UPDATE.value)
+    )
+    result = conn.execute(
+        sa.select(
+            history.c.image_id,
+            history.c.version,
+            history.c.digest,
+            history.c.action,
+            history.c.features_count,
+            history.c.at,
+        )
+        .where(history.c.image_id.in_(updated), history.c.action.in_(SENT))
+        .order_by(history.c.image_id, history.c.id)
+    ).mappings()
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in result:
+        out.setdefault(r["image_id"], []).append(dict(r))
+    return out
+
+
+def _backup_changes(
+    backup_path: str, last_updates: dict[str, list[dict[str, Any]]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each last update's change in features count: the backup of the version before
+    (what the context held, kept just before the update) against the count the update
+    was recorded with; biggest relative change first. And the store's totals."""
+    store = BackupStore(backup_path, read_only=True)
+    try:
+        totals = store.totals()
+        records = _records(store, sorted(last_updates))
+    finally:
+        store.close()
+    changes: list[dict[str, Any]] = []
+    without = 0
+    for image_id, versions in last_updates.items():
+        new = versions[-1]
+        kept = match(versions[:-1], records.get(image_id, []))
+        old = kept.get(new["version"] - 1)
+        if old is None or new["features_count"] is None:
+            without += 1
+            continue
+        delta = new["features_count"] - old.features_count
+        changes.append(
+            {
+                "image_id": image_id,
+                "version": new["version"],
+                "at": new["at"],
+                "before": old.features_count,
+                "after": new["features_count"],
+                "change": delta,
+                "relative": round(delta / old.features_count, 4) if old.features_count else None,
+            }
+        )
+    changes.sort(
+        key=lambda c: (
+            -(math.inf if c["relative"] is None else abs(c["relative"])),
+            -abs(c["change"]),
+            c["image_id"],
+        )
+    )
+    return {
+        "updated_images": len(last_updates),
+        "compared": len(changes),
+        "without_backup": without,
+        "worst": changes[:LISTED],
+    }, totals
+
+
+def _records(store: BackupStore, image_ids: Iterable[str]) -> dict[str, list[Backup]]:
+    """The kept records (without features) of these image IDs, oldest first."""
+    out: dict[str, list[Backup]] = {}
+    ids = list(image_ids)
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        sql = (
+            "SELECT id, image_id, version, digest, reason, taken_at, features_count, size "  # noqa: S608 (only ? marks)
+            f"FROM backups WHERE image_id IN ({marks}) ORDER BY image_id, taken_at, id"
+        )
+        for row in store.cursor(sql, chunk):
+            b = Backup(*row)
+            out.setdefault(b.image_id, []).append(b)
+    return out

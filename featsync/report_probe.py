@@ -1,0 +1,129 @@
+"""Findability, `featsync report --probe N`: for N synced images picked at random, search
+the context with the image's own file and see whether it comes back first, and with
+what similarity. And the context's near-duplicate groups (`--duplicates`).
+
+A probe is not fooled: the file is read (featsync.report_files) and its SHA-256 must be
+the content hash the ledger synced; a file changed since (or gone, or unreadable) is
+reported as such and not searched for. An image "finds itself" when it is among the
+results with the top similarity (an exact duplicate, the same content under another
+ID, may tie with it). Costs: one find call per image searched (Aspose: one API call
+each; the embedded context compares the query with every stored image).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from featsync.errors import FeatsyncError
+from featsync.model import SearchContext, State
+from featsync.report_files import Folder, NotRead
+from featsync.schema import images
+
+if TYPE_CHECKING:
+    from featsync.ledger import SqlLedger
+
+PROBE_THRESHOLD = 0.0  # every image is a candidate: the rank is what is measured
+PROBE_RESULTS = 5  # results asked for besides the image's exact duplicates
+
+
+def sample(ledger: SqlLedger, n: int) -> list[dict[str, Any]]:
+    """N synced images at random: ID, relpath, content hash, and how many synced
+    images share that content."""
+    other = images.alias("other")
+    same = (
+        sa.select(sa.func.count())
+        .where(other.c.digest == images.c.digest, other.c.state == State.SYNCED.value)
+        .scalar_subquery()
+    )
+    with ledger.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(images.c.image_id, images.c.relpath, images.c.digest, same)
+            .where(images.c.state == State.SYNCED.value)
+            .order_by(sa.func.random())
+            .limit(n)
+        ).all()
+    return sorted(
+        ({"image_id": r[0], "relpath": r[1], "digest": r[2], "copies": int(r[3])} for r in rows),
+        key=lambda r: r["image_id"],
+    )
+
+
+def probe(context: SearchContext, folder: Folder, picked: list[dict[str, Any]]) -> dict[str, Any]:
+    """Search for each picked image with its own file; what came back."""
+    results: list[dict[str, Any]] = []
+    calls = 0
+    started = time.monotonic()
+    for p in picked:
+        one: dict[str, Any] = {"image_id": p["image_id"], "relpath": p["relpath"]}
+        results.append(one)
+        if not p["relpath"]:
+            one.update(outcome="unreadable", reason="the ledger has no path for it")
+            continue
+        try:
+            data = folder.read(p["relpath"])
+        except NotRead as exc:
+            one.update(outcome="unreadable", reason=str(exc))
+            continue
+        if hashlib.sha256(data).hexdigest() != p["digest"]:
+            one.update(outcome="changed", reason="the file changed since it was synced")
+            continue
+        calls += 1
+        try:
+            found = context.find_similar(
+                image=data, threshold=PROBE_THRESHOLD, max_count=PROBE_RESULTS + p["copies"]
+            )
+        except FeatsyncError as exc:
+            one.update(outcome="error", reason=str(exc))
+            continue
+        one.update(_judge(p["image_id"], [(r.image_id, r.similarity) for r in found]))
+    seconds = time.monotonic() - started
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+    return {
+        "asked": len(picked),
+        "find_calls": calls,
+        "seconds": round(seconds, 3),
+        "outcomes": counts,
+        "images": results,
+        "not_finding_themselves": [
+            r for r in results if r["outcome"] in ("not_found", "found_lower")
+        ],
+    }
+
+
+def _judge(image_id: str, found: list[tuple[str, float]]) -> dict[str, Any]:
+    """found_first (top similarity, ties allowed), found_lower (ranked below another
+    image), not_found (not among the results)."""
+    top = found[0] if found else None
+    own = next(((n, s) for n, (i, s) in enumerate(found, 1) if i == image_id), None)
+    out: dict[str, Any] = {
+        "top": None if top is None else {"image_id": top[0], "similarity": top[1]},
+        "rank": None if own is None else own[0],
+        "similarity": None if own is None else own[1],
+    }
+    if own is None:
+        out["outcome"] = "not_found"
+    elif top is not None and own[1] >= top[1]:
+        out["outcome"] = "found_first"
+    else:
+        out["outcome"] = "found_lower"
+    return out
+
+
+def duplicates(context: SearchContext, threshold: float) -> dict[str, Any]:
+    """The context's near-duplicate groups at `threshold` (one find-duplicates call)."""
+    started = time.monotonic()
+    groups = context.find_duplicates(threshold)
+    return {
+        "threshold": threshold,
+        "find_calls": 1,
+        "seconds": round(time.monotonic() - started, 3),
+        "groups": [
+            [{"image_id": r.image_id, "similarity": r.similarity} for r in g] for g in groups
+        ],
+    }
