@@ -104,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     hist.add_argument("image_id", metavar="IMAGE_ID")
     hist.add_argument("--json", action="store_true", help="print JSON")
     backup_cli.add_parsers(sub, common)
+    from featsync import report_cli
+
+    report_cli.add_parser(sub, common)
 
     serving.add_parser(sub)
 
@@ -223,6 +226,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
                 settings, args.image_id, args.version, args.to, args.dry_run, args.force
             )
 
+        if args.command == "report":
+            from featsync import report_cli
+
+            return report_cli.run(settings, args)
         if args.command == "backup":
             return backup_cli.run(settings, args)
         if args.command == "verify":
