@@ -207,7 +207,7 @@ def _probe_lines(data: dict[str, Any], shown: int) -> list[str]:
         out += _listed(
             "do not find themselves (might need feature updates)",
             [
-                f"{x['image_id']}: "
+                f"{x['image_id']} ({x['features_count']} features): "
                 + (
                     "not among the results"
                     if x["rank"] is None

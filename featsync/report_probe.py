@@ -41,13 +41,28 @@ def sample(ledger: SqlLedger, n: int) -> list[dict[str, Any]]:
     )
     with ledger.engine.connect() as conn:
         rows = conn.execute(
-            sa.select(images.c.image_id, images.c.relpath, images.c.digest, same)
+            sa.select(
+                images.c.image_id,
+                images.c.relpath,
+                images.c.digest,
+                same,
+                images.c.features_count,
+            )
             .where(images.c.state == State.SYNCED.value)
             .order_by(sa.func.random())
             .limit(n)
         ).all()
     return sorted(
-        ({"image_id": r[0], "relpath": r[1], "digest": r[2], "copies": int(r[3])} for r in rows),
+        (
+            {
+                "image_id": r[0],
+                "relpath": r[1],
+                "digest": r[2],
+                "copies": int(r[3]),
+                "features_count": r[4],
+            }
+            for r in rows
+        ),
         key=lambda r: r["image_id"],
     )
 
@@ -58,7 +73,11 @@ def probe(context: SearchContext, folder: Folder, picked: list[dict[str, Any]]) 
     calls = 0
     started = time.monotonic()
     for p in picked:
-        one: dict[str, Any] = {"image_id": p["image_id"], "relpath": p["relpath"]}
+        one: dict[str, Any] = {
+            "image_id": p["image_id"],
+            "relpath": p["relpath"],
+            "features_count": p["features_count"],
+        }
         results.append(one)
         if not p["relpath"]:
             one.update(outcome="unreadable", reason="the ledger has no path for it")
