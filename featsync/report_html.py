@@ -225,7 +225,12 @@ def _probe(data: dict[str, Any], folder: Folder, max_pixels: int) -> str:
             f"since their sync. Cost: {_e(cost_note(data))}.</p>",
             _chart(_probe_chart(p)) if p["find_calls"] else "",
             "<h3>Do not find themselves (might need feature updates)</h3>",
-            _thumbs(folder, max_pixels, lost, lambda x: f"rank {x['rank'] or '-'}"),
+            _thumbs(
+                folder,
+                max_pixels,
+                lost,
+                lambda x: "not found" if x["rank"] is None else f"rank {x['rank']}",
+            ),
             _table(
                 ["image ID", "rank", "similarity", "first result"],
                 [
@@ -301,24 +306,23 @@ def _features_chart(data: dict[str, Any]) -> Any:
 
 
 def _activity_chart(data: dict[str, Any]) -> Any:
+    """Bars side by side per day, on a log scale: a first sync's thousands of adds and a
+    handful of failures both show."""
     fig = _figure()
     ax = fig.add_subplot()
     days = data["activity"]
-    x = list(range(len(days)))
-    bottom = [0] * len(days)
-    for key, color in (
-        ("added", "#4a9a4a"),
-        ("updated", "#4a7fb5"),
-        ("deleted", "#888"),
-        ("failed", "#b00"),
-    ):
-        heights = [d[key] for d in days]
-        ax.bar(x, heights, bottom=bottom, color=color, label=key)
-        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    keys = (("added", "#4a9a4a"), ("updated", "#4a7fb5"), ("deleted", "#888"), ("failed", "#b00"))
+    width = 0.8 / len(keys)
+    for n, (key, color) in enumerate(keys):
+        x = [i - 0.4 + (n + 0.5) * width for i in range(len(days))]
+        ax.bar(x, [d[key] for d in days], width=width, color=color, label=key)
     step = max(1, len(days) // 12)
-    ax.set_xticks(x[::step], [d["day"] for d in days][::step])
-    ax.set_ylabel("per day")
-    ax.legend()
+    ticks = list(range(len(days)))[::step]
+    ax.set_xticks(ticks, [days[i]["day"] for i in ticks])
+    ax.set_xlim(-0.6, len(days) - 0.4)
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_ylabel("per day (log scale)")
+    ax.legend(ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
     return fig
 
 

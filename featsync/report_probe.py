@@ -116,8 +116,9 @@ def probe(context: SearchContext, folder: Folder, picked: list[dict[str, Any]]) 
 
 
 def _judge(image_id: str, found: list[tuple[str, float]]) -> dict[str, Any]:
-    """found_first (top similarity, ties allowed), found_lower (ranked below another
-    image), not_found (not among the results)."""
+    """found_first (the top similarity, above 0; ties allowed: an exact duplicate),
+    found_lower (ranked below another image, or nothing matched at all), not_found (not
+    among the results)."""
     top = found[0] if found else None
     own = next(((n, s) for n, (i, s) in enumerate(found, 1) if i == image_id), None)
     out: dict[str, Any] = {
@@ -127,7 +128,7 @@ def _judge(image_id: str, found: list[tuple[str, float]]) -> dict[str, Any]:
     }
     if own is None:
         out["outcome"] = "not_found"
-    elif top is not None and own[1] >= top[1]:
+    elif top is not None and own[1] >= top[1] and own[1] > 0:
         out["outcome"] = "found_first"
     else:
         out["outcome"] = "found_lower"
