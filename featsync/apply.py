@@ -45,6 +45,7 @@ from featsync.model import (
     SearchContext,
 )
 from featsync.plan import retry_delay
+from featsync.progress import Sink, nothing
 from featsync.scan import SHORT_OF, Changed, hash_open, open_checked, stat_key, still_same
 
 Clock = Callable[[], float]
@@ -239,15 +240,18 @@ def apply_plan(
     hold: Hold = lambda _relpath: False,
     in_flight: Callable[[int], None] = lambda _n: None,
     backups: Backups | None = None,
+    sink: Sink = nothing,
 ) -> ApplyResult:
     """Execute `plan`; every outcome lands in the ledger as soon as it is known.
 
     `stop` is asked before each new call; `progress` is told of every outcome;
+    `sink` is told how many of the plan's actions are done (and failed) after each;
     after `breaker` transient failures in a row the worker backs off (see above);
     `backups`: keep what the context holds before each update and delete.
     """
     res = ApplyResult()
-    gate = _Gate(res, policy, stop, progress, breaker, hold, in_flight, backups)
+    gate = _Gate(res, policy, stop, progress, breaker, hold, in_flight, backups, sink)
+    gate.total = len(plan.actions)
     now = clock()
     ledger.record_restat(plan.restat, now)
     ledger.forget(plan.forget, now)
@@ -292,6 +296,9 @@ class _Gate:
     hold: Hold
     in_flight: Callable[[int], None]
     backups: Backups | None
+    sink: Sink
+    total: int = 0  # actions in the plan, and outcomes seen of them (for the sink)
+    done: int = 0
     transient_run: int = 0  # transient failures in a row
     # The content hash of the version the context holds, by image ID, for the backups
     # (written by the applying thread before the action is handed to a worker).
@@ -311,6 +318,8 @@ class _Gate:
 
     def saw(self, out: Outcome) -> None:
         self.progress()
+        self.done += 1
+        self.sink("send", self.done, self.total, self.res.failed)
         if out.error_kind == "transient":
             self.transient_run += 1
             if self.transient_run >= self.breaker and self.res.backed_off is None:

@@ -328,6 +328,12 @@ class AsposeContext:
         self._is_api = self._is_api or api_status(r)
         return str(field(self._json(r, "status"), "searchStatus") or "")
 
+    def check_access(self) -> None:
+        """Fetch a token now (tokens are otherwise fetched by the first call): a wrong
+        client ID or secret is Fatal before a cycle plans, even one that would send
+        nothing. No call to the context: a cycle with nothing to send makes none."""
+        self._tokens.get()
+
     def delete_context(self) -> None:
         self._request("DELETE", self._url(""), "delete search context")
 

@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
         help="the configured search context is not the one the ledger mirrors (a new "
         "store, another Aspose context): send every image of the folder to it",
     )
+    rec.add_argument(
+        "--json", action="store_true", help="print the result (with --dry-run: the plan) as JSON"
+    )
     sub.add_parser(
         "run",
         parents=[common],
@@ -204,7 +207,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
         if args.command == "reconcile":
             from featsync import reconcile_cli
 
-            return reconcile_cli.run(settings, args.dry_run, args.confirm_deletes, args.resync)
+            return reconcile_cli.run(
+                settings, args.dry_run, args.confirm_deletes, args.resync, args.json
+            )
         if args.command == "run":
             from featsync import daemon
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 
@@ -32,6 +32,7 @@ from featsync.model import (
     State,
 )
 from featsync.plan import plan
+from featsync.progress import Sink, nothing
 from featsync.scan import image_id_for, scan
 from featsync.wiring import scan_rules
 
@@ -42,6 +43,9 @@ class CycleReport:
     plan: Plan
     applied: ApplyResult | None  # None for a dry run
     duration_ms: float
+    interrupted: bool = False  # a stop was asked for during the cycle
+    # A dry run's ledger rows of the actions and withheld deletes: why each is planned
+    rows: Mapping[str, LedgerRow] = field(default_factory=dict)
 
     @property
     def in_step(self) -> bool:
@@ -142,7 +146,8 @@ class Engine:
 
     `stop` is asked during the scan and before each call (a daemon's SIGTERM);
     `progress` is told whenever the cycle moves on (a folder listed, a file hashed,
-    an outcome recorded): the daemon's systemd watchdog pings only while it does.
+    an outcome recorded): the daemon's systemd watchdog pings only while it does;
+    `sink` is told where the cycle stands (featsync.progress: a terminal's live line).
     """
 
     def __init__(
@@ -154,6 +159,7 @@ class Engine:
         stop: Callable[[], bool] = lambda: False,
         progress: Callable[[], None] = lambda: None,
         hold: Callable[[str], bool] | None = None,
+        sink: Sink = nothing,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
@@ -163,6 +169,9 @@ class Engine:
         self.progress = progress
         self.hold = hold  # paths still being written (the daemon's watcher knows)
         self.in_flight = 0  # calls under way right now
+        self.sink = sink
+        self._scanned = 0  # folders listed and files hashed by this cycle's scan
+        self.last: CycleReport | None = None  # the last cycle's, even if it raised
         self.lock = threading.Lock()
 
     def policy(
@@ -266,6 +275,8 @@ class Engine:
         if self.stop():
             raise Stopped
         self.progress()
+        self._scanned += 1
+        self.sink("scan", self._scanned, None, 0)
 
     def _look(
         self, dry_run: bool, scope: Collection[str] | None
@@ -308,7 +319,13 @@ class Engine:
         started_wall = time.time()
         started = time.perf_counter()
         log = self.log
-        snapshot, rows, held = self._look(dry_run, scope)
+        self._scanned, self.last = 0, None
+        try:
+            snapshot, rows, held = self._look(dry_run, scope)
+        except Stopped:
+            if scope is None and not dry_run:
+                self._record_stopped(started_wall, started)
+            raise
         policy = self.policy(confirm_deletes, held, started_wall, pending_gone)
         p = plan(snapshot, rows, policy, started_wall)
         if snapshot.root_state is not RootState.OK:
@@ -326,7 +343,9 @@ class Engine:
             # folder, or another folder was copied over it under the same names.
             log.warning("mass_update", count=updates, held=p.held)
         if dry_run:
-            return CycleReport(snapshot, p, None, _ms(started))
+            why = [*p.actions, *p.withheld]
+            shown = {a.image_id: rows[a.image_id] for a in why if a.image_id in rows}
+            return CycleReport(snapshot, p, None, _ms(started), rows=shown)
         if p.withheld and not p.doubtful:  # kept withheld until confirmed or back
             self.ledger.withhold([a.image_id for a in p.withheld], started_wall)
         self._release_withheld(snapshot)
@@ -355,6 +374,7 @@ class Engine:
                 hold=self.hold or (lambda _relpath: False),
                 in_flight=self._count_in_flight,
                 backups=backups,
+                sink=self.sink,
             )
             if backups is not None and backups.unavailable:
                 log.error(
@@ -366,7 +386,8 @@ class Engine:
         finally:
             if backups is not None:
                 backups.close()
-        report = CycleReport(snapshot, p, applied, _ms(started))
+        report = CycleReport(snapshot, p, applied, _ms(started), interrupted=self.stop())
+        self.last = report
         if confirm_deletes and applied.fatal is None:
             self.ledger.confirm_deletes(time.time())
         counts = {
@@ -384,6 +405,7 @@ class Engine:
                     finished_at=time.time(),
                     complete=snapshot.complete,
                     duration_ms=report.duration_ms,
+                    interrupted=report.interrupted,
                     **counts,
                 )
             except Fatal as exc:  # the summary line below is still written
@@ -400,27 +422,28 @@ class Engine:
             not_sent=applied.not_sent,
             complete=snapshot.complete,
             duration_ms=report.duration_ms,
+            **({"interrupted": True} if report.interrupted else {}),
         )
         if applied.fatal is not None:
             raise applied.fatal
         return report
 
+    def _record_stopped(self, started_wall: float, started: float) -> None:
+        """A full cycle stopped while it scanned: nothing was sent; the cycles table
+        says it was interrupted (status: "last cycle")."""
+        zero = ("added", "updated", "deleted", "unchanged", "failed", "withheld_deletes")
+        try:
+            self.ledger.record_cycle(
+                started_at=started_wall,
+                finished_at=time.time(),
+                complete=False,
+                duration_ms=_ms(started),
+                interrupted=True,
+                **dict.fromkeys(zero, 0),
+            )
+        except Fatal as exc:
+            self.log.error("cycle_not_recorded", error=str(exc))
+
 
 def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 1)
-
-
-def describe(p: Plan) -> list[str]:
-    """The plan as lines a person reads (what --dry-run prints)."""
-    lines = [f"{a.kind.value:<7} {a.image_id}" for a in p.actions]
-    lines += [f"forget  {i}" for i in p.forget]
-    lines += [f"withheld delete {a.image_id}" for a in p.withheld]
-    lines += [f"waiting {i}" for i in p.waiting]
-    lines += [f"unreadable {i}: {why}" for i, why in p.unreadable]
-    summary = (
-        f"plan: {p.count(Kind.ADD)} add, {p.count(Kind.UPDATE)} update, "
-        f"{p.count(Kind.DELETE)} delete, {p.unchanged} unchanged, {len(p.withheld)} withheld"
-    )
-    if p.withheld_reason:
-        summary += f" ({p.withheld_reason})"
-    return [*lines, summary]

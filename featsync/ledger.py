@@ -176,7 +176,8 @@ class SqlLedger(LedgerMemory, LedgerReports, LedgerReview, LedgerRetries):
     def _upgrade(conn: Connection) -> None:
         """Bring a ledger of an older schema up to this one, in place (new columns are
         empty: their meaning starts now)."""
-        have = {(t, c["name"]) for t in ("images",) for c in sa.inspect(conn).get_columns(t)}
+        tables = {t for t, _c, _s in ADDED_COLUMNS}
+        have = {(t, c["name"]) for t in tables for c in sa.inspect(conn).get_columns(t)}
         for table, column, sql_type in ADDED_COLUMNS:
             if (table, column) not in have:
                 conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")

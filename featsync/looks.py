@@ -35,7 +35,9 @@ def status(settings: Settings, as_json: bool) -> int:
     else:
         print("\n".join(_status_lines(data)))
     last = data["last_cycle"]
-    held_back = last is not None and (last["withheld_deletes"] or not last["complete"])
+    held_back = last is not None and (
+        last["withheld_deletes"] or not last["complete"] or last.get("interrupted")
+    )
     held_back = held_back or bool(data["withheld_deletes"]) or last is None  # never synced
     return EXIT_NOT_IN_STEP if data["failures"] or held_back else EXIT_OK
 
@@ -80,6 +82,7 @@ def _status_lines(data: dict[str, Any]) -> list[str]:
             f"{c['unchanged']} unchanged, {c['failed']} failed, "
             f"{c['withheld_deletes']} withheld deletes"
             + ("" if c["complete"] else ", scan incomplete")
+            + (", interrupted (a stop was asked for)" if c.get("interrupted") else "")
         )
     for w in data["weak"]:
         lines.append(f"weak: {w['image_id']}: {w['features_count']} features (hardly ever found)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from featsync.model import (
     Action,
@@ -201,6 +201,25 @@ def over_limits(
             f"safety.max_delete_fraction = {policy.max_delete_fraction}"
         )
     return None
+
+
+def renames(actions: Iterable[Action], digests: Mapping[str, str]) -> list[tuple[Action, Action]]:
+    """(delete, add) pairs of a plan that are a file renamed or moved: the delete's
+    content (its ledger digest, from `digests`) is the add's file's. Each action is in
+    one pair at most; the context has no rename, so both are still sent: only what a
+    person reads pairs them. In the order of the deletes' IDs."""
+    adds: dict[str, list[Action]] = {}
+    for a in actions:
+        if a.kind is Kind.ADD and a.file is not None and a.file.digest:
+            adds.setdefault(a.file.digest, []).append(a)
+    pairs = []
+    for a in sorted(actions, key=lambda a: a.image_id):
+        if a.kind is not Kind.DELETE:
+            continue
+        same = adds.get(digests.get(a.image_id, ""))
+        if same:
+            pairs.append((a, same.pop(0)))
+    return pairs
 
 
 def _when(t: float) -> str:

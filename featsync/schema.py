@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 # 2: images.relpath, failed_action, withheld_at; indexes on history (action, at) and
-# images (digest)
-SCHEMA_VERSION = 2
+# images (digest). 3: cycles.interrupted
+SCHEMA_VERSION = 3
 
 metadata = sa.MetaData()
 
@@ -48,6 +48,7 @@ ADDED_COLUMNS = (
     ("images", "relpath", "TEXT"),
     ("images", "failed_action", "TEXT"),
     ("images", "withheld_at", "FLOAT"),
+    ("cycles", "interrupted", "BOOLEAN"),
 )
 
 history = sa.Table(
@@ -77,6 +78,9 @@ cycles = sa.Table(
     sa.Column("failed", sa.Integer, nullable=False),
     sa.Column("withheld_deletes", sa.Integer, nullable=False),
     sa.Column("duration_ms", sa.Float, nullable=False),
+    # a stop (SIGINT, SIGTERM) was asked for during the cycle; NULL: recorded before
+    # featsync kept this
+    sa.Column("interrupted", sa.Boolean),
 )
 
 meta = sa.Table(

@@ -12,8 +12,20 @@ from collections.abc import Iterator
 from featsync import logs
 
 
+class Stop(threading.Event):
+    """Set when a stop was asked for; `signum`: the signal that asked (None: none did)."""
+
+    signum: int | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """What a command stopped by the signal exits with: 128 + its number (130 for
+        SIGINT, 143 for SIGTERM), as a shell reports a process the signal killed."""
+        return 128 + (self.signum or signal.SIGINT)
+
+
 @contextlib.contextmanager
-def stop_on_signals(command: str = "reconcile") -> Iterator[threading.Event]:
+def stop_on_signals(command: str = "reconcile") -> Iterator[Stop]:
     """SIGINT (Ctrl-C) or SIGTERM: send nothing more, let the calls in flight finish and
     be recorded, end the cycle (or verify's check) with its summary; a second one stops
     at once. The events are `<command>_stopping` and `<command>_stopped_at_once`.
@@ -22,7 +34,7 @@ def stop_on_signals(command: str = "reconcile") -> Iterator[threading.Event]:
     while that thread holds the log's write lock: logging there would deadlock); a small
     thread says that the stop was heard.
     """
-    stop = threading.Event()
+    stop = Stop()
     caught: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -35,6 +47,7 @@ def stop_on_signals(command: str = "reconcile") -> Iterator[threading.Event]:
             os.write(2, b"\n" + json.dumps(line).encode() + b"\n")
             os._exit(128 + signum)
         caught.append(signum)
+        stop.signum = signum
         stop.set()
 
     def announce() -> None:

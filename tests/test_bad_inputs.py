@@ -593,7 +593,7 @@ def test_ctrl_c_stops_reconcile_cleanly_with_its_summary_and_nothing_lost(ws: Wo
             proc.kill()
             proc.wait()
     lines.reader.join(30)
-    assert proc.returncode == 1, "".join(lines)
+    assert proc.returncode == 128 + signal.SIGINT, "".join(lines)
     assert not any("Traceback" in x for x in lines), "".join(lines)
     events = [json.loads(x) for x in lines if x.startswith("{")]
     [summary] = [e for e in events if e["event"] == "cycle_finished"]

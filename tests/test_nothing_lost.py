@@ -43,6 +43,7 @@ from featsync.model import (
 )
 from featsync.plan import plan
 from featsync.samples import textured_bytes
+from featsync.schema import SCHEMA_VERSION
 from tests.conftest import (
     Backend,
     CountingContext,
@@ -541,7 +542,7 @@ def test_a_ledger_of_schema_1_is_upgraded_in_place(tmp_path: Path) -> None:
         )
     ledger = SqlLedger(f"sqlite:///{db}")
     try:
-        assert ledger.schema_version() == 2
+        assert ledger.schema_version() == SCHEMA_VERSION
         assert ledger.load()["a.jpg"].withheld_at is None
         ledger.withhold(["a.jpg"], 5.0)
         assert ledger.withheld_ids() == ["a.jpg"]
