@@ -52,7 +52,7 @@ def build(
         generated_at=time.time(),
         folder=settings.sync.folder,
         context_kind=settings.context.kind,
-        syncing_pid=SyncLock(settings.ledger.url).holder(),
+        **_syncing(SyncLock(settings.ledger.url).who()),
         probe=None,
         duplicates=None,
     )
@@ -69,6 +69,17 @@ def build(
         finally:
             context.close()
     return data
+
+
+def _syncing(who: Any) -> dict[str, Any]:
+    """Who holds the sync lock (looked at, never taken), as `status --json` says it: the
+    pid as a number (None: nobody, or a holder whose pid cannot be read)."""
+    pid = None if who is None else who.pid
+    return {
+        "syncing": who is not None,
+        "syncing_pid": int(pid) if pid and pid.isdigit() else None,
+        "syncing_role": None if who is None else who.role,
+    }
 
 
 def exit_code(data: dict[str, Any]) -> int:
@@ -112,11 +123,13 @@ def cost_note(data: dict[str, Any]) -> str:
 
 def lines(data: dict[str, Any], shown: int = 10) -> list[str]:
     t = data["totals"]
-    pid = data["syncing_pid"]
+    pid, role = data["syncing_pid"], data["syncing_role"]
+    role = role if role and role != "?" else "a daemon or a reconcile"
+    syncing = f"pid {pid or '?'} ({role})"
     out = [
         f"folder: {data['folder']}",
         f"context: {data['context_identity'] or 'not recorded yet'} ({data['context_kind']})",
-        f"syncing: {'pid ' + pid + ' (a daemon or a reconcile)' if pid else 'no process now'}",
+        f"syncing: {syncing if data['syncing'] else 'no process now'}",
         f"images: {t['synced']} synced ({t['weak']} weak), {t['failed']} failed, "
         f"{t['withheld']} withheld deletes, {t['deleted']} deleted",
     ]
@@ -134,6 +147,11 @@ def lines(data: dict[str, Any], shown: int = 10) -> list[str]:
         f"verify: drift found and not yet mended: {drift}"
         + (f" (newest marked {when(v['last_marked_at'])})" if v["last_marked_at"] else "")
         + "; the ledger keeps no time of a verify that found nothing"
+    )
+    b = data["backups"]
+    out.append(
+        f"backups: {b['backups']} features records of {b['image_ids']} image IDs "
+        f"({b['backup_bytes']} bytes), {b['image_copies']} image copies"
     )
     f = data["features"]
     if f["images"]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from featsync.errors import FeatsyncError
+from featsync.errors import Fatal, FeatsyncError
 from featsync.model import SearchContext, State
 from featsync.report_files import Folder, NotRead
 from featsync.schema import images
@@ -95,6 +95,8 @@ def probe(context: SearchContext, folder: Folder, picked: list[dict[str, Any]]) 
             found = context.find_similar(
                 image=data, threshold=PROBE_THRESHOLD, max_count=PROBE_RESULTS + p["copies"]
             )
+        except Fatal:
+            raise  # refused credentials, a context that is not there: no report
         except FeatsyncError as exc:
             one.update(outcome="error", reason=str(exc))
             continue

@@ -172,6 +172,8 @@ def test_json_has_every_figure_as_set_up(built: Built) -> None:
     assert ISO.match(doc["generated_at"]) and ISO.match(doc["last_cycle"]["finished_at"])
     assert doc["context_identity"].startswith("local store ")
     assert doc["verify"]["drift_marks"] == 0 and doc["probe"] is None
+    assert (doc["syncing"], doc["syncing_pid"]) == (False, None)
+    assert doc["backups"]["backups"] >= 2  # before the update and the delete
 
 
 def test_console_summary_says_it_in_words(built: Built) -> None:
@@ -298,7 +300,7 @@ def test_report_beside_a_running_daemon(built: Built, tmp_path: Path) -> None:
         run = daemons.start()
         wait_for(lambda: bool(run.events("cycle_finished")), 60, "the daemon's first cycle")
         doc = _report(ws, "--probe", "2")
-        assert doc["syncing_pid"] is not None and int(doc["syncing_pid"]) == run.proc.pid
+        assert doc["syncing"] is True and doc["syncing_pid"] == run.proc.pid
         _put(ws, "new.jpg", encode(textured_image(777)))
         started = time.monotonic()
         while time.monotonic() - started < 60:
