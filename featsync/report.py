@@ -90,7 +90,7 @@ def exit_code(data: dict[str, Any]) -> int:
 
 
 _TIMES = frozenset(
-    {"at", "failed_at", "next_attempt_at", "generated_at", "last_marked_at", "last_verify_at"}
+    {"at", "failed_at", "next_attempt_at", "generated_at", "last_marked_at"}
     | {"started_at", "finished_at"}
 )
 

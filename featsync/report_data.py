@@ -216,7 +216,6 @@ def _verify(conn: sa.Connection, marks: int, cursor: str) -> dict[str, Any]:
         "last_marked_at": rows[0].updated_at if rows else None,
         "marked": [{"image_id": r.image_id, "drift": r.last_error} for r in rows[:LISTED]],
         "review_cursor": cursor or None,
-        "last_verify_at": None,  # not recorded by the ledger (see the docstring)
     }
 
 
