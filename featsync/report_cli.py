@@ -26,8 +26,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "biggest changes on last updates; failing images; exact duplicates; activity per "
         "day. --probe N searches the context for N random images with their own files "
         "(N find calls: against Aspose, N API calls); --duplicates asks the context for "
-        "near-duplicate groups (one call; the embedded context compares every pair, "
-        "slow past a few hundred images). Read-only: it never takes the sync lock. "
+        "near-duplicate groups (one call; the embedded context compares every pair of "
+        "images: its time grows with the square of their number). Read-only: it never "
+        "takes the sync lock. "
         "Exit 0 nothing needs attention; 1 images are failing, deletes are withheld or "
         "probed images do not find themselves; 2 a bad config or a fatal error.",
     )
