@@ -232,10 +232,11 @@ def _probe(data: dict[str, Any], folder: Folder, max_pixels: int) -> str:
                 lambda x: "not found" if x["rank"] is None else f"rank {x['rank']}",
             ),
             _table(
-                ["image ID", "rank", "similarity", "first result"],
+                ["image ID", "features", "rank", "similarity", "first result"],
                 [
                     [
                         x["image_id"],
+                        x["features_count"],
                         x["rank"] or "-",
                         x["similarity"],
                         x["top"]["image_id"] if x["top"] else "-",
