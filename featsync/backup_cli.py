@@ -15,7 +15,7 @@ import tempfile
 import time
 from typing import IO, Any
 
-from featsync import logs, retention
+from featsync import logs, progress, retention
 from featsync.backups import BackupStore, current_umask
 from featsync.config import Settings
 from featsync.errors import Fatal
@@ -121,13 +121,8 @@ def export(settings: Settings, out: str | None, since: str | None, image_ids: li
     start = parse_since(since) if since is not None else None
     store = BackupStore(settings.backup.path, read_only=True)
     try:
-        if out is None:
-            n = _write(store, sys.stdout, start, image_ids)
-        elif os.path.lexists(out) and not (os.path.isfile(out) and not os.path.islink(out)):
-            with open(out, "w", encoding="utf-8") as fh:
-                n = _write(store, fh, start, image_ids)
-        else:
-            n = _write_whole(store, out, start, image_ids)
+        with progress.shown() as sink:  # on a terminal: records written, rate
+            n = _export(store, out, start, image_ids, sink)
     except BrokenPipeError:
         raise  # the reader went away: featsync.cli ends quietly
     except OSError as exc:
@@ -138,12 +133,29 @@ def export(settings: Settings, out: str | None, since: str | None, image_ids: li
     return EXIT_OK
 
 
-def _write_whole(store: BackupStore, out: str, since: float | None, image_ids: list[str]) -> int:
+def _export(
+    store: BackupStore,
+    out: str | None,
+    start: float | None,
+    image_ids: list[str],
+    sink: progress.Sink,
+) -> int:
+    if out is None:
+        return _write(store, sys.stdout, start, image_ids, sink)
+    if os.path.lexists(out) and not (os.path.isfile(out) and not os.path.islink(out)):
+        with open(out, "w", encoding="utf-8") as fh:
+            return _write(store, fh, start, image_ids, sink)
+    return _write_whole(store, out, start, image_ids, sink)
+
+
+def _write_whole(
+    store: BackupStore, out: str, since: float | None, image_ids: list[str], sink: progress.Sink
+) -> int:
     folder = os.path.dirname(os.path.abspath(out))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".partial", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            n = _write(store, fh, since, image_ids)
+            n = _write(store, fh, since, image_ids, sink)
             fh.flush()
             os.fchmod(fh.fileno(), 0o666 & ~current_umask())
             os.fsync(fh.fileno())
@@ -154,7 +166,13 @@ def _write_whole(store: BackupStore, out: str, since: float | None, image_ids: l
     return n
 
 
-def _write(store: BackupStore, fh: IO[str], since: float | None, image_ids: list[str]) -> int:
+def _write(
+    store: BackupStore,
+    fh: IO[str],
+    since: float | None,
+    image_ids: list[str],
+    sink: progress.Sink = progress.nothing,
+) -> int:
     n = 0
     for b, feats in store.stream(since, image_ids):
         doc = {
@@ -169,6 +187,7 @@ def _write(store: BackupStore, fh: IO[str], since: float | None, image_ids: list
         }
         fh.write(json.dumps(doc, ensure_ascii=False) + "\n")
         n += 1
+        sink("export", n, None, 0)
     return n
 
 

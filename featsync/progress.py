@@ -37,12 +37,14 @@ UNITS = {
     "scan": "entries",  # folders listed and files read
     "send": "images",
     "verify": "images",
+    "list": "images",
     "export": "backups",
 }
 LABELS = {
     "scan": "scanning",
     "send": "sending",
     "verify": "checking",
+    "list": "checking orphans",
     "export": "exporting",
 }
 _KNOWN = "{desc}: {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}, ETA {remaining}{postfix}]"  # noqa: E501

@@ -17,7 +17,6 @@ acts on them, a marked row is not checked (it is in flux) but counted: `marked`.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
@@ -26,11 +25,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from featsync import jsonout, progress
 from featsync.config import Settings
 from featsync.drift import Believed, Check, Drift, Findings, describe
 from featsync.errors import Fatal
 from featsync.looks import EXIT_NOT_IN_STEP, EXIT_OK
-from featsync.model import SearchContext
+from featsync.model import SearchContext, State
 
 if TYPE_CHECKING:
     from featsync.ledger import SqlLedger
@@ -57,14 +57,15 @@ def run(
 
     log = logs.get()
     stop = stop or threading.Event()
-    found = _check(settings, sample, log, stop)
+    with progress.shown() as sink:  # on a terminal: checked / total, rate, ETA
+        found = _check(settings, sample, log, stop, sink)
     pending, marked = _in_flux(settings)  # rows no check can judge: failed, marked
     mended: dict[str, Any] | None = None
     if repair and found.drifts and not stop.is_set():
         mended = _repair(settings, found.drifts, log, stop)
     if as_json:
         report = {**describe(found), "pending": pending, "marked": marked, "repair": mended}
-        print(json.dumps(report, indent=2, ensure_ascii=False))
+        jsonout.emit(report)
     else:
         lines = _lines(found, sample is not None, (pending, marked), mended)
         # IDs, file names and errors come from outside: none may move the cursor, colour
@@ -83,7 +84,11 @@ def run(
 
 
 def _check(
-    settings: Settings, sample: int | None, log: Any, stop: threading.Event | None = None
+    settings: Settings,
+    sample: int | None,
+    log: Any,
+    stop: threading.Event | None = None,
+    sink: progress.Sink = progress.nothing,
 ) -> Findings:
     from featsync.ledger import SqlLedger
     from featsync.wiring import open_context
@@ -102,14 +107,30 @@ def _check(
         try:
             same_context(ledger, context, log)  # before any GET (and so before any mark)
             halt = stop.is_set if stop is not None else lambda: False
+            counts = ledger.counts()
+            rows = counts.get(State.SYNCED.value, 0) + counts.get(State.DELETED.value, 0)
+            # what the line shows: ("verify", answers so far, rows to check); then the
+            # listing's answers ("list", total unknown)
+            shown: list[Any] = ["verify", 0, rows if sample is None else min(sample, rows)]
+
+            def answered() -> None:
+                shown[1] += 1
+                sink(shown[0], shown[1], shown[2], len(check.found.unverified))
+
             check = Check(
-                context, settings.sync.concurrency, halt, fill=fill, prefix=settings.sync.id_prefix
+                context,
+                settings.sync.concurrency,
+                halt,
+                progress=answered,
+                fill=fill,
+                prefix=settings.sync.id_prefix,
             )
             if sample is not None:
                 check.rows(ledger.believed_sample(sample))
             else:
                 check.rows(_every_row(ledger))
                 if not check.found.stopped:
+                    shown[:] = ["list", 0, None]
                     check.listing(ledger.believed_of)
             found = check.confirm(ledger.believed_of)
         finally:
