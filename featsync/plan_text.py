@@ -121,7 +121,7 @@ def describe(p: Plan, rows: Mapping[str, LedgerRow] | None = None) -> list[str]:
     if p.withheld_reason:
         summary += f" ({p.withheld_reason})"
     if pairs:
-        summary += f"; {len(pairs)} of the adds and deletes are renames (sent as both)"
+        summary += f"; {len(pairs)} rename(s) among them (each sent as a delete and an add)"
     lines.append(summary)
     release = _release(p)
     if release == CONFIRM:
@@ -132,7 +132,10 @@ def describe(p: Plan, rows: Mapping[str, LedgerRow] | None = None) -> list[str]:
 
 
 def _line(s: Step) -> str:
-    return f"{s.kind:<7} {s.image_id}  ({s.reason})"
+    reason = s.reason
+    if s.old_digest is not None and s.new_digest is not None:
+        reason += f": {s.old_digest[:12]} -> {s.new_digest[:12]}"
+    return f"{s.kind:<7} {s.image_id}  ({reason})"
 
 
 def as_json(p: Plan, rows: Mapping[str, LedgerRow], complete: bool) -> dict[str, Any]:
