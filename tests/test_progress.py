@@ -14,6 +14,7 @@ import os
 import pty
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -22,7 +23,8 @@ import time
 from pathlib import Path
 
 from featsync.samples import textured_bytes
-from tests.conftest import Workspace, set_mtime_past
+from tests.conftest import Workspace, set_mtime_past, start_server
+from tests.test_aspose import CREDS, use_server
 from tests.test_cli import featsync, json_lines
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -30,10 +32,15 @@ SUMMARY = re.compile(r"^(\d+) added, (\d+) updated, (\d+) deleted, (\d+) failed.
 
 
 def on_tty(
-    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120.0
+    *args: str,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 120.0,
+    interrupt_at: str | None = None,
 ) -> tuple[int, str]:
     """`python -m featsync ARGS` on a pseudo-terminal of 120x40; its exit code and all
-    it wrote there, as the terminal got it."""
+    it wrote there, as the terminal got it. `interrupt_at`: a pattern; once the output
+    matches it, SIGINT (as Ctrl-C) is sent, once."""
     full_env = {k: v for k, v in os.environ.items() if k not in ("FEATSYNC_CONFIG", "COLUMNS")}
     full_env.update({"TERM": "xterm-256color", **(env or {})})
     leader, follower = pty.openpty()
@@ -66,12 +73,19 @@ def on_tty(
             if not data:
                 break
             chunks.append(data)
+            if interrupt_at is not None and re.search(interrupt_at, _text(chunks)):
+                proc.send_signal(signal.SIGINT)
+                interrupt_at = None
         return proc.wait(timeout=30), b"".join(chunks).decode("utf-8", "replace")
     finally:
         os.close(leader)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _text(chunks: list[bytes]) -> str:
+    return ANSI.sub("", b"".join(chunks).decode("utf-8", "replace"))
 
 
 def screen_lines(out: str) -> list[str]:
@@ -198,3 +212,25 @@ def test_backup_export_on_a_terminal_counts_what_it_wrote(ws: Workspace) -> None
     lines = screen_lines(out)
     assert any(re.match(r"exporting: 3 backups \[", x) for x in lines), lines
     assert "exported 3 backup(s)" in out
+
+
+def test_ctrl_c_on_a_terminal_ends_with_an_interrupted_summary(
+    ws: Workspace, tmp_path: Path
+) -> None:
+    srv = start_server(tmp_path / "slow", "--latency", "0.2")
+    try:
+        use_server(ws, srv)
+        ws.write_config(**{**ws.overrides, "sync": {"folder": "images", "concurrency": 2}})
+        _images(ws, 40)
+        # Ctrl-C once the line shows a few images sent (of 40: the rest is left)
+        code, out = on_tty("reconcile", cwd=ws.base, env=CREDS, interrupt_at=r"\| [2-9]/40 \[")
+    finally:
+        srv.stop()
+    assert code == 128 + signal.SIGINT, out
+    assert "Traceback" not in out
+    lines = screen_lines(out)
+    [stopping] = [x for x in lines if "reconcile_stopping" in x]
+    assert re.match(r"^\d{4}-\d\d-\d\dT", stopping), stopping  # above the line, whole
+    [summary] = [x for x in lines if x.startswith("interrupted: ")]
+    assert "left for the next cycle" in summary, summary
+    assert SUMMARY.match(summary.removeprefix("interrupted: ")), summary
