@@ -121,7 +121,8 @@ def export(settings: Settings, out: str | None, since: str | None, image_ids: li
     start = parse_since(since) if since is not None else None
     store = BackupStore(settings.backup.path, read_only=True)
     try:
-        with progress.shown() as sink:  # on a terminal: records written, rate
+        # on a terminal: records written, rate; not when the records go to it too
+        with progress.shown(out is not None or not sys.stdout.isatty()) as sink:
             n = _export(store, out, start, image_ids, sink)
     except BrokenPipeError:
         raise  # the reader went away: featsync.cli ends quietly

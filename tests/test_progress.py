@@ -212,6 +212,12 @@ def test_backup_export_on_a_terminal_counts_what_it_wrote(ws: Workspace) -> None
     lines = screen_lines(out)
     assert any(re.match(r"exporting: 3 backups \[", x) for x in lines), lines
     assert "exported 3 backup(s)" in out
+    # the records to the terminal itself: no line drawn into them
+    code, out = on_tty("backup", "export", cwd=ws.base)
+    assert code == 0, out
+    assert "exporting:" not in out
+    records = [x for x in screen_lines(out) if x.startswith("{")]
+    assert len(records) == 3 and all(x.endswith("}") for x in records), records
 
 
 def test_ctrl_c_on_a_terminal_ends_with_an_interrupted_summary(
