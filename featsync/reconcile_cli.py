@@ -18,7 +18,7 @@ from featsync.config import Settings
 from featsync.engine import CycleReport, Engine, Stopped
 from featsync.errors import Fatal
 from featsync.looks import EXIT_FATAL, EXIT_NOT_IN_STEP, EXIT_OK
-from featsync.model import SearchContext
+from featsync.model import CycleLedger, SearchContext
 from featsync.stopping import Stop, stop_on_signals
 
 
@@ -82,7 +82,7 @@ def check_access(context: SearchContext) -> None:
 
 def _cycle(
     settings: Settings,
-    ledger: Any,
+    ledger: CycleLedger,
     context: SearchContext,
     dry_run: bool,
     confirm_deletes: bool,
@@ -91,16 +91,21 @@ def _cycle(
     stop: Stop,
 ) -> int:
     started = time.time()
+    report: CycleReport | None = None
+    failed: Fatal | None = None
     with progress.shown() as sink:
         engine = Engine(settings, ledger, context, logs.get(), stop=stop.is_set, sink=sink)
         try:
             report = engine.cycle(dry_run=dry_run, confirm_deletes=confirm_deletes, resync=resync)
         except Stopped:
-            report = None
+            pass
         except Fatal as exc:
-            if engine.last is not None:  # it ran, and then failed: say what it did
-                _said(engine.last, started, as_json, error=str(exc))
-            raise
+            failed = exc
+    # the live line is gone: what follows is printed below it
+    if failed is not None:
+        if engine.last is not None:  # it ran, and then failed: say what it did
+            _said(engine.last, started, as_json, error=str(failed))
+        raise failed
     if report is None:
         logs.get().info("cycle_stopped", reason="signal, while scanning")
         progress.summary_line(

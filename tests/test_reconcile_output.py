@@ -21,7 +21,7 @@ import pytest
 from featsync.ledger import SqlLedger
 from featsync.schema import SCHEMA_VERSION
 from tests.conftest import CLIENT_SECRET, Workspace, set_mtime_past, start_server, wait_for
-from tests.test_aspose import CREDS, use_server
+from tests.test_aspose import CREDS, odd_server, use_server
 from tests.test_cli import featsync, json_lines
 
 
@@ -278,3 +278,31 @@ def test_verify_json_has_numbers_as_numbers(ws: Workspace) -> None:
     data = _one_document(r.stdout)
     assert data["checked"] == 2 and data["pending"] == 0 and data["marked"] == 0
     assert data["by_kind"] == {} and data["stopped"] is None
+
+
+def test_a_cycle_ended_by_a_fatal_error_still_prints_its_result_as_json(ws: Workspace) -> None:
+    """The base_url answers 405 to every call (not the API): the cycle stops after a few
+    calls and exits 2; --json still prints one document, with what was done and why
+    it ended."""
+    env = {"FEATSYNC_CLIENT_ID": "me", "FEATSYNC_CLIENT_SECRET": "s3cret-not-to-show"}
+    with odd_server() as (srv, _client):
+        srv.fallback = (405, b"Method Not Allowed")
+        ws.write_config(
+            sync={"folder": "images", "concurrency": 2},
+            context={
+                "kind": "aspose",
+                "base_url": srv.url + "/v3.0",
+                "auth_url": srv.url + "/connect/token",
+                "context_id": "c1",
+                "trust_env": False,
+                "max_retries": 1,
+                "backoff_max": 0.1,
+            },
+        )
+        _images(ws, 4)
+        r = featsync("reconcile", "--json", cwd=ws.base, env=env)
+    assert r.returncode == 2, r.stderr
+    data = _one_document(r.stdout)
+    assert "base_url" in data["error"] and data["in_step"] is False, data
+    assert data["counts"]["added"] == 0
+    assert "s3cret-not-to-show" not in r.stdout + r.stderr
