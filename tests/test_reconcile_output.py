@@ -17,8 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from featsync.ledger import SqlLedger
+from featsync.model import Action, Kind, LocalFile
+from featsync.plan import renames
 from featsync.schema import SCHEMA_VERSION
 from tests.conftest import CLIENT_SECRET, Workspace, set_mtime_past, start_server, wait_for
 from tests.test_aspose import CREDS, odd_server, use_server
@@ -306,3 +310,34 @@ def test_a_cycle_ended_by_a_fatal_error_still_prints_its_result_as_json(ws: Work
     assert "base_url" in data["error"] and data["in_step"] is False, data
     assert data["counts"]["added"] == 0
     assert "s3cret-not-to-show" not in r.stdout + r.stderr
+
+
+def _add(image_id: str, digest: str) -> Action:
+    return Action(Kind.ADD, image_id, LocalFile(image_id, image_id, 1, 1, 1, digest), 0)
+
+
+@given(
+    st.lists(st.sampled_from("abc"), max_size=6),
+    st.lists(st.sampled_from("abcd"), max_size=6),
+)
+def test_each_action_is_in_one_rename_at_most_and_only_of_the_same_content(
+    added: list[str], gone: list[str]
+) -> None:
+    """Adds of content a, b, c and deletes whose ledger content is a..d: every pair is
+    a delete and an add of the same content, no action is in two pairs, and as many
+    pairs as the two sides can match."""
+    adds = [_add(f"new{i}", d) for i, d in enumerate(added)]
+    deletes = [Action(Kind.DELETE, f"old{i}", None, 1) for i in range(len(gone))]
+    digests = {f"old{i}": d for i, d in enumerate(gone)}
+    pairs = renames([*adds, *deletes], digests)
+    assert all(d.kind is Kind.DELETE and a.kind is Kind.ADD for d, a in pairs)
+    assert all(a.file is not None and digests[d.image_id] == a.file.digest for d, a in pairs)
+    used = [x.image_id for pair in pairs for x in pair]
+    assert len(used) == len(set(used))
+    assert len(pairs) == sum(min(added.count(c), gone.count(c)) for c in "abc")
+
+
+def test_an_add_of_unknown_content_is_no_rename() -> None:
+    """A file never read (too big: no digest) pairs with nothing, not even another."""
+    pairs = renames([_add("new", ""), Action(Kind.DELETE, "old", None, 1)], {"old": ""})
+    assert pairs == []
