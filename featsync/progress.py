@@ -47,7 +47,10 @@ LABELS = {
     "list": "checking orphans",
     "export": "exporting",
 }
-_KNOWN = "{desc}: {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}, ETA {remaining}{postfix}]"  # noqa: E501
+_KNOWN = (
+    "{desc}: {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} "
+    "[{elapsed}, {rate_fmt}, ETA {remaining}{postfix}]"
+)
 _UNKNOWN = "{desc}: {n_fmt}{unit} [{elapsed}, {rate_fmt}{postfix}]"
 
 
