@@ -12,8 +12,6 @@ ORM identity-mapped objects cost about five times as much.
 
 from __future__ import annotations
 
-import os
-import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -21,15 +19,15 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, make_url
 
-from featsync import quickcache
+from featsync import ledger_open, quickcache
 from featsync.errors import Fatal
 from featsync.ledger_memory import LedgerMemory
+from featsync.ledger_open import BUSY_TIMEOUT_MS
 from featsync.ledger_reports import LedgerReports
 from featsync.ledger_retries import LedgerRetries
 from featsync.ledger_review import LedgerReview
 from featsync.model import Kind, LedgerRow, LocalFile, Outcome, QuickKey, State
 from featsync.schema import (
-    ADDED_COLUMNS,
     GENERATION_TRIGGERS,
     ROW_COLUMNS,
     SCHEMA_VERSION,
@@ -40,16 +38,11 @@ from featsync.schema import (
     metadata,
     quick_cache,
 )
-from featsync.sqlitefiles import folder_missing, read_only_uri, waits_when_locked
+from featsync.sqlitefiles import (
+    waits_when_locked,
+)
 
 _IN_CHUNK = 500  # image IDs per IN (...) query, well below any database's parameter limit
-BUSY_TIMEOUT_MS = 10_000  # SQLite waits this long for a lock within one statement
-
-
-def _busy_timeout(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    cur.close()
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -64,12 +57,19 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 class SqlLedger(LedgerMemory, LedgerReports, LedgerReview, LedgerRetries):
     """The ledger over any SQLAlchemy URL; SQLite (WAL) by default."""
 
+    engine: Engine
+
     def __init__(self, url: str, read_only: bool = False) -> None:
         self.url = url
-        if read_only and self._open_read_only(url):
-            return
+        if read_only:
+            engine = ledger_open.read_only(url, self._where())
+            if engine is not None:
+                self.engine = engine
+                self.caches_quick_keys = False  # a look never writes the cache
+                self._compile()
+                return
         try:
-            self.engine: Engine = _create_engine(url)
+            self.engine = ledger_open.create_engine(url)
             self.caches_quick_keys = self.engine.dialect.name == "sqlite"
             if self.engine.dialect.name == "sqlite":
                 sa.event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -88,7 +88,7 @@ class SqlLedger(LedgerMemory, LedgerReports, LedgerReview, LedgerRetries):
                         f"featsync understands ({SCHEMA_VERSION}); upgrade featsync"
                     )
                 elif int(found) < SCHEMA_VERSION:
-                    self._upgrade(conn)
+                    ledger_open.upgrade(conn)
                 # added within version 2: a ledger made before it gets it here
                 conn.exec_driver_sql(
                     "CREATE INDEX IF NOT EXISTS ix_images_digest ON images (digest)"
@@ -101,52 +101,6 @@ class SqlLedger(LedgerMemory, LedgerReports, LedgerReview, LedgerRetries):
         except sa.exc.SQLAlchemyError as exc:
             raise Fatal(f"cannot open ledger {self._where()}: {_reason(exc)}") from exc
         self._compile()
-
-    def _open_read_only(self, url: str) -> bool:
-        """Open an SQLite ledger file only to look (status, a dry run): nothing written,
-        nothing created; a missing file is an empty ledger (in memory). False for
-        other databases: they are opened as usual (and not written to by a look)."""
-        u = make_url(url)
-        db = u.database
-        if u.get_backend_name() != "sqlite" or not db or db == ":memory:":
-            return False
-        try:
-            if not os.path.exists(db):
-                self.engine = sa.create_engine(
-                    "sqlite://",
-                    poolclass=sa.pool.StaticPool,
-                    connect_args={"check_same_thread": False},
-                )
-                with self.engine.begin() as conn:
-                    metadata.create_all(conn)
-                    conn.execute(
-                        meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION))
-                    )
-                self.caches_quick_keys = False
-                self._compile()
-                return True
-            uri = read_only_uri(db)
-            self.engine = sa.create_engine(
-                "sqlite://", creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False)
-            )
-            sa.event.listen(self.engine, "connect", _busy_timeout)
-            with self.engine.connect() as conn:
-                found = conn.execute(
-                    sa.select(meta.c.value).where(meta.c.key == "schema_version")
-                ).scalar()
-        except sa.exc.SQLAlchemyError as exc:
-            raise Fatal(f"cannot open ledger {self._where()}: {_reason(exc)}") from exc
-        version = int(found or 0)
-        if version != SCHEMA_VERSION:
-            newer = version > SCHEMA_VERSION
-            raise Fatal(
-                f"ledger {self._where()} has schema version {version}; this featsync "
-                f"{'understands only up to' if newer else 'reads'} {SCHEMA_VERSION}: "
-                + ("upgrade featsync" if newer else "run `featsync reconcile` once to upgrade it")
-            )
-        self.caches_quick_keys = False  # a look never writes the cache
-        self._compile()
-        return True
 
     def _compile(self) -> None:
         # The hot queries, compiled once for this database to plain SQL (no parameters)
@@ -170,20 +124,6 @@ class SqlLedger(LedgerMemory, LedgerReports, LedgerReview, LedgerRetries):
                 .where(meta.c.key == "generation")
                 .scalar_subquery(),
             )
-        )
-
-    @staticmethod
-    def _upgrade(conn: Connection) -> None:
-        """Bring a ledger of an older schema up to this one, in place (new columns are
-        empty: their meaning starts now)."""
-        tables = {t for t, _c, _s in ADDED_COLUMNS}
-        have = {(t, c["name"]) for t in tables for c in sa.inspect(conn).get_columns(t)}
-        for table, column, sql_type in ADDED_COLUMNS:
-            if (table, column) not in have:
-                conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
-        conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS history_action_at ON history (action, at)")
-        conn.execute(
-            meta.update().where(meta.c.key == "schema_version").values(value=str(SCHEMA_VERSION))
         )
 
     def _sql(self, stmt: sa.Select[Any]) -> str:
@@ -614,47 +554,4 @@ class SqlLedger(LedgerMemory, LedgerReports, LedgerReview, LedgerRetries):
             conn.execute(cycles.insert().values(**fields))
 
 
-# The database driver SQLAlchemy imports for a URL, and the package that brings it
-DRIVER_PACKAGES = {
-    "psycopg2": "psycopg2-binary",
-    "psycopg": "psycopg[binary]",
-    "asyncpg": "asyncpg",
-    "pg8000": "pg8000",
-    "pymysql": "PyMySQL",
-    "MySQLdb": "mysqlclient",
-    "mysql": "mysql-connector-python",
-    "mariadb": "mariadb",
-    "oracledb": "oracledb",
-    "cx_Oracle": "cx_Oracle",
-    "pyodbc": "pyodbc",
-    "pymssql": "pymssql",
-}
-
-
-def _create_engine(url: str) -> Engine:
-    """sa.create_engine, with a missing database driver said as such: which ledger,
-    which module, and the package that brings it (SQLAlchemy itself raises a bare
-    ModuleNotFoundError)."""
-    u = make_url(url)
-    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
-        missing = folder_missing(
-            f"ledger {url}", u.database, "[ledger] url"
-        )  # no password in SQLite's
-        if missing is not None:
-            raise missing
-    try:
-        return sa.create_engine(url)
-    except ImportError as exc:
-        where = make_url(url).render_as_string(hide_password=True)
-        module = (exc.name or "").split(".")[0] or "?"
-        package = DRIVER_PACKAGES.get(module, module)
-        raise Fatal(
-            f"ledger {where}: its database driver, the Python module {module!r}, is not "
-            f"installed; install it (`pip install '{package}'`) or use an sqlite:/// ledger"
-        ) from None
-
-
-def _reason(exc: sa.exc.SQLAlchemyError) -> str:
-    """The driver's own message, without SQLAlchemy's SQL text and parameters."""
-    orig = getattr(exc, "orig", None)
-    return f"{type(orig or exc).__name__}: {orig or exc}"
+_reason = ledger_open.reason

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sqlite3
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -27,6 +28,56 @@ def read_only_uri(path: str) -> str:
     """An SQLite URI (for ``sqlite3.connect(..., uri=True)``) that only reads `path`."""
     mode = "mode=ro" if os.path.exists(path + "-wal") else "immutable=1"
     return f"file:{urllib.parse.quote(os.path.abspath(path))}?{mode}"
+
+
+# A look copies a ledger up to this size into memory (below); a bigger one is read in
+# place, as it lies.
+PRIVATE_COPY_MAX = 512 * 1024 * 1024
+
+
+def _file_state(path: str) -> tuple[int, int, bool] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, os.path.exists(path + "-wal")
+
+
+def private_copy(path: str, busy_ms: int, attempts: int = 5) -> sqlite3.Connection | None:
+    """A consistent copy of the SQLite file `path` in memory, made without writing or
+    creating anything on disk; None when the file is bigger than PRIVATE_COPY_MAX.
+
+    A file with no ``-wal`` beside it is read ``immutable`` (see read_only_uri): SQLite
+    then takes no lock and trusts the file not to change, and a writer that starts
+    meanwhile (a reconcile, a daemon) and checkpoints into it can leave the reader
+    with pages of two states ("database disk image is malformed"). So the copy is made
+    at once, and is kept only if the file, and the absence of a ``-wal``, are as they
+    were before it; else it is made again. With a ``-wal`` the copy is one read
+    transaction through SQLite's locks (``mode=ro``): consistent as it is. A long look
+    (a report with probes) then reads one state from start to end, and an older
+    schema can be brought up to date in the copy without touching the file."""
+    for attempt in range(attempts):
+        before = _file_state(path)
+        if before is None or before[1] > PRIVATE_COPY_MAX:
+            return None
+        copy = sqlite3.connect(":memory:", check_same_thread=False)
+        try:
+            source = sqlite3.connect(read_only_uri(path), uri=True, check_same_thread=False)
+            try:
+                source.execute(f"PRAGMA busy_timeout = {int(busy_ms)}")
+                source.backup(copy)
+            finally:
+                source.close()
+        except sqlite3.DatabaseError:
+            copy.close()
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+            continue
+        if before[2] or _file_state(path) == before:
+            return copy
+        copy.close()  # written to while copied: again
+    raise sqlite3.OperationalError(f"{path} kept changing while it was read")
 
 
 P = ParamSpec("P")

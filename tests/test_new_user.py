@@ -55,7 +55,10 @@ def test_a_ledger_whose_driver_is_missing_exits_2_naming_the_package(
     assert "hunter2" not in r.stdout + r.stderr  # the password never shows
 
 
-@pytest.mark.parametrize("command", [("reconcile",), ("run",), ("retry", "--all")])
+@pytest.mark.parametrize(
+    "command",
+    [("reconcile",), ("run",), ("retry", "--all"), ("status",), ("reconcile", "--dry-run")],
+)
 def test_a_ledger_in_a_missing_folder_names_the_ledger_not_its_lock_file(
     ws: Workspace, command: tuple[str, ...]
 ) -> None:

@@ -7,6 +7,7 @@ against `featsync serve` over HTTP."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -757,3 +758,72 @@ def test_a_withheld_delete_of_a_failed_image_is_not_retried_every_turn(
         assert ledger.due_paths(1e12, "") == []
     finally:
         ledger.close()
+
+
+def _old_ledger(ws: Workspace) -> Path:
+    """The workspace's ledger, synced, then made as the previous release left it:
+    schema 2, no cycles.interrupted."""
+    _images(ws, ["a.jpg", "b.jpg"])
+    assert featsync("reconcile", cwd=ws.base).returncode == 0
+    db = ws.base / "featsync-ledger.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("ALTER TABLE cycles DROP COLUMN interrupted")
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.close()
+    return db
+
+
+def test_after_an_upgrade_the_looks_read_an_older_ledger_and_leave_it_as_it_was(
+    ws: Workspace,
+) -> None:
+    db = _old_ledger(ws)
+    before = _disk(ws.base)
+    status = featsync("status", "--json", cwd=ws.base)
+    assert status.returncode == 0, status.stderr  # monitoring goes on across an upgrade
+    assert json.loads(status.stdout)["counts"]["synced"] == 2
+    dry = featsync("reconcile", "--dry-run", cwd=ws.base)
+    assert dry.returncode == 0, dry.stderr  # the careful first step works
+    hist = featsync("history", "a.jpg", cwd=ws.base)
+    assert hist.returncode == 0, hist.stderr
+    assert _disk(ws.base) == before  # the file is as the old release left it
+    with sqlite3.connect(db) as conn:
+        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'")
+        assert version.fetchone()[0] == "2"
+    conn.close()
+    assert featsync("reconcile", cwd=ws.base).returncode == 0  # a sync upgrades it in place
+    ledger = SqlLedger(f"sqlite:///{db}")
+    try:
+        assert ledger.schema_version() == SCHEMA_VERSION
+    finally:
+        ledger.close()
+
+
+def test_a_look_reads_one_state_while_a_writer_changes_and_checkpoints_the_ledger(
+    tmp_path: Path,
+) -> None:
+    """A look (a report with probes may take minutes) opened on a ledger nobody writes
+    (no -wal: read without locks) must not be torn by a sync that starts meanwhile,
+    writes and checkpoints into the file: it reads the state it opened."""
+    db = tmp_path / "l.db"
+    writer = SqlLedger(f"sqlite:///{db}")
+    rows = [(f"img{n:05}.jpg", "d" * 64) for n in range(2000)]
+    writer.record_intents(rows, 1.0)
+    writer.close()  # a clean close: the -wal is gone
+    assert not (tmp_path / "l.db-wal").exists()
+    look = SqlLedger(f"sqlite:///{db}", read_only=True)
+    try:
+        seen = len(look.load())
+        writer = SqlLedger(f"sqlite:///{db}")
+        writer.record_intents([(f"new{n:05}.jpg", "e" * 64) for n in range(2000)], 2.0)
+        with writer.engine.begin() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        writer.close()
+        assert len(look.load()) == seen  # the state it opened, whole
+        assert look.counts() == look.counts()
+    finally:
+        look.close()
+    again = SqlLedger(f"sqlite:///{db}", read_only=True)
+    try:
+        assert len(again.load()) == seen + 2000  # a new look sees the new state
+    finally:
+        again.close()
