@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
-from featsync.cli import main
+try:
+    from featsync.cli import main
+except KeyboardInterrupt:  # Ctrl-C while the modules load: nothing begun, no traceback
+    sys.exit(128 + signal.SIGINT)
 
 sys.exit(main())

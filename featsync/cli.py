@@ -181,6 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 128 + signal.SIGPIPE
+    except KeyboardInterrupt:
+        # Ctrl-C before a command put its own handler in place (while the config is
+        # read, the ledger opened), or after it took it away: nothing half done.
+        return 128 + signal.SIGINT
 
 
 def _main(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import sys
 from typing import Any
 
@@ -15,6 +16,19 @@ def iso(ts: float | None) -> str | None:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
 
 
+def finite(data: Any) -> Any:
+    """`data` with every float that is not a number (NaN, an infinity) as None: JSON has
+    no such numbers, and a script's parser refuses Python's `NaN`."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [finite(v) for v in data]
+    return data
+
+
 def emit(data: Any) -> None:
     """Print one JSON document on stdout (indented: read by people as well as jq)."""
-    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    text = json.dumps(finite(data), indent=2, ensure_ascii=False, allow_nan=False)
+    sys.stdout.write(text + "\n")

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import Connection, Engine
 
 from featsync import ledger_open, quickcache
 from featsync.errors import Fatal
@@ -132,7 +132,7 @@ class SqlLedger(LedgerMemory, LedgerReports, LedgerReview, LedgerRetries):
         )
 
     def _where(self) -> str:
-        return make_url(self.url).render_as_string(hide_password=True)
+        return ledger_open.shown_url(self.url)
 
     def where(self) -> str:
         """The ledger's URL for a message (any password hidden)."""

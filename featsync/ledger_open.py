@@ -18,6 +18,23 @@ from featsync.sqlitefiles import folder_missing, private_copy, read_only_uri
 BUSY_TIMEOUT_MS = 10_000  # SQLite waits this long for a lock within one statement
 
 
+# Query parameters of a database URL that may carry a secret (psycopg's password=,
+# PyMySQL's passwd=, an ODBC connection string's PWD=, a token, a key)
+SECRET_PARAMS = ("pass", "pwd", "secret", "token", "key", "odbc_connect")
+
+
+def shown_url(url: str) -> str:
+    """A database URL as messages may show it: the password and any query parameter
+    that may hold a secret replaced by ***."""
+    try:
+        u = make_url(url)
+    except Exception:  # not a URL at all: nothing of it is shown
+        return "(the [ledger] url, which is not a valid URL)"
+    hidden = {k: "***" for k in u.query if any(word in k.lower() for word in SECRET_PARAMS)}
+    shown = u.update_query_dict(hidden).render_as_string(hide_password=True)
+    return shown.replace("%2A%2A%2A", "***")  # as the password's
+
+
 def busy_timeout(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -120,15 +137,13 @@ def create_engine(url: str) -> Engine:
     ModuleNotFoundError)."""
     u = make_url(url)
     if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
-        missing = folder_missing(
-            f"ledger {url}", u.database, "[ledger] url"
-        )  # no password in SQLite's
+        missing = folder_missing(f"ledger {shown_url(url)}", u.database, "[ledger] url")
         if missing is not None:
             raise missing
     try:
         return sa.create_engine(url)
     except ImportError as exc:
-        where = make_url(url).render_as_string(hide_password=True)
+        where = shown_url(url)
         module = (exc.name or "").split(".")[0] or "?"
         package = DRIVER_PACKAGES.get(module, module)
         raise Fatal(

@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
 from sqlalchemy.engine import make_url
 
 from featsync.errors import Fatal
+from featsync.ledger_open import shown_url
 from featsync.sqlitefiles import folder_missing
 
 # struct flock: l_type, l_whence, l_start, l_len, l_pid and the tail padding (native
@@ -60,7 +62,7 @@ class SyncLock:
         db = u.database
         file_db = u.get_backend_name() == "sqlite" and db and db != ":memory:"
         self.path = f"{db}.lock" if file_db else None
-        self._ledger = f"ledger {u.render_as_string(hide_password=True)}"
+        self._ledger = f"ledger {shown_url(ledger_url)}"
         self.role = role  # written beside the pid: "daemon", "reconcile", "verify --repair"
         self._fd: int | None = None
 
@@ -73,7 +75,9 @@ class SyncLock:
         if self.path is None or self._fd is not None:
             return
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # O_NONBLOCK: a FIFO put where the lock file goes cannot hang us (checked below)
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW
+            fd = os.open(self.path, flags, 0o644)
         except OSError as exc:
             missing = folder_missing(self._ledger, self.path, "[ledger] url")
             if missing is not None:
@@ -81,6 +85,12 @@ class SyncLock:
             raise Fatal(
                 f"{self._ledger}: cannot open its lock file {self.path!r}: {exc.strerror}"
             ) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise Fatal(
+                f"{self._ledger}: its lock file {self.path!r} is not a regular file; "
+                "remove it (featsync makes it anew)"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # Ours alone now (no syncing process gets past the flock): who we are is
@@ -115,12 +125,14 @@ class SyncLock:
         if self.path is None:
             return None
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
         except FileNotFoundError:
             return None
         except OSError:
             return Holder("?", "?")
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO, a device: no holder's
+                return Holder("?", "?")
             answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _whole_file(fcntl.F_WRLCK))
             if struct.unpack(_FLOCK, answer)[0] == fcntl.F_UNLCK:
                 return None

@@ -8,6 +8,7 @@ import datetime as dt
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -159,3 +160,53 @@ def test_context_status_json_through_featsync_serve(ws: Workspace, server: Serve
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"context_id": context_id, "status": "Idle"}
     assert CREDS["FEATSYNC_CLIENT_SECRET"] not in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://bob@db.example/featsync?password=S3cretPW",
+        "mysql+pymysql://bob@db.example/featsync?passwd=S3cretPW",
+        "sqlite+pysqlcipher://:S3cretPW@/state/ledger.db",
+    ],
+)
+@pytest.mark.parametrize("command", [("reconcile",), ("status",), ("retry", "--all")])
+def test_a_secret_in_the_ledger_url_is_never_shown(
+    ws: Workspace, url: str, command: tuple[str, ...]
+) -> None:
+    ws.write_config(sync={"folder": "images"}, ledger={"url": url})
+    r = featsync(*command, cwd=ws.base)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "S3cretPW" not in r.stdout + r.stderr
+    assert "***" in r.stderr  # the message still says which ledger
+
+
+def test_a_fifo_where_the_lock_file_goes_hangs_nothing(ws: Workspace) -> None:
+    ws.image("a.jpg", 1)
+    os.mkfifo(ws.base / "featsync-ledger.db.lock")
+    look = featsync("status", cwd=ws.base)  # featsync()'s own timeout would catch a hang
+    assert look.returncode == 1 and "last cycle: never" in look.stdout, look.stderr
+    sync = featsync("reconcile", cwd=ws.base)
+    assert sync.returncode == 2, sync.stderr
+    assert "featsync-ledger.db.lock' is not a regular file" in sync.stderr
+
+
+def test_ctrl_c_before_a_command_has_begun_is_exit_130_without_a_traceback(
+    ws: Workspace,
+) -> None:
+    """Ctrl-C while featsync still reads its config (here a FIFO nobody writes, so that
+    the moment is certain): nothing has begun, nothing to say but the exit code."""
+    fifo = ws.base / "slow.toml"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "featsync", "--config", str(fifo), "status"],
+        cwd=ws.base,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    with open(fifo, "w"):  # the open returns once featsync has opened it to read
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    assert proc.returncode == 130, err
