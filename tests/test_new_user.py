@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 
@@ -210,3 +211,15 @@ def test_ctrl_c_before_a_command_has_begun_is_exit_130_without_a_traceback(
         _out, err = proc.communicate(timeout=60)
     assert "Traceback" not in err, err
     assert proc.returncode == 130, err
+
+
+def test_json_has_no_nan_or_infinity_even_from_a_hostile_ledger(ws: Workspace) -> None:
+    ws.image("a.jpg", 1)
+    assert featsync("reconcile", cwd=ws.base).returncode == 0
+    with sqlite3.connect(ws.base / "featsync-ledger.db") as conn:
+        conn.execute("UPDATE cycles SET duration_ms = 9e999")  # what SQLite stores as inf
+    conn.close()
+    r = featsync("status", "--json", cwd=ws.base)
+    assert r.returncode == 0, r.stderr
+    assert "Infinity" not in r.stdout and "NaN" not in r.stdout
+    assert json.loads(r.stdout)["last_cycle"]["duration_ms"] is None
