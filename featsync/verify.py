@@ -132,7 +132,14 @@ def _check(
                 if not check.found.stopped:
                     shown[:] = ["list", 0, None]
                     check.listing(ledger.believed_of)
-            found = check.confirm(ledger.believed_of)
+            # A look reads a private copy of the ledger, as it was when it opened; what
+            # looks like drift is confirmed against the ledger as it is now (a daemon
+            # may have synced meanwhile), through a new look.
+            now = SqlLedger(url, read_only=True)
+            try:
+                found = check.confirm(now.believed_of)
+            finally:
+                now.close()
         finally:
             context.close()
     finally:
