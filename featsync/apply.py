@@ -252,6 +252,8 @@ def apply_plan(
     res = ApplyResult()
     gate = _Gate(res, policy, stop, progress, breaker, hold, in_flight, backups, sink)
     gate.total = len(plan.actions)
+    if gate.total:  # the send phase's line opens now, not at the first outcome
+        sink("send", 0, gate.total, 0)
     now = clock()
     ledger.record_restat(plan.restat, now)
     ledger.forget(plan.forget, now)

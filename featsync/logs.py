@@ -13,6 +13,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from featsync.escapes import printable
+
 LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -83,6 +85,20 @@ def _per_image_quiet(show: bool) -> Callable[[Any, str, MutableMapping[str, Any]
     return processor
 
 
+# Fields whose line breaks are meant (a traceback): not escaped on the console
+_MULTILINE = frozenset({"exception", "stack"})
+
+
+def _console_safe(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Any:
+    """For the console renderer only (JSON escapes by itself): text from file names and
+    servers with its control characters escaped, so that it can neither drive the
+    terminal nor forge a line."""
+    for key, value in event.items():
+        if isinstance(value, str) and key not in _MULTILINE:
+            event[key] = printable(value)
+    return event
+
+
 def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
     out = stream if stream is not None else sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
@@ -98,6 +114,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
             _per_image_quiet(LEVELS[level] <= logging.DEBUG),
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            *([] if use_json else [_console_safe]),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),

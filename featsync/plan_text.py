@@ -12,10 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from featsync.model import Action, Kind, LedgerRow, Plan, State
+from featsync.escapes import printable
+from featsync.model import Action, Kind, LedgerRow, Plan, RootState, Snapshot, State
 from featsync.plan import renames
 
 CONFIRM = "featsync reconcile --confirm-deletes"
+RESYNC = "to be sent again: the context was replaced (resync)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,9 @@ def why(a: Action, row: LedgerRow | None) -> Step:
         return Step(kind, a.image_id, None, reason)
     if row is None or row.state == State.DELETED.value:
         return Step(kind, a.image_id, path, "new file")
+    if row.state == State.FAILED.value and not row.digest and not row.attempts:
+        # what `--resync` leaves (no digest, nothing tried yet): not a content change
+        return Step(kind, a.image_id, path, RESYNC)
     if row.digest != new:
         return Step(kind, a.image_id, path, "content changed", row.digest, new)
     if row.state == State.FAILED.value:
@@ -83,7 +88,7 @@ def steps(p: Plan, rows: Mapping[str, LedgerRow]) -> tuple[list[Step], list[tupl
     return single, shown
 
 
-def _release(p: Plan) -> str | None:
+def release(p: Plan) -> str | None:
     """How withheld deletes are released: `--confirm-deletes`, unless the folder itself
     is in doubt (missing, another device, no marker, an incomplete scan), which no
     confirmation overrides."""
@@ -123,12 +128,14 @@ def describe(p: Plan, rows: Mapping[str, LedgerRow] | None = None) -> list[str]:
     if pairs:
         summary += f"; {len(pairs)} rename(s) among them (each sent as a delete and an add)"
     lines.append(summary)
-    release = _release(p)
-    if release == CONFIRM:
+    how = release(p)
+    if how == CONFIRM:
         lines.append(f"to send the withheld deletes: {CONFIRM}")
-    elif release is not None:
-        lines.append(f"the withheld deletes are sent {release}")
-    return lines
+    elif how is not None:
+        lines.append(f"the withheld deletes are sent {how}")
+    # IDs, paths and reasons come from file names: no control character reaches the
+    # terminal raw, no name splits a line
+    return [printable(x) for x in lines]
 
 
 def _line(s: Step) -> str:
@@ -171,9 +178,19 @@ def as_json(p: Plan, rows: Mapping[str, LedgerRow], complete: bool) -> dict[str,
         "withheld": {
             "image_ids": [a.image_id for a in p.withheld],
             "reason": p.withheld_reason,
-            "release": _release(p),
+            "release": release(p),
         },
         "forget": list(p.forget),
         "waiting": list(p.waiting),
         "unreadable": [{"image_id": i, "error": e} for i, e in p.unreadable],
     }
+
+
+def problems(snapshot: Snapshot) -> list[str]:
+    """Why the scan was incomplete (empty if it was not): the folder itself, then what
+    the scan could not read."""
+    out = []
+    if snapshot.root_state is not RootState.OK:
+        state = snapshot.root_state.value.replace("_", " ")
+        out.append(f"folder {snapshot.root!r}: {state}")
+    return out + list(snapshot.problems)

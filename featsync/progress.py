@@ -8,7 +8,7 @@ Off a terminal the sink is `nothing`: the JSON logs are the whole output, as bef
 
 from __future__ import annotations
 
-import shutil
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -18,6 +18,7 @@ from typing import Any, Protocol, TextIO
 from tqdm import tqdm
 
 from featsync import logs
+from featsync.escapes import printable
 
 
 class Sink(Protocol):
@@ -85,15 +86,14 @@ class Bar:
             bar.update(done - bar.n)  # tqdm redraws at most every 0.1 s
 
     def _open(self, phase: str, total: int | None) -> tqdm[Any]:
-        size = shutil.get_terminal_size()
+        size = size_of(self.stream)
         return tqdm(
             total=total,
             desc=LABELS.get(phase, phase),
             unit=" " + UNITS.get(phase, "items"),  # "12 images", "40.2 images/s"
             file=self.stream,
             bar_format=_KNOWN if total is not None else _UNKNOWN,
-            # $COLUMNS, else the terminal's size, else 80x24: a new pseudo-terminal
-            # says 0x0, where tqdm draws nothing (it hides bars past the last row)
+            # the terminal it draws on (not stdout's: `reconcile --json | jq`)
             ncols=size.columns,
             nrows=size.lines,
             leave=True,  # the last state stays on screen: what was done, at what rate
@@ -119,6 +119,26 @@ class Bar:
     def close(self) -> None:
         with self._lock:
             self._end()
+
+
+def size_of(stream: TextIO) -> os.terminal_size:
+    """The size of the terminal `stream` writes to; where it says 0 (a new
+    pseudo-terminal says 0x0, where tqdm draws nothing: it hides bars past the last
+    row) or cannot say, $COLUMNS / $LINES, else 80x24."""
+    try:
+        columns, lines = os.get_terminal_size(stream.fileno())
+    except (AttributeError, ValueError, OSError):  # no file descriptor, or no terminal
+        columns = lines = 0
+    return os.terminal_size(
+        (columns or _env_int("COLUMNS") or 80, lines or _env_int("LINES") or 24)
+    )
+
+
+def _env_int(name: str) -> int:
+    try:
+        return max(0, int(os.environ.get(name, "")))
+    except ValueError:
+        return 0
 
 
 def on_terminal() -> bool:
@@ -148,4 +168,4 @@ def shown(enabled: bool = True) -> Iterator[Sink]:
 def summary_line(text: str) -> None:
     """The one plain line at the end of a run, for the person at the terminal."""
     if on_terminal():
-        print(text, file=sys.stderr, flush=True)
+        print(printable(text), file=sys.stderr, flush=True)

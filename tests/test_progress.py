@@ -10,6 +10,7 @@ counts redraws: only the line's last state (tqdm leaves it on screen) is asserte
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import re
@@ -37,23 +38,33 @@ def on_tty(
     env: dict[str, str] | None = None,
     timeout: float = 120.0,
     interrupt_at: str | None = None,
+    columns: int = 120,
+    stdout: Path | None = None,
 ) -> tuple[int, str]:
-    """`python -m featsync ARGS` on a pseudo-terminal of 120x40; its exit code and all
-    it wrote there, as the terminal got it. `interrupt_at`: a pattern; once the output
-    matches it, SIGINT (as Ctrl-C) is sent, once."""
-    full_env = {k: v for k, v in os.environ.items() if k not in ("FEATSYNC_CONFIG", "COLUMNS")}
+    """`python -m featsync ARGS` on a pseudo-terminal of `columns`x40; its exit code and
+    all it wrote there, as the terminal got it. `interrupt_at`: a pattern; once the
+    output matches it, SIGINT (as Ctrl-C) is sent, once. `stdout`: a file to send
+    stdout to instead (as `featsync ... | jq` does)."""
+    full_env = {
+        k: v for k, v in os.environ.items() if k not in ("FEATSYNC_CONFIG", "COLUMNS", "LINES")
+    }
     full_env.update({"TERM": "xterm-256color", **(env or {})})
     leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "featsync", *args],
-        cwd=cwd,
-        env=full_env,
-        stdin=follower,
-        stdout=follower,
-        stderr=follower,
-        close_fds=True,
-    )
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    out = open(stdout, "wb") if stdout is not None else None  # noqa: SIM115 (closed below)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "featsync", *args],
+            cwd=cwd,
+            env=full_env,
+            stdin=follower,
+            stdout=follower if out is None else out,
+            stderr=follower,
+            close_fds=True,
+        )
+    finally:
+        if out is not None:
+            out.close()
     os.close(follower)
     chunks: list[bytes] = []
     deadline = time.monotonic() + timeout
@@ -240,3 +251,43 @@ def test_ctrl_c_on_a_terminal_ends_with_an_interrupted_summary(
     [summary] = [x for x in lines if x.startswith("interrupted: ")]
     assert "left for the next cycle" in summary, summary
     assert SUMMARY.match(summary.removeprefix("interrupted: ")), summary
+
+
+def test_the_line_fits_the_terminal_it_is_drawn_on_when_stdout_is_a_pipe(
+    ws: Workspace, tmp_path: Path
+) -> None:
+    """`reconcile --json | jq` on a 40-column terminal: the line is measured on stderr,
+    where it is drawn (stdout's 80 columns would wrap it, each redraw a new line)."""
+    _images(ws, 6)
+    code, out = on_tty("reconcile", "--json", cwd=ws.base, columns=40, stdout=tmp_path / "o")
+    assert code == 0, out
+    assert json.loads((tmp_path / "o").read_text())["in_step"] is True
+    drawn = ANSI.sub("", out).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    bars = [x for x in drawn if x.startswith(("scanning:", "sending:"))]
+    assert any(x.startswith("sending:") for x in bars), drawn
+    assert max(len(x) for x in bars) <= 40, bars
+
+
+def test_a_missing_folder_summary_offers_no_option_that_cannot_help(ws: Workspace) -> None:
+    _images(ws, 3)
+    assert featsync("reconcile", cwd=ws.base).returncode == 0
+    ws.images.rename(ws.base / "elsewhere")  # unmounted, say: no confirmation overrides it
+    code, out = on_tty("reconcile", cwd=ws.base)
+    assert code == 1, out
+    [summary] = [x for x in screen_lines(out) if x.startswith("0 added, ")]
+    assert "3 deletes withheld" in summary and "(the scan was incomplete)" in summary, summary
+    assert "--confirm-deletes" not in summary, summary
+
+
+def test_a_file_name_cannot_drive_the_terminal_through_a_warning(ws: Workspace) -> None:
+    _images(ws, 2)
+    # sets the terminal's title (structlog quotes a value with a space or a line break,
+    # not this one)
+    evil = ws.images / "bad\x1b]0;pwned\x07.jpg"
+    evil.write_bytes(b"\x00" * 64)
+    set_mtime_past(evil)
+    code, out = on_tty("reconcile", cwd=ws.base)
+    assert code == 1, out
+    assert "\x1b]0;pwned" not in out and "\x07" not in out
+    [failed] = [x for x in screen_lines(out) if "image_failed" in x]
+    assert "bad\\x1b]0;pwned\\x07.jpg" in failed, failed
