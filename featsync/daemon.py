@@ -53,6 +53,7 @@ from featsync.engine import bind_context
 from featsync.errors import FeatsyncError
 from featsync.ledger import SqlLedger
 from featsync.lock import SyncLock
+from featsync.reconcile_cli import check_access
 from featsync.rescans import Requests, Rescans
 from featsync.syncthread import TICK_S, Opened, Reload, SyncThread
 from featsync.systemd import Notifier, Pulse
@@ -98,10 +99,14 @@ class Daemon:
         d = settings.daemon
         return Pending(d.quiet_period, d.max_delay, d.max_pending)
 
-    def _open(self, settings: config.Settings, take_lock: bool = True) -> Opened:
+    def _open(
+        self, settings: config.Settings, take_lock: bool = True, check: bool = False
+    ) -> Opened:
         """The ledger and the context, bound together; the ledger's lock first, unless
         it is the one the daemon holds already (a lock is never let go and taken again:
-        another process could take it in between)."""
+        another process could take it in between). `check` (at the start): a client
+        secret the token endpoint refuses stops the daemon (exit 2), even with nothing
+        to send; an endpoint that does not answer is a warning."""
         lock = SyncLock(settings.ledger.url, role="daemon") if take_lock else None
         if lock is not None:
             lock.acquire()
@@ -111,6 +116,8 @@ class Daemon:
                 context = open_context(settings, self.log)
                 try:  # another context than the ledger mirrors: refuse to start (exit 2)
                     bind_context(ledger, context, self.log, prefix=settings.sync.id_prefix)
+                    if check:
+                        check_access(context, self.log, self.stopping)
                 except BaseException:
                     context.close()
                     raise
@@ -168,7 +175,7 @@ class Daemon:
 
     def _run(self) -> int:
         s = self.settings
-        opened = self._open(s)
+        opened = self._open(s, check=True)
         sync = self.sync = SyncThread(
             self, s, opened, self.requests, self.pulse, self.log, self.notifier.watchdog_s
         )

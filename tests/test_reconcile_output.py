@@ -9,10 +9,12 @@ import datetime as dt
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from featsync import logs
+from featsync.engine import Engine
 from featsync.ledger import SqlLedger
+from featsync.lock import SyncLock
 from featsync.model import Action, Kind, LocalFile
 from featsync.plan import renames
+from featsync.plan_text import RESYNC
 from featsync.schema import SCHEMA_VERSION
 from tests.conftest import CLIENT_SECRET, Workspace, set_mtime_past, start_server, wait_for
 from tests.test_aspose import CREDS, odd_server, use_server
@@ -264,12 +270,17 @@ def test_a_wrong_client_secret_exits_2_even_with_nothing_to_send(
         env = {**CREDS, "FEATSYNC_CLIENT_SECRET": wrong}
         good = featsync("reconcile", cwd=ws.base, env=CREDS)
         assert good.returncode == 0, good.stderr
-        for args in (("reconcile",), ("reconcile", "--dry-run"), ("reconcile", "--json")):
+        for args in (("reconcile",), ("reconcile", "--json")):
             r = featsync(*args, cwd=ws.base, env=env)
             assert r.returncode == 2, (args, r.stderr)
             assert "refused client" in r.stderr and "check the client ID and secret" in r.stderr
             assert wrong not in r.stderr + r.stdout and CLIENT_SECRET not in r.stderr + r.stdout
-            assert r.stdout == ""
+        assert _one_document(r.stdout)["in_step"] is False  # --json: the error in its result
+        assert "refused client" in _one_document(r.stdout)["error"]
+        # a dry run calls no service (it plans offline, as ever): no check, the plan
+        dry = featsync("reconcile", "--dry-run", cwd=ws.base, env=env)
+        assert dry.returncode == 0, dry.stderr
+        assert dry.stdout.startswith("plan: 0 add"), dry.stdout
     finally:
         srv.stop()
 
@@ -341,3 +352,182 @@ def test_an_add_of_unknown_content_is_no_rename() -> None:
     """A file never read (too big: no digest) pairs with nothing, not even another."""
     pairs = renames([_add("new", ""), Action(Kind.DELETE, "old", None, 1)], {"old": ""})
     assert pairs == []
+
+
+def _free_port() -> int:
+    """A loopback port nothing listens on (connections to it are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def _with_context(ws: Workspace, **changes: Any) -> None:
+    ws.write_config(**{**ws.overrides, "context": {**ws.overrides["context"], **changes}})
+
+
+def test_json_says_why_a_run_failed_before_its_cycle_in_the_results_shape(
+    ws: Workspace,
+) -> None:
+    """`reconcile --json | jq -e .in_step` must not pass on a run that failed: one
+    document, of the same keys as a cycle's result, with in_step false and the error."""
+    _images(ws, 1)
+    normal = _one_document(featsync("reconcile", "--json", cwd=ws.base).stdout)
+    lock = SyncLock(ws.settings().ledger.url, role="daemon")  # as a daemon syncing
+    lock.acquire()
+    try:
+        r = featsync("reconcile", "--json", cwd=ws.base)
+    finally:
+        lock.release()
+    assert r.returncode == 2, r.stderr
+    held = _one_document(r.stdout)
+    assert set(held) == set(normal), held
+    assert held["in_step"] is False and held["complete"] is False
+    assert held["error"] and str(os.getpid()) in held["error"], held
+    assert held["counts"] == dict.fromkeys(normal["counts"], 0)
+    plan = _one_document(featsync("reconcile", "--dry-run", "--json", cwd=ws.base).stdout)
+    r = featsync("reconcile", "--dry-run", "--resync", "--json", cwd=ws.base)
+    assert r.returncode == 2, r.stderr
+    refused = _one_document(r.stdout)  # a dry run's failure: the dry run's shape
+    assert set(refused) == set(plan) and refused["in_step"] is False
+    assert "--resync" in refused["error"] and refused["actions"] == []
+
+
+def test_json_says_why_the_scan_was_incomplete(ws: Workspace) -> None:
+    ws.write_config(sync={"folder": "nowhere"})  # a new ledger, and no folder
+    r = featsync("reconcile", "--json", cwd=ws.base)
+    assert r.returncode == 1, r.stderr
+    data = _one_document(r.stdout)
+    assert data["complete"] is False and data["error"] is None
+    [problem] = data["problems"]
+    assert "nowhere" in problem and "missing" in problem, problem
+    dry = _one_document(featsync("reconcile", "--dry-run", "--json", cwd=ws.base).stdout)
+    assert dry["problems"] == [problem] and dry["complete"] is False
+    assert dry["error"] is None
+
+
+def test_a_token_endpoint_down_is_a_warning_and_the_cycle_goes_on(
+    ws: Workspace, tmp_path: Path
+) -> None:
+    """Only a refused credential stops a run before its scan: an outage of the token
+    endpoint is a warning (a cycle with nothing to send needs no token), and a dry run
+    plans with the whole service down, as it always did."""
+    srv = start_server(tmp_path / "srv")
+    try:
+        use_server(ws, srv)
+        _images(ws, 2)
+        assert featsync("reconcile", cwd=ws.base, env=CREDS).returncode == 0
+        _with_context(ws, auth_url=f"http://127.0.0.1:{_free_port()}/token", max_retries=0)
+        r = featsync("reconcile", "--json", cwd=ws.base, env=CREDS)
+        assert r.returncode == 0, r.stderr
+        [warning] = [e for e in json_lines(r.stderr) if e["event"] == "access_not_checked"]
+        assert "token endpoint" in warning["error"], warning
+        assert _one_document(r.stdout)["in_step"] is True
+    finally:
+        srv.stop()
+    dry = featsync("reconcile", "--dry-run", cwd=ws.base, env=CREDS)  # the server is gone
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.startswith("plan: 0 add, 0 update, 0 delete, 2 unchanged"), dry.stdout
+
+
+def test_ctrl_c_while_the_token_endpoint_hangs_stops_the_run_at_once(
+    ws: Workspace, tmp_path: Path
+) -> None:
+    srv = start_server(tmp_path / "srv")
+    silent = socket.socket()  # takes connections, never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    silent.settimeout(60)
+    try:
+        use_server(ws, srv)
+        _images(ws, 1)
+        assert featsync("reconcile", cwd=ws.base, env=CREDS).returncode == 0
+        port = silent.getsockname()[1]
+        _with_context(ws, auth_url=f"http://127.0.0.1:{port}/token", read_timeout=600.0)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "featsync", "reconcile", "--json"],
+            cwd=ws.base,
+            env={**_env(), **CREDS},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            conn, _ = silent.accept()  # the token is being fetched
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+            conn.close()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    finally:
+        silent.close()
+        srv.stop()
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "Traceback" not in err
+    data = _one_document(out)  # stopped before its scan: the result's shape all the same
+    normal = _one_document(featsync("reconcile", "--json", cwd=ws.base, env=CREDS).stdout)
+    assert set(data) == set(normal), data
+    assert data["interrupted"] is True and data["in_step"] is False and data["error"]
+
+
+def test_the_daemon_with_a_refused_secret_exits_2_at_its_start(
+    ws: Workspace, tmp_path: Path
+) -> None:
+    srv = start_server(tmp_path / "srv")
+    try:
+        use_server(ws, srv)
+        _images(ws, 1)  # bound and in step: no cycle would ever call the context
+        assert featsync("reconcile", cwd=ws.base, env=CREDS).returncode == 0
+        wrong = "not-the-secret-77a1"
+        r = featsync("run", cwd=ws.base, env={**CREDS, "FEATSYNC_CLIENT_SECRET": wrong})
+    finally:
+        srv.stop()
+    assert r.returncode == 2, r.stderr
+    assert "refused client" in r.stderr and wrong not in r.stderr
+
+
+def test_after_an_interrupted_resync_the_dry_run_says_the_images_are_sent_again(
+    ws: Workspace,
+) -> None:
+    _images(ws, 2)
+    assert featsync("reconcile", cwd=ws.base).returncode == 0
+    ledger = ws.ledger()
+    try:  # what `--resync` records before it sends anything
+        ledger.resync(ledger.context_identity() or "", time.time())
+    finally:
+        ledger.close()
+    plan = _one_document(featsync("reconcile", "--dry-run", "--json", cwd=ws.base).stdout)
+    assert [a["reason"] for a in plan["actions"]] == [RESYNC, RESYNC], plan["actions"]
+    assert all("old_digest" not in a for a in plan["actions"])
+    text = featsync("reconcile", "--dry-run", cwd=ws.base).stdout
+    assert f"i00.jpg  ({RESYNC})" in text and "content changed" not in text, text
+
+
+def test_the_dry_run_escapes_control_characters_of_file_names(ws: Workspace) -> None:
+    set_mtime_past(ws.image("two\nlines.jpg", 1))
+    set_mtime_past(ws.image("title\x1b]0;pwned\x07.jpg", 2))
+    r = featsync("reconcile", "--dry-run", cwd=ws.base)
+    assert r.returncode == 1, r.stderr
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout
+    lines = r.stdout.splitlines()
+    assert "  add     two\\nlines.jpg  (new file)" in lines, lines
+    assert "  add     title\\x1b]0;pwned\\x07.jpg  (new file)" in lines, lines
+
+
+def test_the_send_phase_is_said_before_its_first_outcome(ws: Workspace) -> None:
+    """The sending line opens when sending starts (0 of N), not at the first result:
+    else the scan's line stays up, stale, while the first image goes."""
+    _images(ws, 2)
+    told: list[tuple[str, int, int | None, int]] = []
+    ledger, context = ws.ledger(), ws.context()
+    try:
+        engine = Engine(ws.settings(), ledger, context, logs.get(), sink=lambda *a: told.append(a))
+        engine.cycle()
+    finally:
+        context.close()
+        ledger.close()
+    sends = [t for t in told if t[0] == "send"]
+    assert sends[0] == ("send", 0, 2, 0) and sends[-1] == ("send", 2, 2, 0), sends
+    assert told.index(sends[0]) == told.index(next(t for t in told if t[0] != "scan"))
