@@ -237,12 +237,15 @@ def image_features(body: Any, image_id: str, what: str) -> ImageFeatures:
 
 
 def search_results(items: Any) -> list[SearchResult]:
+    if items is not None and not isinstance(items, list):
+        raise Transient(f"malformed search results {str(items)[:200]!r}")
     out = []
     for item in items or []:
         try:
-            out.append(
-                SearchResult(str(field(item, "imageId") or ""), float(field(item, "similarity")))
-            )
+            similarity = float(field(item, "similarity"))
+            if not 0.0 <= similarity <= 100.0:  # NaN, infinities, not a percentage
+                raise ValueError(similarity)
+            out.append(SearchResult(str(field(item, "imageId") or ""), similarity))
         except (TypeError, ValueError):
             raise Transient(f"malformed search result {item!r}") from None
     return out

@@ -12,12 +12,14 @@ probe found images that do not find themselves (featsync.looks: "not in step");
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 from featsync import jsonout
 from featsync.config import Settings
-from featsync.looks import EXIT_NOT_IN_STEP, EXIT_OK, when
+from featsync.errors import Fatal
+from featsync.looks import EXIT_FATAL, EXIT_NOT_IN_STEP, EXIT_OK, when
 from featsync.report_data import gather
 from featsync.report_files import Folder
 
@@ -32,22 +34,35 @@ def folder_of(settings: Settings) -> Folder:
 
 
 def build(
-    settings: Settings, probe_n: int | None, duplicates: float | None, log: Any = None
+    settings: Settings,
+    probe_n: int | None,
+    duplicates: float | None,
+    log: Any = None,
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
-    """Every figure of the report (times as Unix seconds)."""
+    """Every figure of the report (times as Unix seconds). `stop`: set (by Ctrl-C) to
+    search no more; what was probed is reported."""
     from featsync.ledger import SqlLedger
     from featsync.lock import SyncLock
 
-    ledger = SqlLedger(settings.ledger.url, read_only=True)
     try:
-        data = gather(ledger, settings.backup.path, settings.sync.min_features)
-        picked = None
-        if probe_n:
-            from featsync.report_probe import sample
+        ledger = SqlLedger(settings.ledger.url, read_only=True)
+        try:
+            data = gather(ledger, settings.backup.path, settings.sync.min_features)
+            picked = None
+            if probe_n:
+                from featsync.report_probe import sample
 
-            picked = sample(ledger, probe_n)
-    finally:
-        ledger.close()
+                picked = sample(ledger, probe_n)
+        finally:
+            ledger.close()
+    except (ValueError, TypeError, OverflowError, ArithmeticError) as exc:
+        # A ledger edited by hand or damaged: text where a number belongs, a time out
+        # of range. Named, not a traceback.
+        raise Fatal(
+            f"the ledger {settings.ledger.url}: holds a value the report cannot read "
+            f"({printable(str(exc))[:200]})"
+        ) from None
     data.update(
         generated_at=time.time(),
         folder=settings.sync.folder,
@@ -55,6 +70,7 @@ def build(
         **_syncing(SyncLock(settings.ledger.url).who()),
         probe=None,
         duplicates=None,
+        stopped=False,
     )
     if picked is not None or duplicates is not None:
         from featsync import report_probe
@@ -62,13 +78,26 @@ def build(
 
         context = open_context(settings, log, read_only=True)
         try:
+            _same_context(context.identity(), data["context_identity"])
             if picked is not None:
-                data["probe"] = report_probe.probe(context, folder_of(settings), picked)
-            if duplicates is not None:
+                data["probe"] = report_probe.probe(context, folder_of(settings), picked, stop)
+            if duplicates is not None and not (stop is not None and stop.is_set()):
                 data["duplicates"] = report_probe.duplicates(context, duplicates)
         finally:
             context.close()
+    data["stopped"] = stop is not None and stop.is_set()
     return data
+
+
+def _same_context(configured: str, mirrored: str | None) -> None:
+    """Search only the context the ledger mirrors (as reconcile binds it): another one
+    would not hold these images, and the report would blame them."""
+    if mirrored is not None and configured != mirrored:
+        raise Fatal(
+            f"[context] names {printable(configured)}, but the ledger mirrors "
+            f"{printable(mirrored)}: a probe there would not find these images; set "
+            "[context] back, or run `featsync reconcile --resync` to sync this one"
+        )
 
 
 def _syncing(who: Any) -> dict[str, Any]:
@@ -83,9 +112,18 @@ def _syncing(who: Any) -> dict[str, Any]:
 
 
 def exit_code(data: dict[str, Any]) -> int:
-    probe = data["probe"]
+    """0 nothing needs attention; 1 failing images, withheld deletes, probed images that
+    do not find themselves, or a probe that searched none of the images it picked (their
+    files changed or unreadable); 2 the context gave no answer to any search of the
+    probe, or to --duplicates (the report is printed all the same, with the error)."""
+    probe, dup = data["probe"], data["duplicates"]
+    if probe is not None and probe["failed_calls"] and not probe["find_calls"]:
+        return EXIT_FATAL
+    if dup is not None and dup["error"] is not None:
+        return EXIT_FATAL
     lost = probe is not None and bool(probe["not_finding_themselves"])
-    needs = data["totals"]["failed"] or data["totals"]["withheld"] or lost
+    empty = probe is not None and bool(probe["asked"]) and not probe["find_calls"]
+    needs = data["totals"]["failed"] or data["totals"]["withheld"] or lost or empty
     return EXIT_NOT_IN_STEP if needs else EXIT_OK
 
 
@@ -107,18 +145,26 @@ def as_json(value: Any, key: str = "") -> Any:
 
 
 def cost_note(data: dict[str, Any]) -> str:
-    """What a probe costs, in words."""
+    """What a probe cost, in words: the searches the context answered, and those that
+    failed (each made, maybe retried, and no answer)."""
     p = data["probe"]
+    failed = f", {p['failed_calls']} failed" if p["failed_calls"] else ""
     if data["context_kind"] == "aspose":
         return (
-            f"{p['find_calls']} find call(s) against the Aspose context (each one API "
-            f"call, billed as such), {p['seconds']:.1f} s"
+            f"{p['find_calls']} find call(s) answered{failed} by the Aspose context (each "
+            f"one API call, billed as such), {p['seconds']:.1f} s"
         )
     each = p["seconds"] / p["find_calls"] if p["find_calls"] else 0.0
     return (
-        f"{p['find_calls']} find call(s) against the embedded context, {p['seconds']:.1f} s "
-        f"({each:.2f} s a call: each compares the query with every stored image)"
+        f"{p['find_calls']} find call(s) answered{failed} by the embedded context, "
+        f"{p['seconds']:.1f} s ({each:.2f} s a call: each compares the query with every "
+        "stored image)"
     )
+
+
+def _n(value: Any) -> str:
+    """A number from the ledger, "?" when it holds none (or not a number)."""
+    return "?" if value is None else str(value)
 
 
 def lines(data: dict[str, Any], shown: int = 10) -> list[str]:
@@ -137,17 +183,11 @@ def lines(data: dict[str, Any], shown: int = 10) -> list[str]:
     out.append(
         "last full cycle: never"
         if c is None
-        else f"last full cycle: {when(c['finished_at'])}: {c['added']} added, "
-        f"{c['updated']} updated, {c['deleted']} deleted, {c['failed']} failed"
+        else f"last full cycle: {when(c['finished_at'])}: {_n(c['added'])} added, "
+        f"{_n(c['updated'])} updated, {_n(c['deleted'])} deleted, {_n(c['failed'])} failed"
         + ("" if c["complete"] else " (scan incomplete)")
     )
-    v = data["verify"]
-    drift = ", ".join(f"{n} {k}" for k, n in sorted(v["drift_by_kind"].items())) or "none"
-    out.append(
-        f"verify: drift found and not yet mended: {drift}"
-        + (f" (newest marked {when(v['last_marked_at'])})" if v["last_marked_at"] else "")
-        + "; the ledger keeps no time of a verify that found nothing"
-    )
+    out.append(drift_note(data["verify"], when))
     b = data["backups"]
     out.append(
         f"backups: {b['backups']} features records of {b['image_ids']} image IDs "
@@ -161,7 +201,7 @@ def lines(data: dict[str, Any], shown: int = 10) -> list[str]:
         )
     out += _listed(
         f"weak (below min_features {data['min_features']}), worst first",
-        [f"{w['image_id']}: {w['features_count']} features" for w in data["weak"]],
+        [f"{w['image_id']}: {_n(w['features_count'])} features" for w in data["weak"]],
         shown,
     )
     d = data["drops"]
@@ -187,10 +227,15 @@ def lines(data: dict[str, Any], shown: int = 10) -> list[str]:
     out += _listed(
         "failing",
         [
-            f"{x['image_id']}: {x['error']} (tries {x['attempts']}, next try "
+            f"{x['image_id']}: {x['error']} (tries {_n(x['attempts'])}, next try "
             f"{when(x['next_attempt_at'])})"
             for x in data["failures"]
         ],
+        shown,
+    )
+    out += _listed(
+        "withheld deletes (`featsync reconcile --confirm-deletes` releases them)",
+        data["withheld_deletes"],
         shown,
     )
     e = data["exact_duplicates"]
@@ -202,6 +247,19 @@ def lines(data: dict[str, Any], shown: int = 10) -> list[str]:
     out += _probe_lines(data, shown)
     out += _activity_lines(data, shown)
     return out
+
+
+def drift_note(v: dict[str, Any], at: Any) -> str:
+    """What the ledger says of drift, and what it cannot: only `verify --repair` and the
+    daemon's review mark what they find; a plain `featsync verify` records nothing."""
+    marked = ", ".join(f"{n} {k}" for k, n in sorted(v["drift_by_kind"].items()))
+    newest = f" (newest marked {at(v['last_marked_at'])})" if v["last_marked_at"] else ""
+    return (
+        f"drift: {marked} marked by verify --repair or the daemon's review and not yet "
+        f"mended{newest}"
+        if marked
+        else "drift: none marked by verify --repair or the daemon's review"
+    ) + ("; a plain `featsync verify` records nothing: run it for the drift there is now")
 
 
 def _listed(title: str, items: list[str], shown: int) -> list[str]:
@@ -216,16 +274,23 @@ def _probe_lines(data: dict[str, Any], shown: int) -> list[str]:
     p = data["probe"]
     if p is not None:
         o = p["outcomes"]
+        searched = len(p["images"])
         out.append(
-            f"probe of {p['asked']} images: {o.get('found_first', 0)} find themselves first, "
+            f"probe of {p['asked']} images"
+            + (f" (stopped after {searched})" if p["stopped"] else "")
+            + f": {o.get('found_first', 0)} find themselves first, "
             f"{o.get('found_lower', 0)} ranked lower, {o.get('not_found', 0)} not found, "
             f"{o.get('changed', 0)} changed since their sync, "
             f"{o.get('unreadable', 0) + o.get('error', 0)} not searched; cost: {cost_note(data)}"
         )
+        if p["error"] is not None:
+            out.append(f"  the context refused the probe: {p['error']}")
+        elif p["asked"] and not p["find_calls"]:
+            out.append("  the probe searched none of the images it picked (see below)")
         out += _listed(
             "do not find themselves (might need feature updates)",
             [
-                f"{x['image_id']} ({x['features_count']} features): "
+                f"{x['image_id']} ({_n(x['features_count'])} features): "
                 + (
                     "not among the results"
                     if x["rank"] is None
@@ -238,14 +303,20 @@ def _probe_lines(data: dict[str, Any], shown: int) -> list[str]:
         )
         changed = [x for x in p["images"] if x["outcome"] in ("changed", "unreadable", "error")]
         out += [f"  not searched: {x['image_id']}: {x['reason']}" for x in changed[:shown]]
+        if len(changed) > shown:
+            out.append(f"  ... and {len(changed) - shown} more not searched (--json lists them)")
     dup = data["duplicates"]
-    if dup is not None:
+    if dup is not None and dup["error"] is not None:
+        out.append(f"near-duplicate groups at {dup['threshold']:g}%: not known: {dup['error']}")
+    elif dup is not None:
         out += _listed(
             f"near-duplicate groups at {dup['threshold']:g}% ({len(dup['groups'])}, "
             f"one find-duplicates call, {dup['seconds']:.1f} s)",
             [", ".join(f"{m['image_id']} ({m['similarity']})" for m in g) for g in dup["groups"]],
             shown,
         )
+    if data["stopped"]:
+        out.append("stopped (a signal): the probe or the near duplicates are not complete")
     return out
 
 
@@ -257,11 +328,19 @@ def _first(x: dict[str, Any]) -> str:
 def _activity_lines(data: dict[str, Any], shown: int) -> list[str]:
     days = data["activity"]
     return _listed(
-        "activity per day (UTC; failed: failed actions in full cycles)",
+        "activity per day, newest first (UTC; failed: failed actions in full cycles)",
         [
             f"{d['day']}: {d['added']} added, {d['updated']} updated, {d['deleted']} deleted, "
             f"{d['failed']} failed"
-            for d in days[-shown:]
+            for d in reversed(days)
         ],
         shown,
     )
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped: nothing from a file name, an ID or an
+    error colours the terminal or forges a line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

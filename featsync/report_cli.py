@@ -10,7 +10,7 @@ from typing import Any
 from featsync import jsonout, logs
 from featsync.config import Settings
 from featsync.errors import Fatal
-from featsync.report import DUPLICATES_THRESHOLD, as_json, build, exit_code, lines
+from featsync.report import DUPLICATES_THRESHOLD, as_json, build, exit_code, lines, printable
 
 PROBE_MAX = 100_000  # --probe N at most
 
@@ -33,7 +33,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "probed images do not find themselves; 2 a bad config or a fatal error.",
     )
     rep.add_argument("--json", action="store_true", help="print every figure as JSON")
-    rep.add_argument("--html", metavar="FILE", help="write a self-contained HTML page to FILE")
+    rep.add_argument(
+        "--html", type=_html_path, metavar="FILE", help="write a self-contained HTML page to FILE"
+    )
     rep.add_argument(
         "--probe", type=_probe_size, metavar="N", help="search for N random images (N calls)"
     )
@@ -45,6 +47,12 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="PERCENT",
         help=f"near-duplicate groups at this similarity (default {DUPLICATES_THRESHOLD:g})",
     )
+
+
+def _html_path(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path names no file")
+    return text
 
 
 def _probe_size(text: str) -> int:
@@ -68,8 +76,14 @@ def _percent(text: str) -> float:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    data = build(settings, args.probe, args.duplicates, logs.get())
-    if args.html:
+    if args.html is not None:
+        writable(args.html)  # before a probe spends calls on a page that cannot be written
+    from featsync.stopping import stop_on_signals
+
+    # Ctrl-C: search no more, report what was probed, exit 130 (SIGTERM: 143).
+    with stop_on_signals("report") as stop:
+        data = build(settings, args.probe, args.duplicates, logs.get(), stop)
+    if args.html is not None:
         from featsync.report_html import page
 
         write_page(args.html, page(settings, data))
@@ -77,18 +91,54 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         jsonout.emit(as_json(data))
     else:
         print("\n".join(printable(x) for x in lines(data)))
-        if args.html:
-            print(f"report written to {args.html}")
-    return exit_code(data)
+        if args.html is not None:
+            print(f"report written to {printable(args.html)}")
+    return stop.exit_code if data["stopped"] else exit_code(data)
+
+
+def writable(path: str) -> None:
+    """Fatal unless the page can go to `path`: not a folder, in a folder that exists and
+    can be written (a missing path or a regular file: a new file is renamed over it;
+    anything else, a FIFO, a device, a symbolic link, is written through, as `backup
+    export --out` does)."""
+    where = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise Fatal(f"--html {printable(path)!r}: is a folder, not a file")
+    if not os.path.lexists(path) or _plain(path):
+        if not os.path.isdir(where):
+            raise Fatal(
+                f"--html {printable(path)!r}: the folder {printable(where)!r} does not exist"
+            )
+        if not os.access(where, os.W_OK | os.X_OK):
+            raise Fatal(f"--html {printable(path)!r}: cannot write in {printable(where)!r}")
+    elif os.path.exists(path) and not os.access(path, os.W_OK):
+        raise Fatal(f"--html {printable(path)!r}: cannot write it")
+
+
+def _plain(path: str) -> bool:
+    return os.path.isfile(path) and not os.path.islink(path)
 
 
 def write_page(path: str, text: str) -> None:
-    """Write the page whole or not at all (a temporary file beside it, renamed)."""
+    """Write the page: a missing path or a regular file whole or not at all (a temporary
+    file beside it, renamed over it); anything else (a symbolic link, a FIFO, a device)
+    written through, never replaced, as `backup export --out` does."""
+    if os.path.lexists(path) and not _plain(path):
+        try:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        except OSError as exc:
+            raise Fatal(
+                f"--html {printable(path)!r}: cannot write it: {exc.strerror or exc}"
+            ) from None
+        return
     where = os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp = tempfile.mkstemp(prefix=".featsync-report-", suffix=".tmp", dir=where)
     except OSError as exc:
-        raise Fatal(f"--html {path!r}: cannot write there: {exc.strerror or exc}") from None
+        raise Fatal(
+            f"--html {printable(path)!r}: cannot write there: {exc.strerror or exc}"
+        ) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -96,18 +146,10 @@ def write_page(path: str, text: str) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         os.unlink(tmp)
-        raise Fatal(f"--html {path!r}: cannot write it: {exc.strerror or exc}") from None
+        raise Fatal(f"--html {printable(path)!r}: cannot write it: {exc.strerror or exc}") from None
 
 
 def _umask() -> int:
     from featsync.backups import current_umask
 
     return current_umask()
-
-
-def printable(text: str) -> str:
-    """`text` with control characters escaped: nothing from a file name, an ID or an
-    error colours the terminal or forges a line."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

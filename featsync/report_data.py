@@ -25,6 +25,33 @@ LISTED = 50  # rows per list (drops, changes): the worst; the totals count them 
 SENT = (Kind.ADD.value, Kind.UPDATE.value)
 
 
+# Unix times a datetime can hold (years 1 to 9999): a hand-edited or damaged ledger may
+# hold any value, or text, where a time or a count belongs; the report shows "-" for it.
+_EARLIEST, _LATEST = -62135596800.0, 253402300799.0
+
+
+def moment(value: Any) -> float | None:
+    """A time from the ledger as Unix seconds; None when it is none, or not a time."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if _EARLIEST <= value <= _LATEST else None
+
+
+def number(value: Any) -> int | None:
+    """A count or a version from the ledger as an int; None when it is none, or not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
 def percentile(ordered: Sequence[int], p: float) -> int | None:
     """The nearest-rank percentile of sorted values (None when there are none)."""
     if not ordered:
@@ -74,7 +101,7 @@ def gather(ledger: SqlLedger, backup_path: str, min_features: int) -> dict[str, 
     withheld = ledger.withheld_ids()
     failed, marks = ledger.in_flux()
     with ledger.engine.connect() as conn:
-        synced = conn.execute(
+        rows = conn.execute(
             sa.select(images.c.image_id, images.c.features_count, images.c.relpath).where(
                 images.c.state == State.SYNCED.value
             )
@@ -87,7 +114,8 @@ def gather(ledger: SqlLedger, backup_path: str, min_features: int) -> dict[str, 
         }
         drops, updated = _drops(conn)
         last_updates = _last_updates(conn)
-    known = [int(r[1]) for r in synced if r[1] is not None]
+    synced = [(str(r[0]), number(r[1]), text(r[2])) for r in rows]
+    known = [r[1] for r in synced if r[1] is not None]
     weak = sorted(
         (r for r in synced if r[1] is not None and r[1] < min_features),
         key=lambda r: (r[1], r[0]),
@@ -103,7 +131,7 @@ def gather(ledger: SqlLedger, backup_path: str, min_features: int) -> dict[str, 
             "features_unknown": len(synced) - len(known),
         },
         context_identity=ledger.context_identity(),
-        last_cycle=ledger.last_cycle(),
+        last_cycle=_cycle(ledger.last_cycle()),
         min_features=min_features,
         features=distribution(known),
         weak=[{"image_id": r[0], "features_count": r[1], "relpath": r[2]} for r in weak],
@@ -132,17 +160,31 @@ def _failures(conn: sa.Connection) -> list[dict[str, Any]]:
     ).all()
     return [
         {
-            "image_id": r.image_id,
-            "error": r.last_error,
-            "error_kind": r.error_kind,
-            "attempts": r.attempts,
-            "next_attempt_at": r.next_attempt_at,
-            "action": r.failed_action,
-            "failed_at": r.updated_at,
-            "relpath": r.relpath,
+            "image_id": str(r.image_id),
+            "error": text(r.last_error),
+            "error_kind": text(r.error_kind),
+            "attempts": number(r.attempts),
+            "next_attempt_at": moment(r.next_attempt_at),
+            "action": text(r.failed_action),
+            "failed_at": moment(r.updated_at),
+            "relpath": text(r.relpath),
         }
         for r in rows
     ]
+
+
+def _cycle(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The last full cycle, each value as its kind says (a bad one: None)."""
+    if row is None:
+        return None
+    out = dict(row)
+    for key in ("added", "updated", "deleted", "failed", "id"):
+        if key in out:
+            out[key] = number(out[key])
+    for key in ("started_at", "finished_at"):
+        if key in out:
+            out[key] = moment(out[key])
+    return out
 
 
 def _exact_duplicates(conn: sa.Connection) -> dict[str, Any]:
@@ -160,7 +202,7 @@ def _exact_duplicates(conn: sa.Connection) -> dict[str, Any]:
     ).all()
     groups: dict[str, list[str]] = {}
     for digest, image_id in rows:
-        groups.setdefault(digest, []).append(image_id)
+        groups.setdefault(str(digest), []).append(str(image_id))
     ordered = sorted(groups.items(), key=lambda g: (-len(g[1]), g[1][0]))
     return {
         "groups": len(ordered),
@@ -183,11 +225,13 @@ def _activity(conn: sa.Connection) -> list[dict[str, Any]]:
 
     names = {Kind.ADD.value: "added", Kind.UPDATE.value: "updated", Kind.DELETE.value: "deleted"}
     for action, at in conn.execute(sa.select(history.c.action, history.c.at)):
-        if action in names:
-            day(at)[names[action]] += 1
+        ts = moment(at)
+        if action in names and ts is not None:
+            day(ts)[names[action]] += 1
     for finished, failed in conn.execute(sa.select(cycles.c.finished_at, cycles.c.failed)):
-        if failed:
-            day(finished)["failed"] += int(failed)
+        ts, n = moment(finished), number(failed)
+        if n and ts is not None:
+            day(ts)["failed"] += n
     return [days[d] for d in sorted(days)]
 
 
@@ -210,11 +254,14 @@ def _verify(conn: sa.Connection, marks: int, cursor: str) -> dict[str, Any]:
     for r in rows:
         kind = str(r.last_error)[len(MARK_PREFIX) :].split(":", 1)[0]
         kinds[kind] = kinds.get(kind, 0) + 1
+    times = [t for t in (moment(r.updated_at) for r in rows) if t is not None]
     return {
         "drift_marks": marks,
         "drift_by_kind": kinds,
-        "last_marked_at": rows[0].updated_at if rows else None,
-        "marked": [{"image_id": r.image_id, "drift": r.last_error} for r in rows[:LISTED]],
+        "last_marked_at": max(times) if times else None,
+        "marked": [
+            {"image_id": str(r.image_id), "drift": text(r.last_error)} for r in rows[:LISTED]
+        ],
         "review_cursor": cursor or None,
     }
 
@@ -230,7 +277,11 @@ def _drops(conn: sa.Connection) -> tuple[list[dict[str, Any]], int]:
     worst: list[dict[str, Any]] = []
     images_with_a_drop: set[str] = set()
     before: tuple[str, int, int] | None = None
-    for image_id, version, count, at in result:
+    for image_id, raw_version, raw_count, at in result:
+        version, count = number(raw_version), number(raw_count)
+        if version is None or count is None:
+            continue  # not a version or a count: nothing to compare
+        image_id = str(image_id)
         if before is not None and before[0] == image_id and count < before[2]:
             images_with_a_drop.add(image_id)
             worst.append(
@@ -241,7 +292,7 @@ def _drops(conn: sa.Connection) -> tuple[list[dict[str, Any]], int]:
                     "from_count": before[2],
                     "to_count": count,
                     "drop": before[2] - count,
-                    "at": at,
+                    "at": moment(at),
                 }
             )
             if len(worst) > 4 * LISTED:
@@ -281,7 +332,18 @@ def _last_updates(conn: sa.Connection) -> dict[str, list[dict[str, Any]]]:
     ).mappings()
     out: dict[str, list[dict[str, Any]]] = {}
     for r in result:
-        out.setdefault(r["image_id"], []).append(dict(r))
+        version = number(r["version"])
+        if version is None:
+            continue
+        row = {
+            "image_id": str(r["image_id"]),
+            "version": version,
+            "digest": text(r["digest"]),
+            "action": r["action"],
+            "features_count": number(r["features_count"]),
+            "at": moment(r["at"]),
+        }
+        out.setdefault(row["image_id"], []).append(row)
     return out
 
 

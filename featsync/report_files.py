@@ -13,6 +13,7 @@ import errno
 import io
 import os
 import stat
+import warnings
 from dataclasses import dataclass
 
 from featsync.scan import ScanRules, ignore_regex, wanted_regex
@@ -99,21 +100,44 @@ class Folder:
             os.close(fd)
 
 
+class TooLarge(ValueError):
+    """An image with more pixels than a thumbnail is made of (the message says so)."""
+
+
 def thumbnail(data: bytes, size: int, max_pixels: int) -> bytes:
-    """A PNG of at most size x size pixels; ValueError when the image cannot be
-    decoded (or has more than `max_pixels`)."""
+    """A PNG of at most size x size pixels. TooLarge when the header says the image has
+    more than `max_pixels` (nothing decoded); ValueError when it cannot be decoded.
+    JPEG decodes at a reduced scale (draft); others are picked down to a small image
+    before any conversion, so only the decoded image and small ones are ever held."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ValueError(f"{w}x{h} pixels: more than {max_pixels}")
-            img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale
-            small = img.convert("RGB")
-            small.thumbnail((size, size))
-            out = io.BytesIO()
-            small.save(out, format="PNG", optimize=True)
-            return out.getvalue()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        with warnings.catch_warnings():
+            # Pillow warns (DecompressionBombWarning) of images above its own limit:
+            # a warning here is an image too large, said in the placeholder instead.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise TooLarge(f"{w}x{h} pixels: too large for a thumbnail")
+                img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale
+                near: Image.Image = img
+                if max(img.size) > 4 * size:
+                    # Nearest-neighbour first, to four times the thumbnail: no copy of
+                    # the whole image (a smooth resize of RGBA premultiplies one, as a
+                    # conversion makes one), then a smooth shrink of the small one.
+                    f = 4 * size / max(img.size)
+                    box = (max(1, round(img.width * f)), max(1, round(img.height * f)))
+                    near = img.resize(box, Image.Resampling.NEAREST)
+                small = near.convert("RGB")
+                small.thumbnail((size, size))
+                out = io.BytesIO()
+                small.save(out, format="PNG", optimize=True)
+                return out.getvalue()
+    except TooLarge:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        limit = Image.MAX_IMAGE_PIXELS
+        raise TooLarge(f"too large for a thumbnail (over Pillow's {limit} pixels)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ValueError(str(exc) or type(exc).__name__) from None

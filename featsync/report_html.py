@@ -10,14 +10,18 @@ from __future__ import annotations
 import base64
 import html
 import io
+import textwrap
 from typing import Any
 
 from featsync.config import Settings
-from featsync.report import as_json, cost_note, folder_of
-from featsync.report_files import Folder, NotRead, thumbnail
+from featsync.report import _n, as_json, cost_note, drift_note, folder_of
+from featsync.report_files import Folder, NotRead, TooLarge, thumbnail
 
 THUMB_PX = 128  # a thumbnail fits in THUMB_PX x THUMB_PX
 THUMBS = 24  # thumbnails per section at most
+# Bigger images get a placeholder, judged from the header before decoding: a decoded
+# 40 MP image takes up to 160 MB (RGBA), a thumbnail never needs more.
+THUMB_MAX_PIXELS = 40_000_000
 ROWS = 200  # table rows per section at most (--json has them all)
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;background:#fff}
@@ -36,7 +40,7 @@ def page(settings: Settings, data: dict[str, Any]) -> str:
     """The whole page."""
     doc = as_json(data)  # ISO 8601 times
     folder = folder_of(settings)
-    max_pixels = settings.context.max_pixels
+    max_pixels = min(settings.context.max_pixels, THUMB_MAX_PIXELS)
     t = data["totals"]
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
@@ -60,9 +64,14 @@ def page(settings: Settings, data: dict[str, Any]) -> str:
         _distribution(data),
         _chart(_features_chart(data)) if data["features"]["images"] else "",
         "<h2>Weak images (below min_features), worst first</h2>",
-        _thumbs(folder, max_pixels, data["weak"], lambda w: f"{w['features_count']} features"),
+        _thumbs(folder, max_pixels, data["weak"], lambda w: f"{_n(w['features_count'])} features"),
         _table(
             ["image ID", "features"], [[w["image_id"], w["features_count"]] for w in data["weak"]]
+        ),
+        "<h2>Withheld deletes</h2>",
+        _table(
+            ["image ID (`featsync reconcile --confirm-deletes` releases them)"],
+            [[i] for i in data["withheld_deletes"]],
         ),
         "<h2>Biggest drops in features between versions</h2>",
         _table(
@@ -123,7 +132,7 @@ def _e(value: Any) -> str:
 
 
 def _tile(label: str, n: int, bad: bool = False) -> str:
-    return f"<div class='tile{' bad' if bad else ''}'><b>{n}</b>{_e(label)}</div>"
+    return f"<div class='tile{' bad' if bad else ''}'><b>{_e(n)}</b>{_e(label)}</div>"
 
 
 def _cycle(doc: dict[str, Any]) -> str:
@@ -131,17 +140,11 @@ def _cycle(doc: dict[str, Any]) -> str:
     cycle = (
         "never"
         if c is None
-        else f"{_e(c['finished_at'])}: {c['added']} added, {c['updated']} updated, "
-        f"{c['deleted']} deleted, {c['failed']} failed"
+        else f"{_e(c['finished_at'])}: {_e(c['added'])} added, {_e(c['updated'])} updated, "
+        f"{_e(c['deleted'])} deleted, {_e(c['failed'])} failed"
         + ("" if c["complete"] else " (scan incomplete)")
     )
-    drift = ", ".join(f"{n} {_e(k)}" for k, n in sorted(v["drift_by_kind"].items())) or "none"
-    return (
-        f"<p>Last full cycle: {cycle}<br>Drift found by verify and not yet mended: {drift}"
-        + (f" (newest marked {_e(v['last_marked_at'])})" if v["last_marked_at"] else "")
-        + " <span class='note'>(the ledger keeps no time of a verify that found nothing)"
-        "</span></p>"
-    )
+    return f"<p>Last full cycle: {cycle}<br>{_e(drift_note(v, str))}</p>"
 
 
 def _distribution(data: dict[str, Any]) -> str:
@@ -191,18 +194,28 @@ def _thumb_uri(folder: Folder, relpath: str | None, max_pixels: int) -> str:
         png = thumbnail(folder.read(relpath), THUMB_PX, max_pixels)
     except NotRead as exc:
         return _placeholder(str(exc))
+    except TooLarge as exc:
+        return _placeholder(str(exc))
     except ValueError:
         return _placeholder("cannot decode")
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def _placeholder(why: str) -> str:
-    text = html.escape(why[:40], quote=True)
+    """A crossed box with the reason in whole words (up to five lines of them)."""
+    wrapped = textwrap.wrap(why, 26) or ["-"]
+    if len(wrapped) > 5:
+        wrapped = [*wrapped[:4], textwrap.shorten(" ".join(wrapped[4:]), 26, placeholder=" …")]
+    text = "".join(
+        f"<tspan x='64' dy='{0 if n == 0 else 11}'>{html.escape(line, quote=True)}</tspan>"
+        for n, line in enumerate(wrapped)
+    )
     svg = (
         "<svg xmlns='http://www.w3.org/2000/svg' width='128' height='128'>"
         "<rect width='128' height='128' fill='#eee' stroke='#b00'/>"
         "<line x1='0' y1='0' x2='128' y2='128' stroke='#b00'/>"
-        f"<text x='64' y='70' font-size='9' text-anchor='middle' fill='#600'>{text}</text></svg>"
+        f"<text x='64' y='{64 - 5 * len(wrapped)}' font-size='9' text-anchor='middle' "
+        f"fill='#600'>{text}</text></svg>"
     )
     return "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode("ascii")
 
@@ -219,10 +232,17 @@ def _probe(data: dict[str, Any], folder: Folder, max_pixels: int) -> str:
     others = [x for x in p["images"] if x["outcome"] in ("changed", "unreadable", "error")]
     return "".join(
         [
-            f"<h2>Findability: a probe of {p['asked']} images</h2>",
-            f"<p>{o.get('found_first', 0)} find themselves first, {o.get('found_lower', 0)} "
-            f"rank lower, {o.get('not_found', 0)} are not found, {o.get('changed', 0)} changed "
-            f"since their sync. Cost: {_e(cost_note(data))}.</p>",
+            f"<h2>Findability: a probe of {_e(p['asked'])} images</h2>",
+            f"<p>{_e(o.get('found_first', 0))} find themselves first, "
+            f"{_e(o.get('found_lower', 0))} rank lower, {_e(o.get('not_found', 0))} are not "
+            f"found, {_e(o.get('changed', 0))} changed since their sync. "
+            f"Cost: {_e(cost_note(data))}.</p>",
+            f"<p class='bad'>The context refused the probe: {_e(p['error'])}</p>"
+            if p["error"] is not None
+            else "",
+            "<p class='note'>stopped (a signal) before every picked image was searched</p>"
+            if p["stopped"]
+            else "",
             _chart(_probe_chart(p)) if p["find_calls"] else "",
             "<h3>Do not find themselves (might need feature updates)</h3>",
             _thumbs(
@@ -259,11 +279,13 @@ def _duplicates(data: dict[str, Any]) -> str:
             "<h2>Near duplicates</h2><p class='note'>not asked: <code>--duplicates</code> asks "
             "the context (one call; the embedded context compares every pair of images)</p>"
         )
+    title = f"<h2>Near duplicates at {_e(format(d['threshold'], 'g'))}% similarity</h2>"
+    if d["error"] is not None:
+        return f"{title}<p>not known: {_e(d['error'])}</p>"
     rows = [[", ".join(f"{m['image_id']} ({m['similarity']})" for m in g)] for g in d["groups"]]
     return (
-        f"<h2>Near duplicates at {d['threshold']:g}% similarity</h2>"
-        f"<p class='note'>one find-duplicates call, {d['seconds']:.1f} s</p>"
-        + _table(["group (similarity to the first)"], rows)
+        f"{title}<p class='note'>one find-duplicates call, {_e(format(d['seconds'], '.1f'))} s"
+        "</p>" + _table(["group (similarity to the first)"], rows)
     )
 
 

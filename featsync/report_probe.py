@@ -13,6 +13,7 @@ each; the embedded context compares the query with every stored image).
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -32,34 +33,35 @@ PROBE_RESULTS = 5  # results asked for besides the image's exact duplicates
 
 def sample(ledger: SqlLedger, n: int) -> list[dict[str, Any]]:
     """N synced images at random: ID, relpath, content hash, and how many synced
-    images share that content."""
-    other = images.alias("other")
-    same = (
-        sa.select(sa.func.count())
-        .where(other.c.digest == images.c.digest, other.c.state == State.SYNCED.value)
-        .scalar_subquery()
-    )
+    images share that content (counted for the picked contents only, by the digest
+    index: a subquery per row would scan the synced rows for each)."""
     with ledger.engine.connect() as conn:
         rows = conn.execute(
-            sa.select(
-                images.c.image_id,
-                images.c.relpath,
-                images.c.digest,
-                same,
-                images.c.features_count,
-            )
+            sa.select(images.c.image_id, images.c.relpath, images.c.digest, images.c.features_count)
             .where(images.c.state == State.SYNCED.value)
             .order_by(sa.func.random())
             .limit(n)
         ).all()
+        digests = sorted({str(r[2]) for r in rows})
+        copies: dict[str, int] = {}
+        for start in range(0, len(digests), 500):
+            chunk = digests[start : start + 500]
+            copies.update(
+                (str(d), int(c))
+                for d, c in conn.execute(
+                    sa.select(images.c.digest, sa.func.count())
+                    .where(images.c.digest.in_(chunk), images.c.state == State.SYNCED.value)
+                    .group_by(images.c.digest)
+                )
+            )
     return sorted(
         (
             {
-                "image_id": r[0],
-                "relpath": r[1],
-                "digest": r[2],
-                "copies": int(r[3]),
-                "features_count": r[4],
+                "image_id": str(r[0]),
+                "relpath": r[1] if isinstance(r[1], str) else None,
+                "digest": str(r[2]),
+                "copies": copies.get(str(r[2]), 1),
+                "features_count": _count(r[3]),
             }
             for r in rows
         ),
@@ -67,18 +69,38 @@ def sample(ledger: SqlLedger, n: int) -> list[dict[str, Any]]:
     )
 
 
-def probe(context: SearchContext, folder: Folder, picked: list[dict[str, Any]]) -> dict[str, Any]:
-    """Search for each picked image with its own file; what came back."""
+def _count(value: Any) -> int | None:
+    """A features count as a number; None when the ledger holds none (or not a number)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def probe(
+    context: SearchContext,
+    folder: Folder,
+    picked: list[dict[str, Any]],
+    stop: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Search for each picked image with its own file; what came back. `find_calls`:
+    the searches the context answered; `failed_calls`: those that ended in an error.
+    A refusal of the whole context (credentials, a context that is not there) ends the
+    probe: `error` says it, and the images not yet searched say so. `stop` set: the
+    images not yet searched are left out (`stopped`)."""
     results: list[dict[str, Any]] = []
-    calls = 0
+    calls = failed = 0
+    fatal: str | None = None
     started = time.monotonic()
     for p in picked:
+        if stop is not None and stop.is_set():
+            break
         one: dict[str, Any] = {
             "image_id": p["image_id"],
             "relpath": p["relpath"],
             "features_count": p["features_count"],
         }
         results.append(one)
+        if fatal is not None:
+            one.update(outcome="error", reason=f"not searched: {fatal}")
+            continue
         if not p["relpath"]:
             one.update(outcome="unreadable", reason="the ledger has no path for it")
             continue
@@ -90,16 +112,21 @@ def probe(context: SearchContext, folder: Folder, picked: list[dict[str, Any]]) 
         if hashlib.sha256(data).hexdigest() != p["digest"]:
             one.update(outcome="changed", reason="the file changed since it was synced")
             continue
-        calls += 1
         try:
             found = context.find_similar(
                 image=data, threshold=PROBE_THRESHOLD, max_count=PROBE_RESULTS + p["copies"]
             )
-        except Fatal:
-            raise  # refused credentials, a context that is not there: no report
-        except FeatsyncError as exc:
+        except FeatsyncError as exc:  # Fatal among them: the context refused us
+            failed += 1
+            if isinstance(exc, Fatal):
+                fatal = str(exc)
             one.update(outcome="error", reason=str(exc))
             continue
+        except (TypeError, ValueError, AttributeError) as exc:  # an answer of another shape
+            failed += 1
+            one.update(outcome="error", reason=f"find similar: malformed answer ({exc})")
+            continue
+        calls += 1
         one.update(_judge(p["image_id"], [(r.image_id, r.similarity) for r in found]))
     seconds = time.monotonic() - started
     counts: dict[str, int] = {}
@@ -108,6 +135,9 @@ def probe(context: SearchContext, folder: Folder, picked: list[dict[str, Any]]) 
     return {
         "asked": len(picked),
         "find_calls": calls,
+        "failed_calls": failed,
+        "error": fatal,
+        "stopped": len(results) < len(picked),
         "seconds": round(seconds, 3),
         "outcomes": counts,
         "images": results,
@@ -138,14 +168,22 @@ def _judge(image_id: str, found: list[tuple[str, float]]) -> dict[str, Any]:
 
 
 def duplicates(context: SearchContext, threshold: float) -> dict[str, Any]:
-    """The context's near-duplicate groups at `threshold` (one find-duplicates call)."""
+    """The context's near-duplicate groups at `threshold` (one find-duplicates call);
+    a call that fails is recorded (`error`), not the end of the report."""
     started = time.monotonic()
-    groups = context.find_duplicates(threshold)
+    error: str | None = None
+    groups: list[list[dict[str, Any]]] = []
+    try:
+        found = context.find_duplicates(threshold)
+        groups = [[{"image_id": r.image_id, "similarity": r.similarity} for r in g] for g in found]
+    except FeatsyncError as exc:
+        error = str(exc)
+    except (TypeError, ValueError, AttributeError) as exc:  # an answer of another shape
+        error = f"find duplicates: malformed answer ({type(exc).__name__}: {exc})"
     return {
         "threshold": threshold,
         "find_calls": 1,
+        "error": error,
         "seconds": round(time.monotonic() - started, 3),
-        "groups": [
-            [{"image_id": r.image_id, "similarity": r.similarity} for r in g] for g in groups
-        ],
+        "groups": groups,
     }

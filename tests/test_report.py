@@ -207,7 +207,7 @@ def test_probe_finds_images_and_flags_one_whose_features_are_not_its_own(built: 
     assert sum(p["outcomes"].values()) == 14
     assert doc["_exit"] == 1
     text = featsync("report", "--probe", "100", cwd=built.ws.base).stdout
-    assert f"{searched} find call(s) against the embedded context" in text
+    assert f"{searched} find call(s) answered by the embedded context" in text
     assert "do not find themselves (might need feature updates):\n  d.jpg (" in text
 
 
@@ -330,4 +330,4 @@ def test_probe_through_featsync_serve(tmp_path: Path, server: Server) -> None:
     finds = [e for e in requests_for(server, context_id)[before:] if "findSimilar" in e["path"]]
     assert len(finds) == 4
     text = featsync("report", "--probe", "10", cwd=ws.base, env=CREDS).stdout
-    assert "4 find call(s) against the Aspose context" in text
+    assert "4 find call(s) answered by the Aspose context" in text
