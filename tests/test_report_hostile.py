@@ -473,3 +473,56 @@ def test_console_says_what_a_plain_verify_leaves_and_lists_withheld_and_old_days
     assert "  i0.jpg" in text.splitlines()
     assert "activity per day, newest first" in text
     assert "  ... and 5 more (--json lists them)" in text  # 15 days, ten shown
+
+
+# -- 9: sampling a large ledger -------------------------------------------------------------
+
+
+def test_sampling_counts_copies_by_the_digest_index_not_a_scan_per_row(tmp_path: Path) -> None:
+    """On 20,000 synced rows, picking 50 costs about one pass over the rows (SQLite's
+    virtual-machine steps, counted by its progress handler), not one pass per pick; and
+    the copies of each picked content are counted right."""
+    import sqlalchemy as sa
+
+    from featsync.ledger import SqlLedger
+    from featsync.report_probe import sample
+
+    url = f"sqlite:///{tmp_path / 'big.db'}"
+    SqlLedger(url).close()  # the schema
+    n = 20_000
+    digest = [f"d{i % (n - 2)}" for i in range(n)]  # d0 and d1 under two IDs each
+    _rows = [
+        (f"x{i:05d}.jpg", 1, 1, 1, digest[i], 1, "synced", 1, 0, 50, 1.0, 1.0) for i in range(n)
+    ]
+    db = sqlite3.connect(tmp_path / "big.db")
+    db.executemany(
+        "INSERT INTO images (image_id, size, mtime_ns, inode, digest, version, state, remote, "
+        "attempts, features_count, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+        _rows,
+    )
+    db.commit()
+    db.close()
+
+    steps = [0]
+
+    @dataclass
+    class Looked:
+        engine: sa.Engine
+
+    engine = sa.create_engine(url)
+
+    @sa.event.listens_for(engine, "connect")
+    def _count(dbapi: Any, _record: Any) -> None:
+        def tick() -> int:
+            steps[0] += 1000
+            return 0
+
+        dbapi.set_progress_handler(tick, 1000)
+
+    try:
+        picked = sample(Looked(engine), 50)  # type: ignore[arg-type]
+    finally:
+        engine.dispose()
+    assert len(picked) == 50
+    assert all(p["copies"] == digest.count(p["digest"]) for p in picked)
+    assert steps[0] < 40 * n, steps[0]
