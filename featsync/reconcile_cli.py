@@ -70,6 +70,8 @@ def run(
             code = _run(settings, dry_run, confirm_deletes, resync, said, stop)
         except FeatsyncError as exc:
             return _fatal(said, exc)
+        finally:
+            sys.stdout.flush()  # out (into a pipe too) before the handlers are put back
         return stop.exit_code if stop.signum is not None else code
 
 
