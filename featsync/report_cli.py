@@ -29,8 +29,10 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "near-duplicate groups (one call; the embedded context compares every pair of "
         "images: its time grows with the square of their number). Read-only: it never "
         "takes the sync lock. "
-        "Exit 0 nothing needs attention; 1 images are failing, deletes are withheld or "
-        "probed images do not find themselves; 2 a bad config or a fatal error.",
+        "Exit 0 nothing needs attention; 1 images are failing, deletes are withheld, "
+        "probed images do not find themselves or the probe searched none it picked; 2 a "
+        "bad config, a fatal error, or the context answered none of the probe's searches "
+        "or failed --duplicates (the report is printed all the same); 130 Ctrl-C.",
     )
     rep.add_argument("--json", action="store_true", help="print every figure as JSON")
     rep.add_argument(
