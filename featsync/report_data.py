@@ -8,8 +8,9 @@ read-only; nothing is written, no lock is taken. Times stay Unix seconds here
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -113,7 +114,7 @@ def gather(ledger: SqlLedger, backup_path: str, min_features: int) -> dict[str, 
             "verify": _verify(conn, marks, ledger.review_cursor()),
         }
         drops, updated = _drops(conn)
-        last_updates = _last_updates(conn)
+        changes, backups = _backup_changes(backup_path, _last_updates(conn))
     synced = [(str(r[0]), number(r[1]), text(r[2])) for r in rows]
     known = [r[1] for r in synced if r[1] is not None]
     weak = sorted(
@@ -138,7 +139,7 @@ def gather(ledger: SqlLedger, backup_path: str, min_features: int) -> dict[str, 
         withheld_deletes=sorted(withheld),
         drops={"images_with_a_drop": updated, "worst": drops},
     )
-    data["last_update_changes"], data["backups"] = _backup_changes(backup_path, last_updates)
+    data["last_update_changes"], data["backups"] = changes, backups
     data["verify"]["failed_rows"] = failed
     return data
 
@@ -306,8 +307,10 @@ def _worst_drops(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows[:LISTED]
 
 
-def _last_updates(conn: sa.Connection) -> dict[str, list[dict[str, Any]]]:
-    """The sent history of each synced image whose last change was an update."""
+def _last_updates(conn: sa.Connection) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """Each synced image whose last change was an update, with its last sent version and
+    the version before (all that is compared), one image at a time: a ledger of 100,000
+    updated images is never held whole."""
     last = (
         sa.select(history.c.image_id, sa.func.max(history.c.id).label("last_id"))
         .group_by(history.c.image_id)
@@ -330,7 +333,8 @@ def _last_updates(conn: sa.Connection) -> dict[str, list[dict[str, Any]]]:
         .where(history.c.image_id.in_(updated), history.c.action.in_(SENT))
         .order_by(history.c.image_id, history.c.id)
     ).mappings()
-    out: dict[str, list[dict[str, Any]]] = {}
+    image_id: str | None = None
+    rows: list[dict[str, Any]] = []
     for r in result:
         version = number(r["version"])
         if version is None:
@@ -343,43 +347,75 @@ def _last_updates(conn: sa.Connection) -> dict[str, list[dict[str, Any]]]:
             "features_count": number(r["features_count"]),
             "at": moment(r["at"]),
         }
-        out.setdefault(row["image_id"], []).append(row)
-    return out
+        if row["image_id"] != image_id:
+            if image_id is not None and rows:
+                yield image_id, _last_two(rows)
+            image_id, rows = row["image_id"], []
+        rows.append(row)
+    if image_id is not None and rows:
+        yield image_id, _last_two(rows)
+
+
+def _last_two(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the version before the last one, then the last one."""
+    new = rows[-1]
+    return [r for r in rows[:-1] if r["version"] == new["version"] - 1] + [new]
 
 
 def _backup_changes(
-    backup_path: str, last_updates: dict[str, list[dict[str, Any]]]
+    backup_path: str, last_updates: Iterable[tuple[str, list[dict[str, Any]]]]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Each last update's change in features count: the backup of the version before
     (what the context held, kept just before the update) against the count the update
-    was recorded with; biggest relative change first. And the store's totals."""
+    was recorded with; biggest relative change first. And the store's totals. The
+    images are taken 500 at a time, only the worst changes kept."""
     store = BackupStore(backup_path, read_only=True)
+    changes: list[dict[str, Any]] = []
+    updated = compared = without = 0
     try:
         totals = store.totals()
-        records = _records(store, sorted(last_updates))
+        batches = iter(last_updates)
+        while batch := list(itertools.islice(batches, 500)):
+            updated += len(batch)
+            records = _records(store, [image_id for image_id, _ in batch])
+            for image_id, versions in batch:
+                change = _change(image_id, versions, records.get(image_id, []))
+                if change is None:
+                    without += 1
+                else:
+                    compared += 1
+                    changes.append(change)
+            changes = _worst_changes(changes)
     finally:
         store.close()
-    changes: list[dict[str, Any]] = []
-    without = 0
-    for image_id, versions in last_updates.items():
-        new = versions[-1]
-        kept = match(versions[:-1], records.get(image_id, []))
-        old = kept.get(new["version"] - 1)
-        if old is None or new["features_count"] is None:
-            without += 1
-            continue
-        delta = new["features_count"] - old.features_count
-        changes.append(
-            {
-                "image_id": image_id,
-                "version": new["version"],
-                "at": new["at"],
-                "before": old.features_count,
-                "after": new["features_count"],
-                "change": delta,
-                "relative": round(delta / old.features_count, 4) if old.features_count else None,
-            }
-        )
+    return {
+        "updated_images": updated,
+        "compared": compared,
+        "without_backup": without,
+        "worst": changes,
+    }, totals
+
+
+def _change(
+    image_id: str, versions: list[dict[str, Any]], records: list[Backup]
+) -> dict[str, Any] | None:
+    new = versions[-1]
+    old = match(versions[:-1], records).get(new["version"] - 1)
+    if old is None or new["features_count"] is None:
+        return None
+    delta = new["features_count"] - old.features_count
+    return {
+        "image_id": image_id,
+        "version": new["version"],
+        "at": new["at"],
+        "before": old.features_count,
+        "after": new["features_count"],
+        "change": delta,
+        "relative": round(delta / old.features_count, 4) if old.features_count else None,
+    }
+
+
+def _worst_changes(changes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     changes.sort(
         key=lambda c: (
             -(math.inf if c["relative"] is None else abs(c["relative"])),
@@ -387,12 +423,7 @@ def _backup_changes(
             c["image_id"],
         )
     )
-    return {
-        "updated_images": len(last_updates),
-        "compared": len(changes),
-        "without_backup": without,
-        "worst": changes[:LISTED],
-    }, totals
+    return changes[:LISTED]
 
 
 def _records(store: BackupStore, image_ids: Iterable[str]) -> dict[str, list[Backup]]:

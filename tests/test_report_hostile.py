@@ -526,3 +526,39 @@ def test_sampling_counts_copies_by_the_digest_index_not_a_scan_per_row(tmp_path:
     assert len(picked) == 50
     assert all(p["copies"] == digest.count(p["digest"]) for p in picked)
     assert steps[0] < 40 * n, steps[0]
+
+
+# -- 16: memory on a large history -------------------------------------------------------------
+
+
+def test_last_updates_are_compared_a_batch_at_a_time(tmp_path: Path) -> None:
+    """20,000 images each updated once: the report's figures hold the worst changes,
+    not every image's history (Python's traced peak stays a few MB)."""
+    import tracemalloc
+
+    from featsync.ledger import SqlLedger
+    from featsync.report_data import gather
+
+    url = f"sqlite:///{tmp_path / 'big.db'}"
+    SqlLedger(url).close()
+    n = 20_000
+    db = sqlite3.connect(tmp_path / "big.db")
+    db.executemany(
+        "INSERT INTO history (image_id, version, digest, action, features_count, at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        [(f"x{i:05d}.jpg", v, f"d{i}-{v}", a, 60 - v, 1.7e9 + v) for i in range(n)
+         for v, a in ((1, "add"), (2, "update"))],
+    )  # fmt: skip
+    db.commit()
+    db.close()
+    ledger = SqlLedger(url, read_only=True)
+    tracemalloc.start()
+    try:
+        data = gather(ledger, str(tmp_path / "backups"), 10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        ledger.close()
+    assert data["last_update_changes"]["updated_images"] == n
+    assert data["last_update_changes"]["without_backup"] == n  # no backups kept
+    assert peak < 8 * 1024 * 1024, f"{peak / 1e6:.1f} MB"
