@@ -5,9 +5,11 @@ or as one self-contained HTML page (featsync.report_html).
 Read-only: the ledger and the backups are opened read-only, the context only searched;
 the sync lock is never taken, so a report runs beside a daemon or a reconcile.
 
-Exit codes: 0 nothing needs attention; 1 images are failing, deletes are withheld, or a
-probe found images that do not find themselves (featsync.looks: "not in step");
-2 a bad config or a fatal error.
+Exit codes (exit_code): 0 nothing needs attention; 1 images are failing, deletes are
+withheld, a probe found images that do not find themselves or searched none it picked
+(featsync.looks: "not in step"); 2 a bad config or a fatal error, or the context
+answered none of the probe's searches or failed --duplicates (the report is printed
+all the same); 130 / 143 stopped by SIGINT / SIGTERM (report_cli).
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ def cost_note(data: dict[str, Any]) -> str:
     )
 
 
-def _n(value: Any) -> str:
+def or_unknown(value: Any) -> str:
     """A number from the ledger, "?" when it holds none (or not a number)."""
     return "?" if value is None else str(value)
 
@@ -183,9 +185,9 @@ def lines(data: dict[str, Any], shown: int = 10) -> list[str]:
     out.append(
         "last full cycle: never"
         if c is None
-        else f"last full cycle: {when(c['finished_at'])}: {_n(c['added'])} added, "
-        f"{_n(c['updated'])} updated, {_n(c['deleted'])} deleted, {_n(c['failed'])} failed"
-        + ("" if c["complete"] else " (scan incomplete)")
+        else f"last full cycle: {when(c['finished_at'])}: {or_unknown(c['added'])} added, "
+        f"{or_unknown(c['updated'])} updated, {or_unknown(c['deleted'])} deleted, "
+        f"{or_unknown(c['failed'])} failed" + ("" if c["complete"] else " (scan incomplete)")
     )
     out.append(drift_note(data["verify"], when))
     b = data["backups"]
@@ -201,7 +203,7 @@ def lines(data: dict[str, Any], shown: int = 10) -> list[str]:
         )
     out += _listed(
         f"weak (below min_features {data['min_features']}), worst first",
-        [f"{w['image_id']}: {_n(w['features_count'])} features" for w in data["weak"]],
+        [f"{w['image_id']}: {or_unknown(w['features_count'])} features" for w in data["weak"]],
         shown,
     )
     d = data["drops"]
@@ -227,7 +229,7 @@ def lines(data: dict[str, Any], shown: int = 10) -> list[str]:
     out += _listed(
         "failing",
         [
-            f"{x['image_id']}: {x['error']} (tries {_n(x['attempts'])}, next try "
+            f"{x['image_id']}: {x['error']} (tries {or_unknown(x['attempts'])}, next try "
             f"{when(x['next_attempt_at'])})"
             for x in data["failures"]
         ],
@@ -290,7 +292,7 @@ def _probe_lines(data: dict[str, Any], shown: int) -> list[str]:
         out += _listed(
             "do not find themselves (might need feature updates)",
             [
-                f"{x['image_id']} ({_n(x['features_count'])} features): "
+                f"{x['image_id']} ({or_unknown(x['features_count'])} features): "
                 + (
                     "not among the results"
                     if x["rank"] is None

@@ -14,7 +14,7 @@ import textwrap
 from typing import Any
 
 from featsync.config import Settings
-from featsync.report import _n, as_json, cost_note, drift_note, folder_of
+from featsync.report import as_json, cost_note, drift_note, folder_of, or_unknown
 from featsync.report_files import Folder, NotRead, TooLarge, thumbnail
 
 THUMB_PX = 128  # a thumbnail fits in THUMB_PX x THUMB_PX
@@ -64,7 +64,12 @@ def page(settings: Settings, data: dict[str, Any]) -> str:
         _distribution(data),
         _chart(_features_chart(data)) if data["features"]["images"] else "",
         "<h2>Weak images (below min_features), worst first</h2>",
-        _thumbs(folder, max_pixels, data["weak"], lambda w: f"{_n(w['features_count'])} features"),
+        _thumbs(
+            folder,
+            max_pixels,
+            data["weak"],
+            lambda w: f"{or_unknown(w['features_count'])} features",
+        ),
         _table(
             ["image ID", "features"], [[w["image_id"], w["features_count"]] for w in data["weak"]]
         ),
