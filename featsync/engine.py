@@ -14,7 +14,8 @@ from operator import itemgetter
 from typing import Any
 
 from featsync import retention
-from featsync.apply import ApplyResult, apply_plan
+from featsync.apply import apply_plan
+from featsync.apply_record import ApplyResult
 from featsync.backup_worker import Backups
 from featsync.backups import BackupStore
 from featsync.config import Settings

@@ -21,6 +21,7 @@ from typing import Any
 from featsync import jsonout
 from featsync.config import Settings
 from featsync.errors import Fatal
+from featsync.escapes import printable
 from featsync.looks import EXIT_FATAL, EXIT_NOT_IN_STEP, EXIT_OK, when
 from featsync.report_data import gather
 from featsync.report_files import Folder
@@ -338,11 +339,3 @@ def _activity_lines(data: dict[str, Any], shown: int) -> list[str]:
         ],
         shown,
     )
-
-
-def printable(text: str) -> str:
-    """`text` with control characters escaped: nothing from a file name, an ID or an
-    error colours the terminal or forges a line."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

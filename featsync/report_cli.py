@@ -10,7 +10,8 @@ from typing import Any
 from featsync import jsonout, logs
 from featsync.config import Settings
 from featsync.errors import Fatal
-from featsync.report import DUPLICATES_THRESHOLD, as_json, build, exit_code, lines, printable
+from featsync.escapes import printable
+from featsync.report import DUPLICATES_THRESHOLD, as_json, build, exit_code, lines
 
 PROBE_MAX = 100_000  # --probe N at most
 

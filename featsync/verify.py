@@ -29,6 +29,7 @@ from featsync import jsonout, progress
 from featsync.config import Settings
 from featsync.drift import Believed, Check, Drift, Findings, describe
 from featsync.errors import Fatal
+from featsync.escapes import printable
 from featsync.looks import EXIT_NOT_IN_STEP, EXIT_OK
 from featsync.model import SearchContext, State
 
@@ -280,14 +281,6 @@ def outcome_counts(outcomes: dict[str, str]) -> dict[str, int]:
     by = Counter(o.split(":")[0].replace(" ", "_") for o in outcomes.values())
     kinds = ("sent", "deleted", "withheld", "failed", "waiting", "not_sent")
     return {k: by.get(k, 0) for k in kinds}
-
-
-def printable(text: str) -> str:
-    """`text` with each non-printable character (a control character, a line break, an
-    escape) written as a Python escape: `\\x1b`, `\\n`, `\\u2028`."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _lines(
