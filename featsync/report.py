@@ -219,10 +219,12 @@ def lines(data: dict[str, Any], shown: int = 10) -> list[str]:
     )
     u = data["last_update_changes"]
     out += _listed(
-        f"changed most on their last update ({u['compared']} of {u['updated_images']} "
-        "updated images have the backup to compare)",
+        f"changed most on their last update, by share ({u['compared']} of "
+        f"{u['updated_images']} updated images have the backup to compare)",
         [
-            f"{x['image_id']}: {x['before']} -> {x['after']} features ({x['change']:+d})"
+            f"{x['image_id']}: {x['before']} -> {x['after']} features ({x['change']:+d}"
+            + ("" if x["relative"] is None else f", {x['relative']:+.0%}")
+            + ")"
             for x in u["worst"]
         ],
         shown,
