@@ -31,27 +31,11 @@ from featsync.aspose_wire import search_results
 from featsync.errors import Transient
 from featsync.report_files import thumbnail
 from featsync.samples import encode, textured_image
-from tests.conftest import Workspace, set_mtime_past, wait_for
+from tests.conftest import Workspace, wait_for
 from tests.test_cli import featsync
+from tests.test_report import _config, _put
 
 IMAGES = 4  # textured images synced (and one flat, weak one)
-
-
-def _put(ws: Workspace, rel: str, data: bytes) -> None:
-    path = ws.images / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    set_mtime_past(path)
-
-
-def _config(ws: Workspace, **context: Any) -> None:
-    sections: dict[str, dict[str, Any]] = {
-        "sync": {"folder": "images", "concurrency": 2, "min_features": 10},
-        "log": {"format": "json"},
-    }
-    if context:
-        sections["context"] = context
-    ws.write_config(**sections)
 
 
 @pytest.fixture(scope="module")
