@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -223,3 +224,14 @@ def test_json_has_no_nan_or_infinity_even_from_a_hostile_ledger(ws: Workspace) -
     assert r.returncode == 0, r.stderr
     assert "Infinity" not in r.stdout and "NaN" not in r.stdout
     assert json.loads(r.stdout)["last_cycle"]["duration_ms"] is None
+
+
+def test_the_daemon_too_names_the_config_key_of_a_missing_folder(
+    ws: Workspace, daemons: Any
+) -> None:
+    ws.write_config(sync={"folder": "imgaes"}, daemon={"heartbeat_interval": 1.0})
+    run = daemons.start()
+    run.wait_event("folder_unavailable")
+    [event, *_] = run.events("folder_unavailable")
+    assert "[sync] folder" in event["fix"] and str(ws.config_path) in event["fix"]
+    assert run.stop() == 0
