@@ -360,8 +360,16 @@ def parse(raw: Mapping[str, Any], base_dir: str, source: str = "<memory>") -> Se
     try:
         ledger_url = resolve_url(values["ledger"]["url"], base_dir)
     except Exception as exc:  # SQLAlchemy raises ArgumentError and friends for a bad URL
-        url = values["ledger"]["url"]
-        raise ConfigError("ledger.url", url, f"not a database URL: {exc}") from None
+        # SQLAlchemy's message quotes the URL, and a URL that cannot be parsed cannot
+        # have its password hidden: the value is shown only if it can hold none.
+        url = str(values["ledger"]["url"])
+        safe = "@" not in url and "?" not in url
+        raise ConfigError(
+            "ledger.url",
+            url if safe else "(not shown: it may hold a password)",
+            f"not a database URL ({type(exc).__name__}); the form is "
+            "dialect+driver://user:password@host/database, or sqlite:///path",
+        ) from None
     values["context"]["path"] = here(values["context"]["path"])
     values["backup"]["path"] = here(values["backup"]["path"])
     return Settings(

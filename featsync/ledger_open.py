@@ -20,7 +20,7 @@ BUSY_TIMEOUT_MS = 10_000  # SQLite waits this long for a lock within one stateme
 
 # Query parameters of a database URL that may carry a secret (psycopg's password=,
 # PyMySQL's passwd=, an ODBC connection string's PWD=, a token, a key)
-SECRET_PARAMS = ("pass", "pwd", "secret", "token", "key", "odbc_connect")
+SECRET_PARAMS = ("pass", "pwd", "secret", "token", "key", "odbc_connect", "cred", "auth")
 
 
 def shown_url(url: str) -> str:

@@ -161,8 +161,10 @@ def shown(enabled: bool = True) -> Iterator[Sink]:
     try:
         yield bar
     finally:
-        logs.route_above(None)
+        # the line first: a line logged meanwhile (another thread) still goes above
+        # where it stood, whole, as Bar.above writes once the line is gone
         bar.close()
+        logs.route_above(None)
 
 
 def summary_line(text: str) -> None:

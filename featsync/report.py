@@ -22,6 +22,7 @@ from featsync import jsonout
 from featsync.config import Settings
 from featsync.errors import Fatal
 from featsync.escapes import printable
+from featsync.ledger_open import shown_url
 from featsync.looks import EXIT_FATAL, EXIT_NOT_IN_STEP, EXIT_OK, when
 from featsync.report_data import gather
 from featsync.report_files import Folder
@@ -63,7 +64,7 @@ def build(
         # A ledger edited by hand or damaged: text where a number belongs, a time out
         # of range. Named, not a traceback.
         raise Fatal(
-            f"the ledger {settings.ledger.url}: holds a value the report cannot read "
+            f"the ledger {shown_url(settings.ledger.url)}: holds a value the report cannot read "
             f"({printable(str(exc))[:200]})"
         ) from None
     data.update(

@@ -35,12 +35,18 @@ def read_only_uri(path: str) -> str:
 PRIVATE_COPY_MAX = 512 * 1024 * 1024
 
 
-def _file_state(path: str) -> tuple[int, int, bool] | None:
+def _file_state(path: str) -> tuple[int, ...] | None:
+    """What changes when anything writes the file (ctime moves on every write, whatever
+    the clock's resolution makes of mtime), and how big it and its -wal are."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_mtime_ns, st.st_size, os.path.exists(path + "-wal")
+    try:
+        wal = os.stat(path + "-wal").st_size
+    except OSError:
+        wal = -1
+    return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size, wal
 
 
 def private_copy(path: str, busy_ms: int, attempts: int = 5) -> sqlite3.Connection | None:
@@ -58,11 +64,13 @@ def private_copy(path: str, busy_ms: int, attempts: int = 5) -> sqlite3.Connecti
     schema can be brought up to date in the copy without touching the file."""
     for attempt in range(attempts):
         before = _file_state(path)
-        if before is None or before[1] > PRIVATE_COPY_MAX:
+        if before is None or before[3] + max(before[4], 0) > PRIVATE_COPY_MAX:
             return None
+        uri = read_only_uri(path)  # the mode is decided once: what the check below trusts
+        locked = "mode=ro" in uri
         copy = sqlite3.connect(":memory:", check_same_thread=False)
         try:
-            source = sqlite3.connect(read_only_uri(path), uri=True, check_same_thread=False)
+            source = sqlite3.connect(uri, uri=True, check_same_thread=False)
             try:
                 source.execute(f"PRAGMA busy_timeout = {int(busy_ms)}")
                 source.backup(copy)
@@ -74,7 +82,7 @@ def private_copy(path: str, busy_ms: int, attempts: int = 5) -> sqlite3.Connecti
                 raise
             time.sleep(0.05 * (attempt + 1))
             continue
-        if before[2] or _file_state(path) == before:
+        if locked or _file_state(path) == before:
             return copy
         copy.close()  # written to while copied: again
     raise sqlite3.OperationalError(f"{path} kept changing while it was read")

@@ -235,3 +235,13 @@ def test_the_daemon_too_names_the_config_key_of_a_missing_folder(
     [event, *_] = run.events("folder_unavailable")
     assert "[sync] folder" in event["fix"] and str(ws.config_path) in event["fix"]
     assert run.stop() == 0
+
+
+def test_a_ledger_url_that_cannot_be_parsed_is_refused_without_its_password(
+    ws: Workspace,
+) -> None:
+    ws.write_config(ledger={"url": "postgresql://sync:S3cretPW@db.example:notaport/x"})
+    r = featsync("status", cwd=ws.base)
+    assert r.returncode == 2, r.stderr
+    assert "ledger.url" in r.stderr and "not a database URL" in r.stderr
+    assert "S3cretPW" not in r.stdout + r.stderr

@@ -827,3 +827,62 @@ def test_a_look_reads_one_state_while_a_writer_changes_and_checkpoints_the_ledge
         assert len(again.load()) == seen + 2000  # a new look sees the new state
     finally:
         again.close()
+
+
+def test_a_copy_that_a_writer_checkpointed_into_while_it_was_made_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The look's copy of a ledger nobody wrote (read without locks) is made page by
+    page; a sync that writes and checkpoints into the file in the middle of it must
+    not leave a copy of two states: the copy is made again, of the state after."""
+    db = tmp_path / "l.db"
+    writer = SqlLedger(f"sqlite:///{db}")
+    writer.record_intents([(f"img{n:05}.jpg", "d" * 64) for n in range(2000)], 1.0)
+    writer.close()
+    assert not (tmp_path / "l.db-wal").exists()
+    real_connect = sqlite3.connect
+    copies: list[str] = []
+
+    class PageByPage:
+        """The source connection of a copy, its backup made one page at a time with a
+        writer's sync coming in after the first page of the first copy."""
+
+        def __init__(self, conn: sqlite3.Connection, uri: str) -> None:
+            self.conn, self.uri = conn, uri
+
+        def execute(self, sql: str) -> sqlite3.Cursor:
+            return self.conn.execute(sql)
+
+        def backup(self, target: sqlite3.Connection) -> None:
+            copies.append(self.uri)
+
+            def after_a_page(_status: int, _remaining: int, _total: int) -> None:
+                if len(copies) == 1 and not written:
+                    written.append(True)
+                    sync = SqlLedger(f"sqlite:///{db}")
+                    sync.record_intents([(f"new{n:05}.jpg", "e" * 64) for n in range(2000)], 2.0)
+                    with sync.engine.begin() as conn:
+                        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+                    sync.close()
+
+            self.conn.backup(target, pages=1, progress=after_a_page)
+
+        def close(self) -> None:
+            self.conn.close()
+
+    written: list[bool] = []
+
+    def connect(database: Any, *args: Any, **kwargs: Any) -> Any:
+        conn = real_connect(database, *args, **kwargs)
+        is_look = isinstance(database, str) and database.startswith("file:")
+        return PageByPage(conn, database) if is_look else conn
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    look = SqlLedger(f"sqlite:///{db}", read_only=True)
+    monkeypatch.undo()
+    try:
+        assert written and len(copies) == 2, copies  # the first copy was thrown away
+        assert "immutable=1" in copies[0]
+        assert len(look.load()) == 4000  # the state after the sync, whole
+    finally:
+        look.close()
