@@ -15,9 +15,10 @@ import signal
 from pathlib import Path
 
 from featsync.samples import textured_bytes
-from tests.conftest import Workspace, set_mtime_past, start_server
-from tests.test_aspose import CREDS, use_server
+from tests.conftest import Workspace, set_mtime_past
+from tests.test_aspose import CREDS
 from tests.test_cli import featsync, json_lines
+from tests.test_reconcile_output import slow_serve
 from tests.tty import ANSI
 from tests.tty import run_on_tty as on_tty
 
@@ -159,15 +160,9 @@ def test_backup_export_on_a_terminal_counts_what_it_wrote(ws: Workspace) -> None
 def test_ctrl_c_on_a_terminal_ends_with_an_interrupted_summary(
     ws: Workspace, tmp_path: Path
 ) -> None:
-    srv = start_server(tmp_path / "slow", "--latency", "0.2")
-    try:
-        use_server(ws, srv)
-        ws.write_config(**{**ws.overrides, "sync": {"folder": "images", "concurrency": 2}})
-        _images(ws, 40)
+    with slow_serve(ws, tmp_path, 40):
         # Ctrl-C once the line shows a few images sent (of 40: the rest is left)
         code, out = on_tty("reconcile", cwd=ws.base, env=CREDS, interrupt_at=r"\| [2-9]/40 \[")
-    finally:
-        srv.stop()
     assert code == 128 + signal.SIGINT, out
     assert "Traceback" not in out
     lines = screen_lines(out)

@@ -5,6 +5,7 @@ noticed even when there is nothing to send."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,14 @@ from featsync.model import Action, Kind, LocalFile
 from featsync.plan import renames
 from featsync.plan_text import RESYNC
 from featsync.schema import SCHEMA_VERSION
-from tests.conftest import CLIENT_SECRET, Workspace, set_mtime_past, start_server, wait_for
+from tests.conftest import (
+    CLIENT_SECRET,
+    Server,
+    Workspace,
+    set_mtime_past,
+    start_server,
+    wait_for,
+)
 from tests.test_aspose import CREDS, odd_server, use_server
 from tests.test_cli import featsync, json_lines
 
@@ -38,6 +47,20 @@ from tests.test_cli import featsync, json_lines
 def _images(ws: Workspace, n: int) -> None:
     for i in range(n):
         set_mtime_past(ws.image(f"i{i:02}.jpg", i))
+
+
+@contextlib.contextmanager
+def slow_serve(ws: Workspace, tmp_path: Path, images: int) -> Iterator[Server]:
+    """The workspace synced through `featsync serve --latency 0.2` at concurrency 2,
+    `images` images in its folder: slow enough to be stopped in the middle."""
+    srv = start_server(tmp_path / "slow", "--latency", "0.2")
+    try:
+        use_server(ws, srv)
+        ws.write_config(**{**ws.overrides, "sync": {"folder": "images", "concurrency": 2}})
+        _images(ws, images)
+        yield srv
+    finally:
+        srv.stop()
 
 
 def _broken(ws: Workspace, name: str = "broken.jpg") -> None:
@@ -184,11 +207,7 @@ def test_dry_run_text_groups_by_kind_and_pairs_each_rename_once(ws: Workspace) -
 def test_a_stopped_reconcile_exits_128_plus_the_signal_and_is_recorded_interrupted(
     ws: Workspace, tmp_path: Path, signum: int
 ) -> None:
-    srv = start_server(tmp_path / "slow", "--latency", "0.2")
-    try:
-        use_server(ws, srv)
-        ws.write_config(**{**ws.overrides, "sync": {"folder": "images", "concurrency": 2}})
-        _images(ws, 40)
+    with slow_serve(ws, tmp_path, 40):
         proc = subprocess.Popen(
             [sys.executable, "-m", "featsync", "reconcile", "--config", str(ws.config_path)],
             cwd=ws.base,
@@ -232,8 +251,6 @@ def test_a_stopped_reconcile_exits_128_plus_the_signal_and_is_recorded_interrupt
             ]
             is False
         )
-    finally:
-        srv.stop()
 
 
 def _env() -> dict[str, str]:
