@@ -107,9 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     hist.add_argument("image_id", metavar="IMAGE_ID")
     hist.add_argument("--json", action="store_true", help="print JSON")
     backup_cli.add_parsers(sub, common)
-    from featsync import report_cli
+    from featsync import report_cli, search_cli
 
     report_cli.add_parser(sub, common)
+    search_cli.add_parser(sub, common)
 
     serving.add_parser(sub)
 
@@ -239,6 +240,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
             from featsync import report_cli
 
             return report_cli.run(settings, args)
+        if args.command in ("search", "duplicates"):
+            from featsync import search_cli
+
+            return search_cli.run(settings, args)
         if args.command == "backup":
             return backup_cli.run(settings, args)
         if args.command == "verify":
