@@ -123,6 +123,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             raise Fatal("search: give an image FILE or --id IMAGE_ID, not both")
         if args.file is None and args.image_id is None:
             raise Fatal("search: give an image FILE or --id IMAGE_ID to search with")
+        if args.image_id == "":
+            raise Fatal("search --id: an empty image ID names no image")
         if args.file is not None:
             query = read_query(args.file, settings.sync.max_file_size)
     # Ctrl-C: the call in flight finishes, nothing is printed, exit 130 (SIGTERM: 143).

@@ -259,6 +259,7 @@ def bare(ws: Workspace) -> Workspace:
         (["search", "empty.jpg"], "search FILE 'empty.jpg': is empty, not an image"),
         (["search", "small.png", "--id", "x"], "give an image FILE or --id IMAGE_ID, not both"),
         (["search"], "give an image FILE or --id IMAGE_ID to search with"),
+        (["search", "--id", ""], "search --id: an empty image ID names no image"),
         (["search", "small.png", "--threshold", "abc"], "'abc' is not a similarity from 0 to 100"),
         (["search", "small.png", "--threshold", "100.5"], "'100.5' is not a similarity from 0 "),
         (["search", "small.png", "--threshold", "nan"], "'nan' is not a similarity from 0 to 100"),
