@@ -273,7 +273,11 @@ def test_serve_lists_a_contexts_ids_in_pages(server: Server) -> None:
     ids = sorted(f"img/{n:05}.jpg" for n in range(LIST_PAGE + 500))
     # synthetic rows, straight into the store's file: the listing reads IDs only
     with contextlib.closing(sqlite3.connect(server.data / f"{context_id}.search")) as db, db:
-        db.executemany("INSERT INTO features VALUES (?, 1, x'00', 0)", [(i,) for i in ids])
+        db.executemany(
+            "INSERT INTO features (image_id, count, descriptors, updated_at) "
+            "VALUES (?, 1, x'00', 0)",
+            [(i,) for i in ids],
+        )
     client = client_for(server, context_id)
     try:
         first = client.image_id_page("", None, LIST_PAGE)

@@ -5,6 +5,11 @@ add refuses an ID that is there (``AlreadyExists``), update and delete refuse on
 is not (``NotFound``), an image that cannot be decoded is ``ItemRejected``. Feature
 extraction runs in the extractor's worker processes (a crash there is one image's
 rejection) and outside the store's lock, so calls extract in parallel.
+
+Searches (find similar, duplicates, tags) take their candidates from the search index
+(featsync.localcontext.searchindex: loaded on the first search, kept in step after)
+and score them with the exact matcher (featsync.localcontext.matching), so a score
+means what it always did; only which images are scored changed.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import sqlite3
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from featsync.errors import AlreadyExists, Fatal, ItemRejected, NotFound
 from featsync.localcontext.extractor import Extractor, default_workers
@@ -23,22 +29,31 @@ from featsync.sqlitefiles import read_only_uri
 
 if TYPE_CHECKING:
     from featsync.localcontext import matching
+    from featsync.localcontext.searchindex import IndexInfo, Searcher, StoreReader
 
-# The extractor and the matcher (numpy, Pillow, OpenCV) are imported where they are
-# used: a no-change reconcile never extracts or matches, and these imports would be
-# most of its start-up time.
+# The extractor, the matcher and the index (numpy, Pillow, OpenCV, FAISS) are imported
+# where they are used: a no-change reconcile never extracts or matches, and these
+# imports would be most of its start-up time.
 
-_SCHEMA = """
+# A row's slot is new on every add and update and never reused (AUTOINCREMENT): the
+# search index files descriptors by slot (featsync.localcontext.searchindex).
+_FEATURES = """
 CREATE TABLE IF NOT EXISTS features (
-    image_id TEXT PRIMARY KEY,
+    slot INTEGER PRIMARY KEY AUTOINCREMENT,
+    image_id TEXT NOT NULL UNIQUE,
     count INTEGER NOT NULL,
     descriptors BLOB NOT NULL,
     updated_at REAL NOT NULL
 );
+"""
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tags (name TEXT PRIMARY KEY, descriptors BLOB NOT NULL);
 """
-SCHEMA_VERSION = 1
+    + _FEATURES
+)
+SCHEMA_VERSION = 2  # 1: no slots (image_id was the key); upgraded in place on open
 
 
 class LocalContext:
@@ -60,8 +75,6 @@ class LocalContext:
         self._owns_extractor = extractor is None or owns_extractor
         self._extractor = extractor or Extractor(default_workers(4))
         self._lock = threading.Lock()
-        # Descriptors of every entry, loaded on the first search and kept in step after.
-        self._cache: dict[str, matching.Descriptors] | None = None
         if read_only:
             self._open_read_only(path)
             return
@@ -74,15 +87,16 @@ class LocalContext:
             self._db.execute("PRAGMA synchronous = NORMAL")
             self._db.executescript(_SCHEMA)
             row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is None:
-                self._db.execute(
-                    "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-                )
-            elif int(row[0]) > SCHEMA_VERSION:
+            if row is not None and int(row[0]) > SCHEMA_VERSION:
                 raise Fatal(
                     f"search context store {path!r} has schema version {row[0]}, newer than "
                     f"this featsync understands ({SCHEMA_VERSION})"
                 )
+            if "slot" not in self._columns():
+                self._upgrade_to_slots()
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
             # The store's own random ID, made once: a ledger records which context it
             # mirrors, and a new or replaced store is not the one it knew.
             self._db.execute(
@@ -93,6 +107,42 @@ class LocalContext:
             )
         except (sqlite3.Error, OSError) as exc:
             raise Fatal(f"cannot open search context store {path!r}: {exc}") from exc
+        self._searcher = self._make_searcher(writable=True)
+
+    def _columns(self) -> list[str]:
+        return [str(r[1]) for r in self._db.execute("PRAGMA table_info(features)")]
+
+    def _upgrade_to_slots(self) -> None:
+        """Schema 1 -> 2: the features table gets its slot column (one copy, once)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("ALTER TABLE features RENAME TO features_v1")
+            self._db.execute(_FEATURES)
+            self._db.execute(
+                "INSERT INTO features (image_id, count, descriptors, updated_at) "
+                "SELECT image_id, count, descriptors, updated_at FROM features_v1 "
+                "ORDER BY image_id"
+            )
+            self._db.execute("DROP TABLE features_v1")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def _make_searcher(self, writable: bool) -> Searcher:
+        from featsync.localcontext.searchindex import Searcher, StoreReader
+
+        slot = "slot" if "slot" in self._columns() else "rowid"  # schema 1, read in place
+        reader = StoreReader(self._db, self._lock, slot)
+        on_disk = os.path.exists(self.path) and slot == "slot"
+
+        def own_reader() -> StoreReader:
+            db = sqlite3.connect(read_only_uri(self.path), uri=True, check_same_thread=False)
+            db.execute("PRAGMA busy_timeout = 10000")
+            return StoreReader(db, threading.Lock(), slot)
+
+        rebuild_reader = own_reader if on_disk else None
+        return Searcher(self.path, self._store_id, reader, writable, rebuild_reader)
 
     def _open_read_only(self, path: str) -> None:
         """Look only (a dry run): create nothing; a missing store is an empty one that
@@ -102,21 +152,24 @@ class LocalContext:
             if not os.path.exists(path):
                 self._db = sqlite3.connect(":memory:", check_same_thread=False)
                 self._db.executescript(_SCHEMA)
-                return
-            self._db = sqlite3.connect(
-                read_only_uri(path), uri=True, check_same_thread=False, isolation_level=None
-            )
-            self._db.execute("PRAGMA busy_timeout = 10000")
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+                row = None
+            else:
+                self._db = sqlite3.connect(
+                    read_only_uri(path), uri=True, check_same_thread=False, isolation_level=None
+                )
+                self._db.execute("PRAGMA busy_timeout = 10000")
+                row = self._db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
         except (sqlite3.Error, OSError) as exc:
             raise Fatal(f"cannot open search context store {path!r}: {exc}") from exc
         if row is not None:
             self._store_id = str(row[0])
+        self._searcher = self._make_searcher(writable=False)
 
     def identity(self) -> str:
         return f"local store {self._store_id} ({self.path})"
 
     def close(self) -> None:
+        self._searcher.close()
         with self._lock:
             self._db.close()
         if self._owns_extractor:
@@ -128,28 +181,30 @@ class LocalContext:
 
     # -- features by image ID -------------------------------------------------
 
-    def _exists(self, image_id: str) -> bool:
-        return (
-            self._db.execute("SELECT 1 FROM features WHERE image_id = ?", (image_id,)).fetchone()
-            is not None
-        )
+    def _slot_of(self, image_id: str) -> int | None:
+        row = self._db.execute(
+            "SELECT slot FROM features WHERE image_id = ?", (image_id,)
+        ).fetchone()
+        return None if row is None else int(row[0])
 
     def _store(self, image_id: str, desc: matching.Descriptors, must_exist: bool) -> int:
         with self._lock:
             try:
-                exists = self._exists(image_id)
-                if must_exist and not exists:
+                old = self._slot_of(image_id)
+                if must_exist and old is None:
                     raise NotFound(f"features for image {image_id!r} not found")
-                if not must_exist and exists:
+                if not must_exist and old is not None:
                     raise AlreadyExists(f"features for image {image_id!r} already exist")
-                self._db.execute(
-                    "INSERT OR REPLACE INTO features VALUES (?, ?, ?, ?)",
+                # REPLACE deletes the old row and inserts one with a new slot.
+                cur = self._db.execute(
+                    "INSERT OR REPLACE INTO features (image_id, count, descriptors, updated_at) "
+                    "VALUES (?, ?, ?, ?)",
                     (image_id, len(desc), desc.tobytes(), time.time()),
                 )
+                new = int(cur.lastrowid or 0)
             except sqlite3.Error as exc:
                 raise Fatal(f"search context store {self.path!r}: {exc}") from exc
-            if self._cache is not None:
-                self._cache[image_id] = desc
+        self._searcher.stored(old, new, desc)
         return len(desc)
 
     def add_features(self, image_id: str, image: ImageData) -> int:
@@ -160,16 +215,56 @@ class LocalContext:
         _check_id(image_id)
         return self._store(image_id, self._extract(image, image_id), must_exist=True)
 
+    def load_descriptors(self, items: Iterable[tuple[str, matching.Descriptors]]) -> int:
+        """Add precomputed descriptors under new image IDs, many to a transaction (the
+        benchmarks and tests fill big stores with it; an ID already there is refused
+        with AlreadyExists and what came before it in its batch is not stored)."""
+        added = 0
+        batch: list[tuple[str, matching.Descriptors]] = []
+        for item in items:
+            batch.append(item)
+            if len(batch) == 500:
+                added += self._load_batch(batch)
+                batch = []
+        return added + (self._load_batch(batch) if batch else 0)
+
+    def _load_batch(self, batch: list[tuple[str, matching.Descriptors]]) -> int:
+        slots: list[int] = []
+        now = time.time()
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for image_id, desc in batch:
+                        _check_id(image_id)
+                        if self._slot_of(image_id) is not None:
+                            raise AlreadyExists(f"features for image {image_id!r} already exist")
+                        cur = self._db.execute(
+                            "INSERT INTO features (image_id, count, descriptors, updated_at) "
+                            "VALUES (?, ?, ?, ?)",
+                            (image_id, len(desc), desc.tobytes(), now),
+                        )
+                        slots.append(int(cur.lastrowid or 0))
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise Fatal(f"search context store {self.path!r}: {exc}") from exc
+        for slot, (_, desc) in zip(slots, batch, strict=True):
+            self._searcher.stored(None, slot, desc)
+        return len(batch)
+
     def delete_features(self, image_id: str) -> None:
         with self._lock:
             try:
-                gone = self._db.execute("DELETE FROM features WHERE image_id = ?", (image_id,))
+                old = self._slot_of(image_id)
+                self._db.execute("DELETE FROM features WHERE image_id = ?", (image_id,))
             except sqlite3.Error as exc:
                 raise Fatal(f"search context store {self.path!r}: {exc}") from exc
-            if self._cache is not None:
-                self._cache.pop(image_id, None)
-        if gone.rowcount == 0:
+        if old is None:
             raise NotFound(f"features for image {image_id!r} not found")
+        self._searcher.deleted(old)
 
     def get_features(self, image_id: str) -> ImageFeatures:
         from featsync.localcontext import features
@@ -199,15 +294,25 @@ class LocalContext:
 
     # -- searches -------------------------------------------------------------
 
-    def _entries(self) -> dict[str, matching.Descriptors]:
+    def _stored(self, image_id: str) -> matching.Descriptors:
+        from featsync.localcontext.searchindex import as_descriptors
+
         with self._lock:
-            if self._cache is None:
-                cache: dict[str, matching.Descriptors] = {}
-                rows = self._db.execute("SELECT image_id, descriptors FROM features")
-                for image_id, blob in rows:
-                    cache[image_id] = _descriptors(blob)
-                self._cache = cache
-            return dict(self._cache)
+            row = self._db.execute(
+                "SELECT descriptors FROM features WHERE image_id = ?", (image_id,)
+            ).fetchone()
+        if row is None:
+            raise NotFound(f"features for image {image_id!r} not found")
+        return as_descriptors(row[0])
+
+    def similar(
+        self, query: matching.Descriptors, threshold: float, max_count: int
+    ) -> list[SearchResult]:
+        """Stored images similar to a query's descriptors (no extraction)."""
+        from featsync.localcontext import searches
+
+        hits = searches.similar(self._searcher, self._searcher.reader, query, threshold, max_count)
+        return [SearchResult(i, s) for i, s in hits]
 
     def find_similar(
         self,
@@ -217,40 +322,40 @@ class LocalContext:
         threshold: float,
         max_count: int,
     ) -> list[SearchResult]:
-        from featsync.localcontext import matching
-
-        entries = self._entries()
         if image is not None:
             query = self._extract(image, image_id or "<uploaded image>")
         elif image_id is not None:
-            if image_id not in entries:
-                raise NotFound(f"features for image {image_id!r} not found")
-            query = entries[image_id]
+            query = self._stored(image_id)
         else:
             raise ItemRejected("find_similar needs an image or an image ID")
-        hits = matching.rank(query, entries, threshold, max_count)
-        return [SearchResult(i, s) for i, s in hits]
+        return self.similar(query, threshold, max_count)
 
     def find_duplicates(self, threshold: float) -> list[list[SearchResult]]:
-        from featsync.localcontext import matching
+        from featsync.localcontext import matching, searches
 
-        groups = matching.duplicate_groups(self._entries(), threshold)
+        pairs = searches.duplicate_pairs(self._searcher, self._searcher.reader, threshold)
+        groups = matching.groups(
+            pairs, threshold, lambda a, b: matching.similarity(self._stored(a), self._stored(b))
+        )
         return [[SearchResult(i, s) for i, s in g] for g in groups]
 
     def compare(self, image_id: str, other: str | None = None, image: bytes | None = None) -> float:
         """Similarity of a stored image to another stored one or to uploaded bytes."""
         from featsync.localcontext import matching
 
-        entries = self._entries()
-        if image_id not in entries:
-            raise NotFound(f"features for image {image_id!r} not found")
+        first = self._stored(image_id)
         if other is not None:
-            if other not in entries:
-                raise NotFound(f"features for image {other!r} not found")
-            return matching.similarity(entries[image_id], entries[other])
+            return matching.similarity(first, self._stored(other))
         if image is None:
             raise ItemRejected("compare needs a second image ID or image data")
-        return matching.similarity(entries[image_id], self._extract(image, "<uploaded image>"))
+        return matching.similarity(first, self._extract(image, "<uploaded image>"))
+
+    def index_info(self) -> IndexInfo:
+        """The search index's state and size (loads it if it is not yet)."""
+        return self._searcher.info()
+
+    def wait_index_rebuilt(self, timeout: float) -> bool:
+        return self._searcher.wait_rebuilt(timeout)
 
     # -- tags and extraction without storing (served by `featsync serve`) -----------
 
@@ -276,29 +381,20 @@ class LocalContext:
 
     def find_by_tags(self, tags: list[str], threshold: float, max_count: int) -> list[SearchResult]:
         """Images similar to any of the tags' reference images, most similar first."""
-        from featsync.localcontext import matching
+        from featsync.localcontext.searchindex import as_descriptors
 
         with self._lock:
             rows = self._db.execute("SELECT name, descriptors FROM tags").fetchall()
-        found = {name: _descriptors(blob) for name, blob in rows if name in tags}
+        found = {name: as_descriptors(blob) for name, blob in rows if name in tags}
         missing = [t for t in tags if t not in found]
         if missing:
             raise NotFound(f"no tag named {missing[0]!r}")
-        entries = self._entries()
         best: dict[str, float] = {}
         for desc in found.values():
-            for image_id, score in matching.rank(desc, entries, threshold, len(entries)):
-                best[image_id] = max(score, best.get(image_id, 0.0))
+            for hit in self.similar(desc, threshold, max_count):
+                best[hit.image_id] = max(hit.similarity, best.get(hit.image_id, 0.0))
         hits = sorted(best.items(), key=lambda t: (-t[1], t[0]))[: max(0, max_count)]
         return [SearchResult(i, s) for i, s in hits]
-
-
-def _descriptors(blob: Any) -> matching.Descriptors:
-    import numpy as np
-
-    from featsync.localcontext import features
-
-    return np.frombuffer(bytes(blob), dtype=np.uint8).reshape(-1, features.DESCRIPTOR_BYTES)
 
 
 def _check_id(image_id: str) -> None:

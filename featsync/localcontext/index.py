@@ -1,0 +1,281 @@
+"""The descriptor index: which stored images hold descriptors near a query's.
+
+An inverted file over binary descriptors (FAISS ``IndexBinaryIVF``): a vocabulary of
+"visual words" (binary k-majority clustering of a sample of the stored descriptors,
+one pass of seconds), each stored descriptor filed under its nearest word, a query's
+descriptor compared only with those filed under its nearest ``NPROBE`` words. Each
+stored image has a *slot* (the store's row number, new on every add or update, never
+reused); the index files descriptors by slot. A query's descriptors vote for the
+slots that hold one of their nearest neighbours; the best-voted slots are the
+candidates the exact matcher then scores (featsync.localcontext.matching).
+
+Adds are appended (no retraining); a removed slot is dropped from the answers at once
+and purged from the lists in one pass once removed entries are an eighth of them. The
+vocabulary is sized for the collection it was built from; when the collection has
+grown ``GROWTH`` times, a new one is built (featsync.localcontext.searchindex does
+that in the background). Descriptors are padded to 64 bytes, which leaves Hamming
+distances unchanged and lets FAISS compare them in eight machine words.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+# OpenMP threads that wait by spinning take the CPU from everything else on a busy
+# machine (measured with two other processes busy: building a 66,000-descriptor index
+# took 7.7 s spinning, 0.33 s passive). The variable is read when FAISS loads OpenMP,
+# just below. And one thread: featsync's searches are small (waking a second thread
+# for each cost more than it saved: a search's p50 138 ms on a busy machine), and
+# `featsync serve` answers several at once on its own threads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import faiss
+
+from featsync.localcontext.features import DESCRIPTOR_BYTES
+
+faiss.omp_set_num_threads(1)
+
+Descriptors = np.ndarray[Any, np.dtype[np.uint8]]
+Slots = np.ndarray[Any, np.dtype[np.int64]]
+
+CODE_BYTES = 64  # descriptors padded to 512 bits
+BITS = CODE_BYTES * 8
+NPROBE = 2  # words searched per query descriptor
+GROWTH = 8  # a new vocabulary when the collection has grown this many times
+MIN_WORDS, MAX_WORDS = 16, 8192
+SAMPLE_PER_WORD = 32  # vocabulary training sample: this many descriptors per word
+ITERATIONS = 4  # k-majority passes
+FORMAT = 1
+_MAGIC = b"FSIDX001"
+_TRAILER = struct.Struct("<Q8s")  # length of the metadata, magic
+
+
+def pad(desc: Descriptors) -> Descriptors:
+    """(n, 61) AKAZE descriptors as (n, 64), zero-padded (distances unchanged)."""
+    out = np.zeros((len(desc), CODE_BYTES), dtype=np.uint8)
+    out[:, :DESCRIPTOR_BYTES] = desc
+    return out
+
+
+def words_for(descriptors: int) -> int:
+    """Vocabulary size for a collection of this many descriptors: about 4 * sqrt(n),
+    a power of two, so that a query's cost (words compared + entries scanned) stays
+    near its minimum as the collection grows."""
+    want = 4.0 * float(np.sqrt(max(1, descriptors)))
+    words = 1 << int(np.log2(want))
+    return max(MIN_WORDS, min(MAX_WORDS, words))
+
+
+def vocabulary(sample: Descriptors, words: int, seed: int = 0) -> Descriptors:
+    """`words` binary centroids of the (n, 64) sample: k-majority (Hamming k-means:
+    each centroid's bit is the majority of its members' bits)."""
+    rng = np.random.default_rng(seed)
+    n = len(sample)
+    words = max(1, min(words, n))
+    centroids = sample[rng.choice(n, words, replace=False)].copy()
+    for _ in range(ITERATIONS):
+        flat = faiss.IndexBinaryFlat(BITS)
+        flat.add(centroids)
+        _, nearest = flat.search(sample, 1)
+        assigned = nearest[:, 0]
+        sums = np.zeros((words, BITS), dtype=np.uint32)
+        counts = np.bincount(assigned, minlength=words)
+        for start in range(0, n, 65536):  # unpacked bits: 512 bytes a descriptor
+            part = assigned[start : start + 65536]
+            order = np.argsort(part, kind="stable")
+            bits = np.unpackbits(sample[start : start + 65536][order], axis=1)
+            keys, first = np.unique(part[order], return_index=True)
+            sums[keys] += np.add.reduceat(bits, first, axis=0, dtype=np.uint32)
+        used = counts > 0
+        majority = sums[used] * 2 > counts[used, None]
+        centroids[used] = np.packbits(majority.astype(np.uint8), axis=1)
+    return centroids
+
+
+class DescriptorIndex:
+    """Stored descriptors filed by slot, for candidate retrieval.
+
+    Not thread-safe: its owner (searchindex.Searcher) serializes calls.
+    """
+
+    def __init__(self, ivf: Any, counts: dict[int, int], built_for: int) -> None:
+        self._ivf = ivf
+        self._ivf.nprobe = NPROBE
+        self.counts = counts  # live slot -> descriptors held
+        self.built_for = built_for  # descriptors the vocabulary was sized for
+        self.dead: dict[int, int] = {}  # removed slots still in the lists -> entries
+
+    @classmethod
+    def build(cls, sample: Descriptors, expected: int) -> DescriptorIndex:
+        """An empty index whose vocabulary comes from `sample` ((n, 61) descriptors),
+        sized for a collection of `expected` descriptors."""
+        words = words_for(expected)
+        if len(sample) == 0:
+            sample = np.zeros((1, DESCRIPTOR_BYTES), dtype=np.uint8)
+        centroids = vocabulary(pad(sample), words)
+        quantizer = faiss.IndexBinaryFlat(BITS)
+        quantizer.add(centroids)
+        ivf = faiss.IndexBinaryIVF(quantizer, BITS, len(centroids))
+        ivf.is_trained = True  # the vocabulary is ours: nothing for FAISS to train
+        return cls(ivf, {}, max(1, expected))
+
+    # -- upkeep --------------------------------------------------------------
+
+    @property
+    def entries(self) -> int:
+        return int(self._ivf.ntotal)
+
+    @property
+    def words(self) -> int:
+        return int(self._ivf.nlist)
+
+    def live_entries(self) -> int:
+        return self.entries - sum(self.dead.values())
+
+    def holds(self, slot: int) -> bool:
+        return slot in self.counts
+
+    def add(self, items: Iterable[tuple[int, Descriptors]]) -> None:
+        """File each (slot, descriptors); a slot is added once (slots are never reused)."""
+        slots: list[Slots] = []
+        codes: list[Descriptors] = []
+        for slot, desc in items:
+            if slot in self.counts or slot in self.dead:
+                continue
+            self.counts[slot] = len(desc)
+            if len(desc):
+                slots.append(np.full(len(desc), slot, dtype=np.int64))
+                codes.append(pad(desc))
+        if codes:
+            self._ivf.add_with_ids(np.concatenate(codes), np.concatenate(slots))
+
+    def remove(self, slots: Iterable[int]) -> None:
+        """Drop slots from the answers now; purge their entries when they are many."""
+        for slot in slots:
+            held = self.counts.pop(slot, None)
+            if held is not None and held > 0:
+                self.dead[slot] = held
+            # A slot with no descriptors has no entries to purge.
+        if self.dead and sum(self.dead.values()) * 8 >= max(1, self.entries):
+            self.purge()
+
+    def purge(self) -> None:
+        if self.dead:
+            gone = np.fromiter(self.dead, dtype=np.int64, count=len(self.dead))
+            self._ivf.remove_ids(faiss.IDSelectorBatch(gone))
+            self.dead.clear()
+
+    def needs_new_vocabulary(self) -> bool:
+        return self.live_entries() > GROWTH * self.built_for and (
+            words_for(self.live_entries()) > self.words
+        )
+
+    # -- queries -------------------------------------------------------------
+
+    def votes(self, query: Descriptors, neighbours: int, max_distance: int) -> dict[int, int]:
+        """Slot -> how many of the query's descriptors have it among their
+        `neighbours` nearest (within `max_distance` bits): each descriptor votes once
+        for a slot."""
+        if len(query) == 0 or self.entries == 0:
+            return {}
+        distances, labels = self._ivf.search(pad(query), neighbours)
+        return _tally(labels, distances, max_distance, self.counts)
+
+    def votes_many(
+        self, queries: list[Descriptors], neighbours: int, max_distance: int
+    ) -> list[dict[int, int]]:
+        """`votes` for several queries in one search (the library's threads share it)."""
+        sizes = [len(q) for q in queries]
+        if sum(sizes) == 0 or self.entries == 0:
+            return [{} for _ in queries]
+        distances, labels = self._ivf.search(pad(np.concatenate(queries)), neighbours)
+        out: list[dict[int, int]] = []
+        start = 0
+        for size in sizes:
+            end = start + size
+            out.append(_tally(labels[start:end], distances[start:end], max_distance, self.counts))
+            start = end
+        return out
+
+    def nbytes(self) -> int:
+        """Memory the index holds: each entry's code and slot, and the vocabulary."""
+        return self.entries * (CODE_BYTES + 8) + self.words * CODE_BYTES
+
+    # -- a file beside the store ----------------------------------------------
+
+    def save(self, path: str, store_id: str) -> None:
+        """Write the index to `path` atomically (a temporary file renamed over it):
+        the FAISS index, then its metadata (the slots it holds) and a trailer."""
+        self.purge()
+        meta = io.BytesIO()
+        slots = np.fromiter(self.counts, dtype=np.int64, count=len(self.counts))
+        held = np.fromiter(self.counts.values(), dtype=np.int64, count=len(self.counts))
+        header = {"format": FORMAT, "store_id": store_id, "built_for": self.built_for}
+        np.savez(
+            meta,
+            header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+            slots=slots,
+            counts=held,
+            ntotal=np.array([self.entries], dtype=np.int64),
+        )
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            faiss.write_index_binary(self._ivf, tmp)
+            with open(tmp, "ab") as fh:
+                blob = meta.getvalue()
+                fh.write(blob)
+                fh.write(_TRAILER.pack(len(blob), _MAGIC))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def load(cls, path: str, store_id: str) -> DescriptorIndex | None:
+        """The index saved at `path` for this store, or None when there is none, or it
+        is another store's, another format's, or damaged (the caller rebuilds)."""
+        try:
+            with open(path, "rb") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                if size < _TRAILER.size:
+                    return None
+                fh.seek(size - _TRAILER.size)
+                length, magic = _TRAILER.unpack(fh.read(_TRAILER.size))
+                if magic != _MAGIC or length > size - _TRAILER.size:
+                    return None
+                fh.seek(size - _TRAILER.size - length)
+                meta = np.load(io.BytesIO(fh.read(length)), allow_pickle=False)
+                header = json.loads(bytes(meta["header"]).decode())
+                if header.get("format") != FORMAT or header.get("store_id") != store_id:
+                    return None
+                ivf = faiss.read_index_binary(path)
+        except (OSError, ValueError, KeyError, RuntimeError, struct.error):
+            return None
+        if int(ivf.ntotal) != int(meta["ntotal"][0]) or not isinstance(ivf, faiss.IndexBinaryIVF):
+            return None
+        counts = dict(zip(meta["slots"].tolist(), meta["counts"].tolist(), strict=True))
+        return cls(ivf, counts, int(header["built_for"]))
+
+
+def _tally(
+    labels: np.ndarray[Any, Any],
+    distances: np.ndarray[Any, Any],
+    max_distance: int,
+    live: dict[int, int],
+) -> dict[int, int]:
+    n = len(labels)
+    rows = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], labels.shape)
+    keep = (labels >= 0) & (distances <= max_distance)
+    # one vote per (descriptor, slot): a slot may hold several of its neighbours
+    pairs = np.unique(labels[keep].astype(np.int64) * n + rows[keep])
+    slots, votes = np.unique(pairs // n, return_counts=True)
+    return {s: v for s, v in zip(slots.tolist(), votes.tolist(), strict=True) if s in live}

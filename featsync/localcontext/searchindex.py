@@ -1,0 +1,304 @@
+"""The embedded context's search index, kept in step with its store.
+
+The store (SQLite) is the truth; the index (featsync.localcontext.index) is derived
+from it and can always be rebuilt from it. Every stored image has a slot, new on every
+add and update and never reused, so the index only has to know which slots it holds:
+bringing it up to date is a comparison of slot sets (slots the store no longer has
+are removed, slots it does not hold yet are added), whoever changed the store.
+
+- The index is loaded on the first search (a sync that only adds never pays for it),
+  from ``<store>.index`` if that file is this store's, else built from the store;
+  then it is brought up to date with the store.
+- While loaded, it follows this process's adds, updates and deletes as they happen,
+  and another process's (a sync beside `featsync serve`, say) before each search:
+  SQLite's ``data_version`` tells when another connection changed the store.
+- When the collection has grown ``GROWTH`` times past what its vocabulary was sized
+  for, a new index is built in a background thread while the old one keeps answering.
+- On close (and after a rebuild) a writer saves it when the file is missing or behind
+  by more than ``STALE`` of its images, atomically; a crash costs only the catch-up
+  of what changed since the last save.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypedDict
+
+import numpy as np
+
+from featsync.localcontext.index import (
+    SAMPLE_PER_WORD,
+    DescriptorIndex,
+    Descriptors,
+    words_for,
+)
+
+STALE = 0.01  # save when more than this share of images changed since the file
+STALE_MIN = 256  # ... and at least this many
+BATCH = 256  # images read from the store at a time
+
+Row = tuple[int, str, Descriptors]  # slot, image ID, descriptors
+
+
+def as_descriptors(blob: Any) -> Descriptors:
+    from featsync.localcontext.features import DESCRIPTOR_BYTES
+
+    data = bytes(blob)
+    whole = len(data) - len(data) % DESCRIPTOR_BYTES  # a damaged row's tail is dropped
+    return np.frombuffer(data[:whole], dtype=np.uint8).reshape(-1, DESCRIPTOR_BYTES)
+
+
+class IndexInfo(TypedDict):
+    state: str  # "ready", or "rebuilding" (a new vocabulary is being built)
+    source: str  # "file" (loaded from its file) or "built" (from the store)
+    images: int
+    descriptors: int  # live entries
+    entries: int  # entries in the lists, removed ones not yet purged included
+    lists: int  # words of the vocabulary
+    built_for: int  # descriptors the vocabulary was sized for
+    bytes: int  # memory of the entries and the vocabulary
+    rebuilds: int
+    file: str
+
+
+class StoreReader:
+    """Reads of the store the index needs, over one SQLite connection and its lock."""
+
+    def __init__(self, db: sqlite3.Connection, lock: threading.Lock, slot: str = "slot") -> None:
+        self.db, self.lock = db, lock
+        if slot not in ("slot", "rowid"):
+            raise ValueError(f"not a slot column: {slot!r}")
+        self.slot = slot  # the slot column (a store of schema 1 read in place: rowid)
+
+    def counts(self) -> dict[int, int]:
+        with self.lock:
+            sql = f"SELECT {self.slot}, count FROM features"  # noqa: S608 (a known column)
+            return dict(self.db.execute(sql).fetchall())
+
+    def rows(self, slots: list[int]) -> list[Row]:
+        out: list[Row] = []
+        for start in range(0, len(slots), 500):
+            part = slots[start : start + 500]
+            marks = ",".join("?" * len(part))
+            sql = (
+                f"SELECT {self.slot}, image_id, descriptors FROM features "  # noqa: S608
+                f"WHERE {self.slot} IN ({marks})"  # a known column, and marks
+            )
+            with self.lock:
+                found = self.db.execute(sql, part).fetchall()
+            out.extend((int(s), str(i), as_descriptors(b)) for s, i, b in found)
+        return out
+
+    def batches(self, slots: list[int]) -> Iterator[list[Row]]:
+        for start in range(0, len(slots), BATCH):
+            yield self.rows(slots[start : start + BATCH])
+
+    def data_version(self) -> int:
+        with self.lock:
+            return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+
+
+class Stopped(Exception):
+    """The context closed while a background rebuild was running."""
+
+
+def build(
+    reader: StoreReader,
+    counts: dict[int, int],
+    stop: threading.Event | None = None,
+    seed: int = 0,
+) -> DescriptorIndex:
+    """A new index of the slots in `counts`: the vocabulary from a random sample of
+    their descriptors (whole images, about SAMPLE_PER_WORD per word), then every slot.
+    `stop` set: raises Stopped between batches."""
+    total = sum(counts.values())
+    words = words_for(total)
+    rng = np.random.default_rng(seed)
+    slots = sorted(counts)
+    order = rng.permutation(len(slots)).tolist()
+    wanted, picked, got = words * SAMPLE_PER_WORD, [], 0
+    for n in order:
+        if got >= wanted:
+            break
+        picked.append(slots[n])
+        got += counts[slots[n]]
+    sample = [d for _, _, d in reader.rows(picked)]
+    index = DescriptorIndex.build(
+        np.concatenate(sample) if sample else np.zeros((0, 61), np.uint8), total
+    )
+    for rows in reader.batches(slots):
+        if stop is not None and stop.is_set():
+            raise Stopped
+        index.add((s, d) for s, _, d in rows)
+    return index
+
+
+class Searcher:
+    """The index of one store: loaded on first use, kept in step, saved by writers."""
+
+    def __init__(
+        self,
+        store_path: str,
+        store_id: str,
+        reader: StoreReader,
+        writable: bool,
+        open_reader: Callable[[], StoreReader] | None,
+    ) -> None:
+        self.path = store_path + ".index"
+        self.store_id = store_id
+        self.reader = reader
+        self.writable = writable
+        self._open_reader = open_reader  # a connection of its own, for the rebuild thread
+        self._lock = threading.Lock()
+        self._index: DescriptorIndex | None = None
+        self._seen_version = -1
+        self._unsaved = 0
+        self._rebuild: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.rebuilds = 0
+        self.source = ""  # "file": loaded from its file; "built": built from the store
+
+    # -- following the store ----------------------------------------------------
+
+    def stored(self, old: int | None, new: int, desc: Descriptors) -> None:
+        """This process stored `desc` as slot `new` (replacing slot `old`)."""
+        with self._lock:
+            if self._index is None:
+                return
+            if old is not None:
+                self._index.remove([old])
+            self._index.add([(new, desc)])
+            self._unsaved += 1
+            self._maybe_grow()
+
+    def deleted(self, old: int) -> None:
+        with self._lock:
+            if self._index is not None:
+                self._index.remove([old])
+                self._unsaved += 1
+
+    def _catch_up(self, index: DescriptorIndex) -> int:
+        """Bring `index` to the store's slots; how many slots changed."""
+        counts = self.reader.counts()
+        gone = [s for s in index.counts if s not in counts]
+        index.remove(gone)
+        new = [s for s in counts if not index.holds(s)]
+        for rows in self.reader.batches(new):
+            index.add((s, d) for s, _, d in rows)
+        return len(gone) + len(new)
+
+    def ready(self) -> DescriptorIndex:
+        """The index, loaded or built and up to date with the store. Call with the
+        lock held."""
+        version = self.reader.data_version()
+        if self._index is None:
+            loaded = DescriptorIndex.load(self.path, self.store_id)
+            if loaded is None:
+                self._index = build(self.reader, self.reader.counts())
+                self._unsaved = len(self._index.counts) + 1  # no file: save it
+                self.source = "built"
+            else:
+                self._index = loaded
+                self.source = "file"
+                self._unsaved = self._catch_up(loaded)
+            self._seen_version = version
+            self._maybe_grow()
+        elif version != self._seen_version:
+            self._unsaved += self._catch_up(self._index)
+            self._seen_version = version
+            self._maybe_grow()
+        return self._index
+
+    def search(self, fn: Callable[[DescriptorIndex], Any]) -> Any:
+        """`fn(index)` with the index up to date, under the lock."""
+        with self._lock:
+            return fn(self.ready())
+
+    # -- a new vocabulary, in the background --------------------------------------
+
+    def _maybe_grow(self) -> None:
+        index = self._index
+        if (
+            index is None
+            or self._open_reader is None
+            or self._rebuild is not None
+            or not index.needs_new_vocabulary()
+        ):
+            return
+        self._rebuild = threading.Thread(
+            target=self._rebuild_run, name="featsync-index-rebuild", daemon=True
+        )
+        self._rebuild.start()
+
+    def _rebuild_run(self) -> None:
+        assert self._open_reader is not None
+        try:
+            reader = self._open_reader()
+            try:
+                fresh = build(reader, reader.counts(), self._stop)
+            finally:
+                reader.db.close()
+            with self._lock:
+                self._catch_up(fresh)
+                self._index = fresh
+                self._seen_version = self.reader.data_version()
+                self.rebuilds += 1
+                if self.writable:
+                    self._save_locked()
+        except (Stopped, sqlite3.Error, OSError, RuntimeError, MemoryError):
+            pass  # the old index goes on answering; the next growth check tries again
+        finally:
+            with self._lock:
+                self._rebuild = None
+
+    def wait_rebuilt(self, timeout: float) -> bool:
+        """Wait for a background rebuild to end (tests, benchmarks); True if none runs."""
+        thread = self._rebuild
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
+    # -- the file --------------------------------------------------------------
+
+    def _save_locked(self) -> None:
+        if self._index is not None:
+            self._index.save(self.path, self.store_id)
+            self._unsaved = 0
+
+    def close(self) -> None:
+        """Save the index if this process may write and the file is behind (a rebuild
+        running is stopped first: the index it replaces is saved instead)."""
+        self._stop.set()
+        thread = self._rebuild
+        if thread is not None:
+            thread.join()
+        with self._lock:
+            index = self._index
+            if index is None or not self.writable:
+                return
+            if self._unsaved > max(STALE_MIN, STALE * len(index.counts)) or not os.path.exists(
+                self.path
+            ):
+                self._save_locked()
+
+    def info(self) -> IndexInfo:
+        with self._lock:
+            index = self.ready()
+            return IndexInfo(
+                **{
+                    "state": "rebuilding" if self._rebuild is not None else "ready",
+                    "source": self.source,
+                    "images": len(index.counts),
+                    "descriptors": index.live_entries(),
+                    "entries": index.entries,
+                    "lists": index.words,
+                    "built_for": index.built_for,
+                    "bytes": index.nbytes(),
+                    "rebuilds": self.rebuilds,
+                    "file": self.path,
+                }
+            )
