@@ -1,0 +1,151 @@
+"""bench/search.py's sync part: what a loaded index costs the first sync.
+
+The first sync of --sync-images textured 640x480 JPEGs by ``featsync reconcile`` (a new
+process) against ``featsync serve`` (no injected latency), each time into a fresh
+context: one whose index was loaded by a findSimilar call before the sync (the index
+is then kept in step by every add), one never searched (no index in memory),
+alternating, --sync-runs of each; the ratio of the best of each. Then the embedded
+reconcile (no serve) and the time of its first search, which brings the index up to
+date with the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+from bench import search_data as sd
+from featsync.localcontext.context import LocalContext
+
+SYNC_RATIO = 1.10
+Row = tuple[str, str, str, "bool | None"]  # what, value, target, met
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def reconcile(config_path: str) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "featsync", "reconcile", "--config", config_path],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    took = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"featsync reconcile failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return took
+
+
+def toml_config(run: str, folder: str, context: dict[str, Any] | None) -> str:
+    os.makedirs(run)
+    lines = ["[sync]", f'folder = "{folder}"', "[log]", 'level = "warning"']
+    if context:
+        lines.append("[context]")
+        for k, v in context.items():
+            lines.append(f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v)}")
+    path = os.path.join(run, "featsync.toml")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return path
+
+
+def sync_part(args: argparse.Namespace, base: str) -> dict[str, Any]:
+    from bench.http_throughput import new_context_id, remote, serving
+    from featsync import config
+    from featsync.localcontext import features
+    from featsync.samples import textured_bytes
+    from featsync.wiring import open_context
+
+    n = args.sync_images
+    folder = os.path.join(base, f"sync-images-{n}")
+    if not (os.path.isdir(folder) and len(os.listdir(folder)) == n):
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        old = time.time() - 3600
+        for i in range(n):
+            p = os.path.join(folder, f"img{i:05d}.jpg")
+            with open(p, "wb") as fh:
+                fh.write(textured_bytes(i, "JPEG", size=sd.SIZE))
+            os.utime(p, (old, old))
+    with open(os.path.join(folder, "img00000.jpg"), "rb") as fh:
+        probe = fh.read()
+    say(
+        f"\n== the first sync of {n:,} textured 640x480 JPEGs, `featsync reconcile` against "
+        f"`featsync serve`, index loaded before the sync or not, alternating, {args.sync_runs} each"
+    )
+    out: dict[str, Any] = {"loaded": [], "cold": [], "first_search": []}
+    with serving("featsync-search-bench-", 0.0, 16) as (sbase, url):
+        for turn in range(args.sync_runs):
+            for warm in (True, False) if turn % 2 == 0 else (False, True):
+                work = os.path.join(str(sbase), f"run{turn}-{'loaded' if warm else 'cold'}")
+                os.makedirs(work)
+                cid = new_context_id(url, work)  # type: ignore[arg-type]
+                context = {**remote(url), "context_id": cid, "trust_env": False}
+                client = open_context(config.parse({"context": context}, work))
+                try:
+                    if warm:
+                        started = time.perf_counter()
+                        client.find_similar(
+                            image=probe, threshold=args.threshold, max_count=args.max
+                        )
+                        out["first_search"].append(time.perf_counter() - started)
+                    secs = reconcile(toml_config(os.path.join(work, "c"), folder, context))
+                    hits = client.find_similar(
+                        image=probe, threshold=args.threshold, max_count=args.max
+                    )
+                finally:
+                    client.close()
+                assert hits and hits[0].image_id.endswith("img00000.jpg"), hits
+                out["loaded" if warm else "cold"].append(secs)
+                say(f"  run {turn + 1}, index {'loaded' if warm else 'not loaded'}: {secs:.1f} s")
+    run = os.path.join(base, "sync-embedded")
+    shutil.rmtree(run, ignore_errors=True)
+    out["embedded"] = reconcile(toml_config(run, folder, None))
+    query = features.extract(probe, "probe")
+    ctx = LocalContext(os.path.join(run, "featsync-context.db"))
+    try:
+        started = time.perf_counter()
+        hits = ctx.similar(query, args.threshold, args.max)
+        out["embedded_first_search"] = time.perf_counter() - started
+        out["embedded_source"] = ctx.index_info().get("source")
+    finally:
+        ctx.close()
+    assert hits and hits[0].image_id.endswith("img00000.jpg"), hits
+    best_loaded, best_cold = min(out["loaded"]), min(out["cold"])
+    out["ratio"] = best_loaded / best_cold
+    say(
+        f"  best: index loaded {best_loaded:.1f} s, not loaded {best_cold:.1f} s: "
+        f"{out['ratio']:.3f}x; the findSimilar that loaded it: "
+        f"{max(out['first_search']):.2f} s at most"
+    )
+    say(
+        f"  embedded reconcile (no serve): {out['embedded']:.1f} s; then its first search "
+        f"(index {out['embedded_source']}): {out['embedded_first_search']:.2f} s"
+    )
+    return out
+
+
+def sync_rows(sync: dict[str, Any], args: argparse.Namespace) -> list[Row]:
+    loaded, cold, ratio = min(sync["loaded"]), min(sync["cold"]), sync["ratio"]
+    return [
+        (
+            f"first sync of {args.sync_images:,} JPEGs via serve, index loaded / not",
+            f"{loaded:.1f} / {cold:.1f} s = {ratio:.3f}x",
+            f"<= {SYNC_RATIO}x",
+            ratio <= SYNC_RATIO,
+        ),
+        (
+            "embedded reconcile; then its first search",
+            f"{sync['embedded']:.1f} s; {sync['embedded_first_search']:.2f} s",
+            "",
+            None,
+        ),
+    ]
