@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from featsync.localcontext import LocalContext, matching
 from featsync.localcontext.features import extract
@@ -274,3 +275,34 @@ def test_a_store_of_the_previous_schema_is_upgraded_and_searchable(store: str) -
         assert ctx.similar(stored(600), 60, 1)[0].image_id == name(4)
     finally:
         ctx.close()
+
+
+def test_an_index_that_cannot_be_saved_is_logged_and_nothing_else_breaks(store: str) -> None:
+    os.mkdir(store + ".index")  # where the file goes: a folder (as a full disk would fail)
+    ctx = LocalContext(store)
+    fill(ctx, range(10))
+    assert ctx.similar(resized(2), 60, 1)[0].image_id == name(2)
+    with capture_logs() as logs:
+        ctx.close()  # saving fails: logged, not raised
+    failed = [e for e in logs if e["event"] == "index_save_failed"]
+    assert len(failed) == 1 and store + ".index" in failed[0]["file"]
+    assert os.path.isdir(store + ".index") and os.listdir(store + ".index") == []
+    again = LocalContext(store)
+    try:
+        assert again.similar(resized(2), 60, 1)[0].image_id == name(2)
+        assert again.index_info()["source"] == "built"
+    finally:
+        again.close()
+
+
+def test_a_look_never_writes_the_index_file(store: str) -> None:
+    ctx = LocalContext(store)
+    fill(ctx, range(10))
+    ctx.close()  # never searched: no index was loaded, nothing saved
+    assert not os.path.exists(store + ".index")
+    looks = LocalContext(store, read_only=True)
+    try:
+        assert looks.similar(resized(2), 60, 1)[0].image_id == name(2)
+    finally:
+        looks.close()
+    assert not os.path.exists(store + ".index")

@@ -108,7 +108,7 @@ class Contexts:
                 ctx.close()
             if not os.path.exists(path):
                 raise ApiError(404, "ContextNotFound", f"search context {context_id!r} not found")
-            for suffix in ("", "-wal", "-shm"):
+            for suffix in ("", "-wal", "-shm", ".index"):
                 if os.path.exists(path + suffix):
                     os.remove(path + suffix)
 

@@ -1,9 +1,10 @@
 """The descriptor index: which stored images hold descriptors near a query's.
 
-An inverted file over binary descriptors (FAISS ``IndexBinaryIVF``): a vocabulary of
-"visual words" (binary k-majority clustering of a sample of the stored descriptors,
-one pass of seconds), each stored descriptor filed under its nearest word, a query's
-descriptor compared only with those filed under its nearest ``NPROBE`` words. Each
+An inverted file over binary descriptors (FAISS ``IndexBinaryIVF``): a vocabulary tree
+of "visual words" (featsync.localcontext.vocabulary: k-majority clustering of a sample
+of the stored descriptors, seconds), each stored descriptor filed under its nearest
+word, a query's descriptor compared only with those filed under its ``NPROBE``
+nearest words. Each
 stored image has a *slot* (the store's row number, new on every add or update, never
 reused); the index files descriptors by slot. A query's descriptors vote for the
 slots that hold one of their nearest neighbours; the best-voted slots are the
@@ -13,8 +14,8 @@ Adds are appended (no retraining); a removed slot is dropped from the answers at
 and purged from the lists in one pass once removed entries are an eighth of them. The
 vocabulary is sized for the collection it was built from; when the collection has
 grown ``GROWTH`` times, a new one is built (featsync.localcontext.searchindex does
-that in the background). Descriptors are padded to 64 bytes, which leaves Hamming
-distances unchanged and lets FAISS compare them in eight machine words.
+that in the background). Codes are descriptors padded to 64 bytes
+(featsync.localcontext.codes).
 """
 
 from __future__ import annotations
@@ -28,40 +29,20 @@ from typing import Any
 
 import numpy as np
 
-# OpenMP threads that wait by spinning take the CPU from everything else on a busy
-# machine (measured with two other processes busy: building a 66,000-descriptor index
-# took 7.7 s spinning, 0.33 s passive). The variable is read when FAISS loads OpenMP,
-# just below. And one thread: featsync's searches are small (waking a second thread
-# for each cost more than it saved: a search's p50 138 ms on a busy machine), and
-# `featsync serve` answers several at once on its own threads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import faiss
-
+from featsync.localcontext.codes import BITS, CODE_BYTES, Codes, faiss, pad
 from featsync.localcontext.features import DESCRIPTOR_BYTES
+from featsync.localcontext.vocabulary import Tree
 
-faiss.omp_set_num_threads(1)
-
-Descriptors = np.ndarray[Any, np.dtype[np.uint8]]
+Descriptors = Codes
 Slots = np.ndarray[Any, np.dtype[np.int64]]
 
-CODE_BYTES = 64  # descriptors padded to 512 bits
-BITS = CODE_BYTES * 8
 NPROBE = 2  # words searched per query descriptor
 GROWTH = 8  # a new vocabulary when the collection has grown this many times
 MIN_WORDS, MAX_WORDS = 16, 8192
 SAMPLE_PER_WORD = 32  # vocabulary training sample: this many descriptors per word
-ITERATIONS = 4  # k-majority passes
-FORMAT = 1
-_MAGIC = b"FSIDX001"
+FORMAT = 2
+_MAGIC = b"FSIDX002"
 _TRAILER = struct.Struct("<Q8s")  # length of the metadata, magic
-
-
-def pad(desc: Descriptors) -> Descriptors:
-    """(n, 61) AKAZE descriptors as (n, 64), zero-padded (distances unchanged)."""
-    out = np.zeros((len(desc), CODE_BYTES), dtype=np.uint8)
-    out[:, :DESCRIPTOR_BYTES] = desc
-    return out
 
 
 def words_for(descriptors: int) -> int:
@@ -73,41 +54,16 @@ def words_for(descriptors: int) -> int:
     return max(MIN_WORDS, min(MAX_WORDS, words))
 
 
-def vocabulary(sample: Descriptors, words: int, seed: int = 0) -> Descriptors:
-    """`words` binary centroids of the (n, 64) sample: k-majority (Hamming k-means:
-    each centroid's bit is the majority of its members' bits)."""
-    rng = np.random.default_rng(seed)
-    n = len(sample)
-    words = max(1, min(words, n))
-    centroids = sample[rng.choice(n, words, replace=False)].copy()
-    for _ in range(ITERATIONS):
-        flat = faiss.IndexBinaryFlat(BITS)
-        flat.add(centroids)
-        _, nearest = flat.search(sample, 1)
-        assigned = nearest[:, 0]
-        sums = np.zeros((words, BITS), dtype=np.uint32)
-        counts = np.bincount(assigned, minlength=words)
-        for start in range(0, n, 65536):  # unpacked bits: 512 bytes a descriptor
-            part = assigned[start : start + 65536]
-            order = np.argsort(part, kind="stable")
-            bits = np.unpackbits(sample[start : start + 65536][order], axis=1)
-            keys, first = np.unique(part[order], return_index=True)
-            sums[keys] += np.add.reduceat(bits, first, axis=0, dtype=np.uint32)
-        used = counts > 0
-        majority = sums[used] * 2 > counts[used, None]
-        centroids[used] = np.packbits(majority.astype(np.uint8), axis=1)
-    return centroids
-
-
 class DescriptorIndex:
     """Stored descriptors filed by slot, for candidate retrieval.
 
     Not thread-safe: its owner (searchindex.Searcher) serializes calls.
     """
 
-    def __init__(self, ivf: Any, counts: dict[int, int], built_for: int) -> None:
+    def __init__(self, ivf: Any, tree: Tree, counts: dict[int, int], built_for: int) -> None:
         self._ivf = ivf
         self._ivf.nprobe = NPROBE
+        self.tree = tree
         self.counts = counts  # live slot -> descriptors held
         self.built_for = built_for  # descriptors the vocabulary was sized for
         self.dead: dict[int, int] = {}  # removed slots still in the lists -> entries
@@ -116,15 +72,10 @@ class DescriptorIndex:
     def build(cls, sample: Descriptors, expected: int) -> DescriptorIndex:
         """An empty index whose vocabulary comes from `sample` ((n, 61) descriptors),
         sized for a collection of `expected` descriptors."""
-        words = words_for(expected)
         if len(sample) == 0:
             sample = np.zeros((1, DESCRIPTOR_BYTES), dtype=np.uint8)
-        centroids = vocabulary(pad(sample), words)
-        quantizer = faiss.IndexBinaryFlat(BITS)
-        quantizer.add(centroids)
-        ivf = faiss.IndexBinaryIVF(quantizer, BITS, len(centroids))
-        ivf.is_trained = True  # the vocabulary is ours: nothing for FAISS to train
-        return cls(ivf, {}, max(1, expected))
+        tree = Tree.build(pad(sample), words_for(expected))
+        return cls(_ivf(tree), tree, {}, max(1, expected))
 
     # -- upkeep --------------------------------------------------------------
 
@@ -154,7 +105,12 @@ class DescriptorIndex:
                 slots.append(np.full(len(desc), slot, dtype=np.int64))
                 codes.append(pad(desc))
         if codes:
-            self._ivf.add_with_ids(np.concatenate(codes), np.concatenate(slots))
+            x, ids = np.concatenate(codes), np.concatenate(slots)
+            _, leaves = self.tree.assign(x, 1)
+            lists = np.ascontiguousarray(leaves[:, 0])
+            self._ivf.add_core(
+                len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists)
+            )
 
     def remove(self, slots: Iterable[int]) -> None:
         """Drop slots from the answers now; purge their entries when they are many."""
@@ -185,8 +141,13 @@ class DescriptorIndex:
         for a slot."""
         if len(query) == 0 or self.entries == 0:
             return {}
-        distances, labels = self._ivf.search(pad(query), neighbours)
+        distances, labels = self._search(pad(query), neighbours)
         return _tally(labels, distances, max_distance, self.counts)
+
+    def _search(self, x: Codes, neighbours: int) -> tuple[Any, Any]:
+        near, leaves = self.tree.assign(x, NPROBE)
+        distances, labels = self._ivf.search_preassigned(x, neighbours, leaves, near)
+        return distances, labels
 
     def votes_many(
         self, queries: list[Descriptors], neighbours: int, max_distance: int
@@ -195,7 +156,7 @@ class DescriptorIndex:
         sizes = [len(q) for q in queries]
         if sum(sizes) == 0 or self.entries == 0:
             return [{} for _ in queries]
-        distances, labels = self._ivf.search(pad(np.concatenate(queries)), neighbours)
+        distances, labels = self._search(pad(np.concatenate(queries)), neighbours)
         out: list[dict[int, int]] = []
         start = 0
         for size in sizes:
@@ -206,7 +167,7 @@ class DescriptorIndex:
 
     def nbytes(self) -> int:
         """Memory the index holds: each entry's code and slot, and the vocabulary."""
-        return self.entries * (CODE_BYTES + 8) + self.words * CODE_BYTES
+        return self.entries * (CODE_BYTES + 8) + (self.words + len(self.tree.coarse)) * CODE_BYTES
 
     # -- a file beside the store ----------------------------------------------
 
@@ -221,6 +182,8 @@ class DescriptorIndex:
         np.savez(
             meta,
             header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+            coarse=self.tree.coarse,
+            fine=self.tree.fine,
             slots=slots,
             counts=held,
             ntotal=np.array([self.entries], dtype=np.int64),
@@ -262,8 +225,21 @@ class DescriptorIndex:
             return None
         if int(ivf.ntotal) != int(meta["ntotal"][0]) or not isinstance(ivf, faiss.IndexBinaryIVF):
             return None
+        tree = Tree(meta["coarse"], meta["fine"])
+        if tree.leaves != int(ivf.nlist):
+            return None
         counts = dict(zip(meta["slots"].tolist(), meta["counts"].tolist(), strict=True))
-        return cls(ivf, counts, int(header["built_for"]))
+        return cls(ivf, tree, counts, int(header["built_for"]))
+
+
+def _ivf(tree: Tree) -> Any:
+    """An inverted file with a list per leaf of the tree (the tree assigns; the flat
+    quantizer of its leaves is what FAISS keeps, and saves, with the lists)."""
+    quantizer = faiss.IndexBinaryFlat(BITS)
+    quantizer.add(np.ascontiguousarray(tree.fine.reshape(-1, CODE_BYTES)))
+    ivf = faiss.IndexBinaryIVF(quantizer, BITS, tree.leaves)
+    ivf.is_trained = True  # the vocabulary is ours: nothing for FAISS to train
+    return ivf
 
 
 def _tally(

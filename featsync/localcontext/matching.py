@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from featsync.localcontext.index import BITS, pad
+from featsync.localcontext.codes import BITS, faiss, pad
 
 Descriptors = np.ndarray[Any, np.dtype[np.uint8]]
 
@@ -29,8 +29,6 @@ RATIO = 0.8
 def _best(query: Descriptors, train: Descriptors) -> np.ndarray[Any, np.dtype[np.int64]]:
     """For each query descriptor, its nearest train descriptor's index if that one
     passes the ratio test (or is the only one), else -1."""
-    import faiss
-
     flat = faiss.IndexBinaryFlat(BITS)
     flat.add(pad(train))
     if len(train) == 1:

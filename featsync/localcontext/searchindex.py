@@ -21,14 +21,15 @@ are removed, slots it does not hold yet are added), whoever changed the store.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypedDict
 
 import numpy as np
 
+from featsync import logs
 from featsync.localcontext.index import (
     SAMPLE_PER_WORD,
     DescriptorIndex,
@@ -156,6 +157,7 @@ class Searcher:
         self._index: DescriptorIndex | None = None
         self._seen_version = -1
         self._unsaved = 0
+        self._must_save = False
         self._rebuild: threading.Thread | None = None
         self._stop = threading.Event()
         self.rebuilds = 0
@@ -195,16 +197,26 @@ class Searcher:
         lock held."""
         version = self.reader.data_version()
         if self._index is None:
+            started = time.monotonic()
             loaded = DescriptorIndex.load(self.path, self.store_id)
             if loaded is None:
                 self._index = build(self.reader, self.reader.counts())
-                self._unsaved = len(self._index.counts) + 1  # no file: save it
+                self._unsaved = len(self._index.counts)
+                self._must_save = True  # the file is missing, another store's or damaged
                 self.source = "built"
             else:
                 self._index = loaded
                 self.source = "file"
                 self._unsaved = self._catch_up(loaded)
             self._seen_version = version
+            logs.get().info(
+                "index_loaded",
+                store=self.path[: -len(".index")],
+                source=self.source,
+                images=len(self._index.counts),
+                caught_up=self._unsaved if self.source == "file" else 0,
+                seconds=round(time.monotonic() - started, 2),
+            )
             self._maybe_grow()
         elif version != self._seen_version:
             self._unsaved += self._catch_up(self._index)
@@ -235,6 +247,7 @@ class Searcher:
 
     def _rebuild_run(self) -> None:
         assert self._open_reader is not None
+        started = time.monotonic()
         try:
             reader = self._open_reader()
             try:
@@ -246,10 +259,24 @@ class Searcher:
                 self._index = fresh
                 self._seen_version = self.reader.data_version()
                 self.rebuilds += 1
+                self._must_save = True
                 if self.writable:
                     self._save_locked()
-        except (Stopped, sqlite3.Error, OSError, RuntimeError, MemoryError):
-            pass  # the old index goes on answering; the next growth check tries again
+                images, words = len(fresh.counts), fresh.words
+            logs.get().info(
+                "index_rebuilt",
+                store=self.path[: -len(".index")],
+                images=images,
+                lists=words,
+                seconds=round(time.monotonic() - started, 2),
+            )
+        except Stopped:
+            pass  # closing: the index it would replace is saved instead
+        except (sqlite3.Error, OSError, RuntimeError, MemoryError) as exc:
+            # The old index goes on answering; the next growth check tries again.
+            logs.get().warning(
+                "index_rebuild_failed", store=self.path[: -len(".index")], error=str(exc)
+            )
         finally:
             with self._lock:
                 self._rebuild = None
@@ -265,9 +292,16 @@ class Searcher:
     # -- the file --------------------------------------------------------------
 
     def _save_locked(self) -> None:
-        if self._index is not None:
+        """Save; a failure (a full disk, a read-only folder) is logged, not raised: the
+        file only saves time, and the next load catches up from an older one or builds."""
+        if self._index is None:
+            return
+        try:
             self._index.save(self.path, self.store_id)
             self._unsaved = 0
+            self._must_save = False
+        except (OSError, RuntimeError) as exc:
+            logs.get().warning("index_save_failed", file=self.path, error=str(exc))
 
     def close(self) -> None:
         """Save the index if this process may write and the file is behind (a rebuild
@@ -280,9 +314,7 @@ class Searcher:
             index = self._index
             if index is None or not self.writable:
                 return
-            if self._unsaved > max(STALE_MIN, STALE * len(index.counts)) or not os.path.exists(
-                self.path
-            ):
+            if self._must_save or self._unsaved > max(STALE_MIN, STALE * len(index.counts)):
                 self._save_locked()
 
     def info(self) -> IndexInfo:
