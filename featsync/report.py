@@ -161,8 +161,7 @@ def cost_note(data: dict[str, Any]) -> str:
     each = p["seconds"] / p["find_calls"] if p["find_calls"] else 0.0
     return (
         f"{p['find_calls']} find call(s) answered{failed} by the embedded context, "
-        f"{p['seconds']:.1f} s ({each:.2f} s a call: each compares the query with every "
-        "stored image)"
+        f"{p['seconds']:.1f} s ({each:.2f} s a call, the query's extraction included)"
     )
 
 

@@ -7,7 +7,8 @@ the content hash the ledger synced; a file changed since (or gone, or unreadable
 reported as such and not searched for. An image "finds itself" when it is among the
 results with the top similarity (an exact duplicate, the same content under another
 ID, may tie with it). Costs: one find call per image searched (Aspose: one API call
-each; the embedded context compares the query with every stored image).
+each; the embedded context, one search of its index and an exact score of the best
+candidates).
 """
 
 from __future__ import annotations

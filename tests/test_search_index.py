@@ -261,11 +261,13 @@ def test_a_store_of_the_previous_schema_is_upgraded_and_searchable(store: str) -
         )
     db.commit()
     db.close()
-    looks = LocalContext(store, read_only=True)  # a dry run reads the old schema in place
+    looks = LocalContext(store, read_only=True)  # a look reads the old schema in place
     try:
         assert looks.similar(resized(4), 60, 1)[0].image_id == name(4)
     finally:
         looks.close()
+    # its slots are row numbers that the upgrade renumbers: no index file of them
+    assert not os.path.exists(store + ".index")
     ctx = LocalContext(store)
     try:
         assert ctx.identity().startswith("local store old-store")
@@ -295,14 +297,47 @@ def test_an_index_that_cannot_be_saved_is_logged_and_nothing_else_breaks(store: 
         again.close()
 
 
-def test_a_look_never_writes_the_index_file(store: str) -> None:
+def test_a_look_saves_the_index_beside_the_store_and_leaves_the_store_alone(store: str) -> None:
     ctx = LocalContext(store)
     fill(ctx, range(10))
     ctx.close()  # never searched: no index was loaded, nothing saved
     assert not os.path.exists(store + ".index")
-    looks = LocalContext(store, read_only=True)
+    before = Path(store).read_bytes()
+    looks = LocalContext(store, read_only=True)  # `featsync search`, `report --probe`
     try:
         assert looks.similar(resized(2), 60, 1)[0].image_id == name(2)
     finally:
         looks.close()
-    assert not os.path.exists(store + ".index")
+    assert Path(store).read_bytes() == before
+    again = LocalContext(store, read_only=True)  # the next look reads the file
+    try:
+        assert again.similar(resized(2), 60, 1)[0].image_id == name(2)
+        assert again.index_info()["source"] == "file"
+    finally:
+        again.close()
+
+
+def test_a_store_put_back_from_a_copy_is_not_confused_with_the_index_of_its_future(
+    tmp_path: Path, store: str
+) -> None:
+    ctx = LocalContext(store)
+    fill(ctx, range(10))
+    ctx.close()
+    shutil.copyfile(store, tmp_path / "copy.search")  # the user's backup of the store
+    ctx = LocalContext(store)
+    ctx.load_descriptors([(name(20), stored(20)), (name(21), stored(21))])  # slots 11, 12
+    assert ctx.similar(resized(21), 60, 1)[0].image_id == name(21)
+    ctx.close()  # the index file now holds slots 11 and 12 as images 20 and 21
+    shutil.copyfile(tmp_path / "copy.search", store)  # put back: the numbering goes on
+    ctx = LocalContext(store)  # from 10 again, for other images
+    try:
+        ctx.load_descriptors([(name(30), stored(30)), (name(31), stored(31))])
+        entries = {name(s): stored(s) for s in [*range(10), 30, 31]}
+        for seed in (30, 31, 4):
+            got = [(h.image_id, h.similarity) for h in ctx.similar(resized(seed), 30, 10)]
+            assert got == matching.rank(resized(seed), entries, 30, 10)
+            assert got[0][0] == name(seed)
+        # the index holds what the store holds, no row of the discarded future
+        assert ctx.index_info()["descriptors"] == sum(len(d) for d in entries.values())
+    finally:
+        ctx.close()

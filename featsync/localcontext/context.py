@@ -142,7 +142,14 @@ class LocalContext:
             return StoreReader(db, threading.Lock(), slot)
 
         rebuild_reader = own_reader if on_disk else None
-        return Searcher(self.path, self._store_id, reader, writable, rebuild_reader)
+        return Searcher(
+            self.path,
+            self._store_id,
+            reader,
+            saves=on_disk,
+            quiet=not writable,
+            open_reader=rebuild_reader,
+        )
 
     def _open_read_only(self, path: str) -> None:
         """Look only (a dry run): create nothing; a missing store is an empty one that

@@ -14,9 +14,13 @@ are removed, slots it does not hold yet are added), whoever changed the store.
   SQLite's ``data_version`` tells when another connection changed the store.
 - When the collection has grown ``GROWTH`` times past what its vocabulary was sized
   for, a new index is built in a background thread while the old one keeps answering.
-- On close (and after a rebuild) a writer saves it when the file is missing or behind
-  by more than ``STALE`` of its images, atomically; a crash costs only the catch-up
-  of what changed since the last save.
+- On close (and after a rebuild) it is saved when the file is missing or behind by
+  more than ``STALE`` of its images, atomically; a crash costs only the catch-up of
+  what changed since the last save. Looks (a read-only context: `featsync search`,
+  `report --probe`) save it too: the file is a cache beside the store, not the store,
+  and without it every look would build the index anew. A look that may not write
+  there says so at debug level only. A store of schema 1 read in place (its slots
+  are row numbers an upgrade renumbers) is never saved.
 """
 
 from __future__ import annotations
@@ -145,13 +149,15 @@ class Searcher:
         store_path: str,
         store_id: str,
         reader: StoreReader,
-        writable: bool,
+        saves: bool,
+        quiet: bool,
         open_reader: Callable[[], StoreReader] | None,
     ) -> None:
         self.path = store_path + ".index"
         self.store_id = store_id
         self.reader = reader
-        self.writable = writable
+        self.saves = saves  # False: slots that an upgrade renumbers (schema 1)
+        self.quiet = quiet  # a look: a file it cannot write is no news
         self._open_reader = open_reader  # a connection of its own, for the rebuild thread
         self._lock = threading.Lock()
         self._index: DescriptorIndex | None = None
@@ -186,11 +192,16 @@ class Searcher:
         """Bring `index` to the store's slots; how many slots changed."""
         counts = self.reader.counts()
         gone = [s for s in index.counts if s not in counts]
-        index.remove(gone)
+        # A slot whose descriptor count differs is not the row the index filed (a store
+        # put back from a copy, whose numbering went on differently): filed anew.
+        changed = [s for s, n in counts.items() if index.counts.get(s, n) != n]
+        index.remove(gone + changed)
+        if changed:
+            index.purge()
         new = [s for s in counts if not index.holds(s)]
         for rows in self.reader.batches(new):
             index.add((s, d) for s, _, d in rows)
-        return len(gone) + len(new)
+        return len(gone) + len(new)  # a changed slot counts in both
 
     def ready(self) -> DescriptorIndex:
         """The index, loaded or built and up to date with the store. Call with the
@@ -260,7 +271,7 @@ class Searcher:
                 self._seen_version = self.reader.data_version()
                 self.rebuilds += 1
                 self._must_save = True
-                if self.writable:
+                if self.saves:
                     self._save_locked()
                 images, words = len(fresh.counts), fresh.words
             logs.get().info(
@@ -301,7 +312,10 @@ class Searcher:
             self._unsaved = 0
             self._must_save = False
         except (OSError, RuntimeError) as exc:
-            logs.get().warning("index_save_failed", file=self.path, error=str(exc))
+            log = logs.get()
+            (log.debug if self.quiet else log.warning)(
+                "index_save_failed", file=self.path, error=str(exc)
+            )
 
     def close(self) -> None:
         """Save the index if this process may write and the file is behind (a rebuild
@@ -312,7 +326,7 @@ class Searcher:
             thread.join()
         with self._lock:
             index = self._index
-            if index is None or not self.writable:
+            if index is None or not self.saves:
                 return
             if self._must_save or self._unsaved > max(STALE_MIN, STALE * len(index.counts)):
                 self._save_locked()
