@@ -13,7 +13,6 @@ returned, whatever the index still holds.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 
@@ -30,9 +29,30 @@ DUPLICATE_CANDIDATES = 8  # scored per image
 DUPLICATE_BATCH = 64  # images queried in one index search
 
 
-def _top(votes: dict[int, int], n: int, floor: int = 1) -> list[int]:
-    best = sorted(((v, s) for s, v in votes.items() if v >= floor), key=lambda t: (-t[0], t[1]))
-    return [s for _, s in best[:n]]
+WEAK = 32  # descriptors: an image with fewer can hardly collect votes, but scores high
+
+Tally = dict[int, tuple[int, int]]  # slot -> (votes, descriptors it holds)
+
+
+def _candidates(tally: Tally, query_len: int, n: int, floor: int, fraction: float) -> list[int]:
+    """The `n` best-voted slots with at least `floor` votes, and the weak images
+    (under WEAK descriptors) that at least `fraction` of what they could get voted
+    for, up to `n` of them, best share first. A similarity is counted against the
+    smaller image: a weak image can score 100 with the few votes it can get, which
+    the best-voted alone would miss (the exhaustive matcher does not)."""
+    strong = sorted((-v, s) for s, (v, _) in tally.items() if v >= floor)
+    weak = sorted(
+        (-v / min(query_len, c), s)
+        for s, (v, c) in tally.items()
+        if 0 < c < WEAK and v / min(query_len, c) >= fraction
+    )
+    picked = dict.fromkeys(s for _, s in strong[:n])
+    picked.update(dict.fromkeys(s for _, s in weak[:n]))
+    return list(picked)
+
+
+def _tally(index: DescriptorIndex, votes: dict[int, int]) -> Tally:
+    return {s: (v, index.counts[s]) for s, v in votes.items()}
 
 
 def similar(
@@ -47,11 +67,12 @@ def similar(
     if max_count <= 0 or len(query) == 0:
         return []
 
-    def vote(index: DescriptorIndex) -> dict[int, int]:
-        return index.votes(query, NEIGHBOURS, MAX_DISTANCE)
+    def vote(index: DescriptorIndex) -> Tally:
+        return _tally(index, index.votes(query, NEIGHBOURS, MAX_DISTANCE))
 
-    votes: dict[int, int] = searcher.search(vote)
-    rows = reader.rows(_top(votes, max(CANDIDATES, 2 * max_count)))
+    tally: Tally = searcher.search(vote)
+    fraction = 0.5 * threshold / 100.0
+    rows = reader.rows(_candidates(tally, len(query), max(CANDIDATES, 2 * max_count), 1, fraction))
     scored = [(image_id, matching.similarity(query, desc)) for _, image_id, desc in rows]
     hits = [(i, s) for i, s in scored if s >= threshold]
     hits.sort(key=lambda t: (-t[1], t[0]))
@@ -75,15 +96,20 @@ def duplicate_pairs(
         batch = reader.rows(slots[start : start + DUPLICATE_BATCH])
         queries = [_subsample(desc, DUPLICATE_QUERY) for _, _, desc in batch]
 
-        def vote(index: DescriptorIndex, queries: list[Descriptors] = queries) -> Any:
-            return index.votes_many(queries, DUPLICATE_NEIGHBOURS, MAX_DISTANCE)
+        def vote(index: DescriptorIndex, queries: list[Descriptors] = queries) -> list[Tally]:
+            votes = index.votes_many(queries, DUPLICATE_NEIGHBOURS, MAX_DISTANCE)
+            return [_tally(index, v) for v in votes]
 
-        votes: list[dict[int, int]] = searcher.search(vote)
+        tallies: list[Tally] = searcher.search(vote)
         wanted: dict[int, list[int]] = {}
-        for (slot, _, _), query, tally in zip(batch, queries, votes, strict=True):
-            floor = max(3, math.ceil(0.1 * threshold / 100.0 * len(query)))
+        for (slot, _, _), query, tally in zip(batch, queries, tallies, strict=True):
+            # a weak image's few descriptors: each vote counts
+            least = 1 if len(query) < WEAK else 3
+            floor = max(least, math.ceil(0.1 * threshold / 100.0 * len(query)))
             tally.pop(slot, None)
-            best = _top(tally, DUPLICATE_CANDIDATES, floor)
+            best = _candidates(
+                tally, len(query), DUPLICATE_CANDIDATES, floor, 0.5 * threshold / 100
+            )
             wanted[slot] = [c for c in best if _key(slot, c) not in scored]
         known: dict[int, Row] = {row[0]: row for row in batch}
         missing = sorted({c for cs in wanted.values() for c in cs if c not in known})
