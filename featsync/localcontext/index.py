@@ -40,6 +40,7 @@ NPROBE = 2  # words searched per query descriptor
 GROWTH = 8  # a new vocabulary when the collection has grown this many times
 MIN_WORDS, MAX_WORDS = 16, 8192
 SAMPLE_PER_WORD = 32  # vocabulary training sample: this many descriptors per word
+WEAK = 32  # descriptors: an image with fewer can hardly collect votes, but scores high
 FORMAT = 2
 _MAGIC = b"FSIDX002"
 _TRAILER = struct.Struct("<Q8s")  # length of the metadata, magic
@@ -67,6 +68,7 @@ class DescriptorIndex:
         self.counts = counts  # live slot -> descriptors held
         self.built_for = built_for  # descriptors the vocabulary was sized for
         self.dead: dict[int, int] = {}  # removed slots still in the lists -> entries
+        self.weak = {s for s, n in counts.items() if 0 < n < WEAK}  # slots of weak images
 
     @classmethod
     def build(cls, sample: Descriptors, expected: int) -> DescriptorIndex:
@@ -101,6 +103,8 @@ class DescriptorIndex:
             if slot in self.counts or slot in self.dead:
                 continue
             self.counts[slot] = len(desc)
+            if 0 < len(desc) < WEAK:
+                self.weak.add(slot)
             if len(desc):
                 slots.append(np.full(len(desc), slot, dtype=np.int64))
                 codes.append(pad(desc))
@@ -115,6 +119,7 @@ class DescriptorIndex:
     def remove(self, slots: Iterable[int]) -> None:
         """Drop slots from the answers now; purge their entries when they are many."""
         for slot in slots:
+            self.weak.discard(slot)
             held = self.counts.pop(slot, None)
             if held is not None and held > 0:
                 self.dead[slot] = held
@@ -139,31 +144,45 @@ class DescriptorIndex:
         """Slot -> how many of the query's descriptors have it among their
         `neighbours` nearest (within `max_distance` bits): each descriptor votes once
         for a slot."""
-        if len(query) == 0 or self.entries == 0:
-            return {}
-        distances, labels = self._search(pad(query), neighbours)
-        return _tally(labels, distances, max_distance, self.counts)
+        _, slots, votes = self.votes_many([query], neighbours, max_distance)
+        return dict(zip(slots.tolist(), votes.tolist(), strict=True))
 
-    def _search(self, x: Codes, neighbours: int) -> tuple[Any, Any]:
-        near, leaves = self.tree.assign(x, NPROBE)
+    def _search(self, x: Codes, neighbours: int, probes: int) -> tuple[Any, Any]:
+        self._ivf.nprobe = probes
+        near, leaves = self.tree.assign(x, probes)
         distances, labels = self._ivf.search_preassigned(x, neighbours, leaves, near)
         return distances, labels
 
     def votes_many(
-        self, queries: list[Descriptors], neighbours: int, max_distance: int
-    ) -> list[dict[int, int]]:
-        """`votes` for several queries in one search (the library's threads share it)."""
-        sizes = [len(q) for q in queries]
-        if sum(sizes) == 0 or self.entries == 0:
-            return [{} for _ in queries]
-        distances, labels = self._search(pad(np.concatenate(queries)), neighbours)
-        out: list[dict[int, int]] = []
-        start = 0
-        for size in sizes:
-            end = start + size
-            out.append(_tally(labels[start:end], distances[start:end], max_distance, self.counts))
-            start = end
-        return out
+        self,
+        queries: list[Descriptors],
+        neighbours: int,
+        max_distance: int,
+        probes: int = NPROBE,
+    ) -> tuple[Slots, Slots, Slots]:
+        """`votes` for several queries in one search, as three arrays: the query's
+        number, the slot, its votes (live slots only; grouped by query)."""
+        sizes = np.array([len(q) for q in queries], dtype=np.int64)
+        empty = np.zeros(0, dtype=np.int64)
+        if sizes.sum() == 0 or self.entries == 0:
+            return empty, empty, empty
+        distances, labels = self._search(pad(np.concatenate(queries)), neighbours, probes)
+        n = len(labels)
+        rows = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], labels.shape)
+        keep = (labels >= 0) & (distances <= max_distance)
+        # one vote per (descriptor, slot): a slot may hold several of its neighbours
+        pairs = np.unique(labels[keep].astype(np.int64) * n + rows[keep])
+        if len(pairs) == 0:
+            return empty, empty, empty
+        slot, row = pairs // n, pairs % n
+        owner = np.repeat(np.arange(len(queries), dtype=np.int64), sizes)[row]
+        base = int(slot.max()) + 1
+        keys, votes = np.unique(owner * base + slot, return_counts=True)
+        query, slot = keys // base, keys % base
+        if self.dead:
+            live = ~np.isin(slot, np.fromiter(self.dead, dtype=np.int64, count=len(self.dead)))
+            query, slot, votes = query[live], slot[live], votes[live]
+        return query, slot, votes.astype(np.int64)
 
     def nbytes(self) -> int:
         """Memory the index holds: each entry's code and slot, and the vocabulary."""
@@ -240,18 +259,3 @@ def _ivf(tree: Tree) -> Any:
     ivf = faiss.IndexBinaryIVF(quantizer, BITS, tree.leaves)
     ivf.is_trained = True  # the vocabulary is ours: nothing for FAISS to train
     return ivf
-
-
-def _tally(
-    labels: np.ndarray[Any, Any],
-    distances: np.ndarray[Any, Any],
-    max_distance: int,
-    live: dict[int, int],
-) -> dict[int, int]:
-    n = len(labels)
-    rows = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], labels.shape)
-    keep = (labels >= 0) & (distances <= max_distance)
-    # one vote per (descriptor, slot): a slot may hold several of its neighbours
-    pairs = np.unique(labels[keep].astype(np.int64) * n + rows[keep])
-    slots, votes = np.unique(pairs // n, return_counts=True)
-    return {s: v for s, v in zip(slots.tolist(), votes.tolist(), strict=True) if s in live}

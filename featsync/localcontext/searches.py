@@ -12,24 +12,23 @@ returned, whatever the index still holds.
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import numpy as np
 
 from featsync.localcontext import matching
-from featsync.localcontext.index import DescriptorIndex, Descriptors
+from featsync.localcontext.index import WEAK, DescriptorIndex, Descriptors
 from featsync.localcontext.searchindex import Row, Searcher, StoreReader
 
 CANDIDATES = 32  # scored exactly: at least this many, and twice what is asked for
 NEIGHBOURS = 4  # each query descriptor votes for the images holding its 4 nearest
 MAX_DISTANCE = 128  # bits (of 486): a neighbour further away is no evidence
 DUPLICATE_QUERY = 128  # descriptors an image queries with, looking for its duplicates
-DUPLICATE_NEIGHBOURS = 8  # a group of up to 8 copies gets each one's vote
+DUPLICATE_NEIGHBOURS = 4  # 20 copies of one image still give each other ~25 votes of 128
+DUPLICATE_PROBES = 1  # a near-copy's descriptor is filed under the same word
 DUPLICATE_CANDIDATES = 8  # scored per image
 DUPLICATE_BATCH = 64  # images queried in one index search
 
-
-WEAK = 32  # descriptors: an image with fewer can hardly collect votes, but scores high
 
 Tally = dict[int, tuple[int, int]]  # slot -> (votes, descriptors it holds)
 
@@ -92,36 +91,53 @@ def duplicate_pairs(
     candidates scored exactly: the pairs scored, each once."""
     slots: list[int] = sorted(searcher.search(lambda index: list(index.counts)))
     scored: dict[tuple[int, int], tuple[str, str, float]] = {}
+    share = 0.5 * threshold / 100.0
     for start in range(0, len(slots), DUPLICATE_BATCH):
         batch = reader.rows(slots[start : start + DUPLICATE_BATCH])
         queries = [_subsample(desc, DUPLICATE_QUERY) for _, _, desc in batch]
+        lengths = np.array([len(q) for q in queries], dtype=np.int64)
+        # a weak image's few descriptors: each vote counts
+        least = np.where(lengths < WEAK, 1, 3)
+        floors = np.maximum(least, np.ceil(0.1 * threshold / 100.0 * lengths)).astype(np.int64)
 
-        def vote(index: DescriptorIndex, queries: list[Descriptors] = queries) -> list[Tally]:
-            votes = index.votes_many(queries, DUPLICATE_NEIGHBOURS, MAX_DISTANCE)
-            return [_tally(index, v) for v in votes]
-
-        tallies: list[Tally] = searcher.search(vote)
-        wanted: dict[int, list[int]] = {}
-        for (slot, _, _), query, tally in zip(batch, queries, tallies, strict=True):
-            # a weak image's few descriptors: each vote counts
-            least = 1 if len(query) < WEAK else 3
-            floor = max(least, math.ceil(0.1 * threshold / 100.0 * len(query)))
-            tally.pop(slot, None)
-            best = _candidates(
-                tally, len(query), DUPLICATE_CANDIDATES, floor, 0.5 * threshold / 100
+        def vote(index: DescriptorIndex, queries: list[Descriptors] = queries) -> Any:
+            query, slot, votes = index.votes_many(
+                queries, DUPLICATE_NEIGHBOURS, MAX_DISTANCE, DUPLICATE_PROBES
             )
-            wanted[slot] = [c for c in best if _key(slot, c) not in scored]
+            weak = np.fromiter(index.weak, dtype=np.int64, count=len(index.weak))
+            is_weak = np.isin(slot, weak)
+            counts = {s: index.counts[s] for s in set(slot[is_weak].tolist())}
+            return query, slot, votes, is_weak, counts
+
+        query, slot, votes, is_weak, counts = searcher.search(vote)
+        own = np.array([row[0] for row in batch], dtype=np.int64)
+        other = slot != own[query]
+        strong = other & (votes >= floors[query])
+        tallies: list[Tally] = [{} for _ in batch]
+        for q, s, v in _rows(query, slot, votes, strong):
+            tallies[q][s] = (v, WEAK)
+        for q, s, v in _rows(query, slot, votes, other & is_weak & ~strong):
+            if v / min(int(lengths[q]), counts[s]) >= share:
+                tallies[q][s] = (v, counts[s])
+        wanted: dict[int, list[int]] = {}
+        for (me, _, _), length, tally in zip(batch, lengths.tolist(), tallies, strict=True):
+            best = _candidates(tally, length, DUPLICATE_CANDIDATES, 1, share)
+            wanted[me] = [c for c in best if _key(me, c) not in scored]
         known: dict[int, Row] = {row[0]: row for row in batch}
         missing = sorted({c for cs in wanted.values() for c in cs if c not in known})
         known.update((row[0], row) for row in reader.rows(missing))
-        for slot, candidates in wanted.items():
-            a = known[slot]
+        for me, candidates in wanted.items():
+            a = known[me]
             for c in candidates:
-                if _key(slot, c) in scored or c not in known:
+                if _key(me, c) in scored or c not in known:
                     continue  # scored from the other side, or gone from the store
                 b = known[c]
-                scored[_key(slot, c)] = (a[1], b[1], matching.similarity(a[2], b[2]))
+                scored[_key(me, c)] = (a[1], b[1], matching.similarity(a[2], b[2]))
     return list(scored.values())
+
+
+def _rows(query: Any, slot: Any, votes: Any, mask: Any) -> Any:
+    return zip(query[mask].tolist(), slot[mask].tolist(), votes[mask].tolist(), strict=True)
 
 
 def _key(a: int, b: int) -> tuple[int, int]:
