@@ -341,3 +341,15 @@ def test_a_store_put_back_from_a_copy_is_not_confused_with_the_index_of_its_futu
         assert ctx.index_info()["descriptors"] == sum(len(d) for d in entries.values())
     finally:
         ctx.close()
+
+
+def test_twenty_copies_of_one_image_are_one_group(ctx: LocalContext) -> None:
+    entries = fill(ctx, range(20))
+    copies = {f"copy{n:02d}.jpg": stored(3) for n in range(19)}
+    ctx.load_descriptors(copies.items())
+    entries.update(copies)
+    got = [[(r.image_id, r.similarity) for r in g] for g in ctx.find_duplicates(90)]
+    assert got == matching.duplicate_groups(entries, 90)
+    assert [len(g) for g in got] == [20]
+    top = ctx.similar(stored(3), 90, 50)
+    assert sorted(h.image_id for h in top) == sorted([*copies, name(3)])

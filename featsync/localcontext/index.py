@@ -20,6 +20,7 @@ that in the background). Codes are descriptors padded to 64 bytes
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -41,8 +42,8 @@ GROWTH = 8  # a new vocabulary when the collection has grown this many times
 MIN_WORDS, MAX_WORDS = 16, 8192
 SAMPLE_PER_WORD = 32  # vocabulary training sample: this many descriptors per word
 WEAK = 32  # descriptors: an image with fewer can hardly collect votes, but scores high
-FORMAT = 2
-_MAGIC = b"FSIDX002"
+FORMAT = 3
+_MAGIC = b"FSIDX003"
 _TRAILER = struct.Struct("<Q8s")  # length of the metadata, magic
 
 
@@ -61,7 +62,14 @@ class DescriptorIndex:
     Not thread-safe: its owner (searchindex.Searcher) serializes calls.
     """
 
-    def __init__(self, ivf: Any, tree: Tree, counts: dict[int, int], built_for: int) -> None:
+    def __init__(
+        self,
+        ivf: Any,
+        tree: Tree,
+        counts: dict[int, int],
+        built_for: int,
+        digests: dict[int, bytes] | None = None,
+    ) -> None:
         self._ivf = ivf
         self._ivf.nprobe = NPROBE
         self.tree = tree
@@ -69,6 +77,12 @@ class DescriptorIndex:
         self.built_for = built_for  # descriptors the vocabulary was sized for
         self.dead: dict[int, int] = {}  # removed slots still in the lists -> entries
         self.weak = {s for s, n in counts.items() if 0 < n < WEAK}  # slots of weak images
+        # Exact twins (the same descriptors under several IDs: one file copied): a
+        # query's nearest neighbours tie among them, and only a few would get votes.
+        self.digests: dict[int, bytes] = digests or {}
+        self.twins: dict[bytes, set[int]] = {}
+        for slot, digest in self.digests.items():
+            self.twins.setdefault(digest, set()).add(slot)
 
     @classmethod
     def build(cls, sample: Descriptors, expected: int) -> DescriptorIndex:
@@ -103,6 +117,9 @@ class DescriptorIndex:
             if slot in self.counts or slot in self.dead:
                 continue
             self.counts[slot] = len(desc)
+            digest = _digest(desc)
+            self.digests[slot] = digest
+            self.twins.setdefault(digest, set()).add(slot)
             if 0 < len(desc) < WEAK:
                 self.weak.add(slot)
             if len(desc):
@@ -120,6 +137,12 @@ class DescriptorIndex:
         """Drop slots from the answers now; purge their entries when they are many."""
         for slot in slots:
             self.weak.discard(slot)
+            digest = self.digests.pop(slot, None)
+            if digest is not None:
+                twins = self.twins[digest]
+                twins.discard(slot)
+                if not twins:
+                    del self.twins[digest]
             held = self.counts.pop(slot, None)
             if held is not None and held > 0:
                 self.dead[slot] = held
@@ -132,6 +155,11 @@ class DescriptorIndex:
             gone = np.fromiter(self.dead, dtype=np.int64, count=len(self.dead))
             self._ivf.remove_ids(faiss.IDSelectorBatch(gone))
             self.dead.clear()
+
+    def twins_of(self, slot: int) -> set[int]:
+        """The live slots holding exactly the descriptors `slot` holds (itself included)."""
+        digest = self.digests.get(slot)
+        return set(self.twins[digest]) if digest is not None else set()
 
     def needs_new_vocabulary(self) -> bool:
         return self.live_entries() > GROWTH * self.built_for and (
@@ -197,6 +225,9 @@ class DescriptorIndex:
         meta = io.BytesIO()
         slots = np.fromiter(self.counts, dtype=np.int64, count=len(self.counts))
         held = np.fromiter(self.counts.values(), dtype=np.int64, count=len(self.counts))
+        digests = np.frombuffer(
+            b"".join(self.digests[s] for s in self.counts), dtype=np.uint8
+        ).reshape(-1, _DIGEST)
         header = {"format": FORMAT, "store_id": store_id, "built_for": self.built_for}
         np.savez(
             meta,
@@ -205,6 +236,7 @@ class DescriptorIndex:
             fine=self.tree.fine,
             slots=slots,
             counts=held,
+            digests=digests,
             ntotal=np.array([self.entries], dtype=np.int64),
         )
         tmp = f"{path}.tmp-{os.getpid()}"
@@ -247,8 +279,20 @@ class DescriptorIndex:
         tree = Tree(meta["coarse"], meta["fine"])
         if tree.leaves != int(ivf.nlist):
             return None
-        counts = dict(zip(meta["slots"].tolist(), meta["counts"].tolist(), strict=True))
-        return cls(ivf, tree, counts, int(header["built_for"]))
+        slots = meta["slots"].tolist()
+        counts = dict(zip(slots, meta["counts"].tolist(), strict=True))
+        raw = meta["digests"]
+        if raw.shape != (len(slots), _DIGEST):
+            return None
+        digests = {s: bytes(d) for s, d in zip(slots, raw, strict=True)}
+        return cls(ivf, tree, counts, int(header["built_for"]), digests)
+
+
+_DIGEST = 16
+
+
+def _digest(desc: Descriptors) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(desc).tobytes(), digest_size=_DIGEST).digest()
 
 
 def _ivf(tree: Tree) -> Any:

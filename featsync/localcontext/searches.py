@@ -72,8 +72,18 @@ def similar(
     tally: Tally = searcher.search(vote)
     fraction = 0.5 * threshold / 100.0
     rows = reader.rows(_candidates(tally, len(query), max(CANDIDATES, 2 * max_count), 1, fraction))
-    scored = [(image_id, matching.similarity(query, desc)) for _, image_id, desc in rows]
-    hits = [(i, s) for i, s in scored if s >= threshold]
+    score = {slot: matching.similarity(query, desc) for slot, _, desc in rows}
+    ids = {slot: image_id for slot, image_id, _ in rows}
+    hit = [slot for slot, s in score.items() if s >= threshold]
+
+    def twins(index: DescriptorIndex) -> dict[int, set[int]]:
+        return {slot: index.twins_of(slot) - ids.keys() for slot in hit}
+
+    # An exact twin of a hit scores what it scores (the same descriptors).
+    for slot, others in searcher.search(twins).items():
+        for other, image_id in reader.ids(sorted(others)).items():
+            score[other], ids[other] = score[slot], image_id
+    hits = [(ids[slot], s) for slot, s in score.items() if s >= threshold]
     hits.sort(key=lambda t: (-t[1], t[0]))
     return hits[:max_count]
 
@@ -89,8 +99,23 @@ def duplicate_pairs(
 ) -> list[tuple[str, str, float]]:
     """Each stored image queried once (a sample of its descriptors), its best-voted
     candidates scored exactly: the pairs scored, each once."""
-    slots: list[int] = sorted(searcher.search(lambda index: list(index.counts)))
+
+    def survey(index: DescriptorIndex) -> tuple[list[int], list[list[int]]]:
+        groups = [sorted(t) for t in index.twins.values() if len(t) > 1]
+        return sorted(index.counts), groups
+
+    slots, twin_groups = searcher.search(survey)
     scored: dict[tuple[int, int], tuple[str, str, float]] = {}
+    # Exact twins pair with each other (their nearest neighbours tie among them):
+    # the first of each group with the rest, at the score of the image with itself.
+    for group in twin_groups:
+        rows = reader.rows(group[:1])
+        ids = reader.ids(group)
+        if rows and group[0] in ids:
+            itself = matching.similarity(rows[0][2], rows[0][2])
+            for other in group[1:]:
+                if other in ids:
+                    scored[_key(group[0], other)] = (ids[group[0]], ids[other], itself)
     share = 0.5 * threshold / 100.0
     for start in range(0, len(slots), DUPLICATE_BATCH):
         batch = reader.rows(slots[start : start + DUPLICATE_BATCH])

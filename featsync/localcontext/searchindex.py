@@ -97,6 +97,20 @@ class StoreReader:
             out.extend((int(s), str(i), as_descriptors(b)) for s, i, b in found)
         return out
 
+    def ids(self, slots: list[int]) -> dict[int, str]:
+        """Slot -> image ID, for the slots the store holds (no descriptors read)."""
+        out: dict[int, str] = {}
+        for start in range(0, len(slots), 500):
+            part = slots[start : start + 500]
+            marks = ",".join("?" * len(part))
+            sql = (
+                f"SELECT {self.slot}, image_id FROM features "  # noqa: S608
+                f"WHERE {self.slot} IN ({marks})"  # a known column, and marks
+            )
+            with self.lock:
+                out.update((int(s), str(i)) for s, i in self.db.execute(sql, part))
+        return out
+
     def batches(self, slots: list[int]) -> Iterator[list[Row]]:
         for start in range(0, len(slots), BATCH):
             yield self.rows(slots[start : start + BATCH])
