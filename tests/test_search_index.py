@@ -320,22 +320,25 @@ def test_a_look_saves_the_index_beside_the_store_and_leaves_the_store_alone(stor
 def test_a_store_put_back_from_a_copy_is_not_confused_with_the_index_of_its_future(
     tmp_path: Path, store: str
 ) -> None:
+    def same_size(seed: int) -> np.ndarray:  # as photos are: every one at the cap
+        return stored(seed)[:100]
+
     ctx = LocalContext(store)
-    fill(ctx, range(10))
+    ctx.load_descriptors((name(s), same_size(s)) for s in range(N))
     ctx.close()
     shutil.copyfile(store, tmp_path / "copy.search")  # the user's backup of the store
     ctx = LocalContext(store)
-    ctx.load_descriptors([(name(20), stored(20)), (name(21), stored(21))])  # slots 11, 12
-    assert ctx.similar(resized(21), 60, 1)[0].image_id == name(21)
-    ctx.close()  # the index file now holds slots 11 and 12 as images 20 and 21
+    ctx.load_descriptors([(name(s), same_size(s)) for s in range(100, 110)])
+    assert ctx.similar(same_size(105), 60, 1)[0].image_id == name(105)
+    ctx.close()  # the index file now holds the next slots as images 100-109
     shutil.copyfile(tmp_path / "copy.search", store)  # put back: the numbering goes on
-    ctx = LocalContext(store)  # from 10 again, for other images
+    ctx = LocalContext(store)  # from where the copy stood, for other images
     try:
-        ctx.load_descriptors([(name(30), stored(30)), (name(31), stored(31))])
-        entries = {name(s): stored(s) for s in [*range(10), 30, 31]}
-        for seed in (30, 31, 4):
-            got = [(h.image_id, h.similarity) for h in ctx.similar(resized(seed), 30, 10)]
-            assert got == matching.rank(resized(seed), entries, 30, 10)
+        ctx.load_descriptors([(name(s), same_size(s)) for s in range(200, 210)])
+        entries = {name(s): same_size(s) for s in [*range(N), *range(200, 210)]}
+        for seed in range(200, 210):
+            got = [(h.image_id, h.similarity) for h in ctx.similar(same_size(seed), 30, 10)]
+            assert got == matching.rank(same_size(seed), entries, 30, 10)
             assert got[0][0] == name(seed)
         # the index holds what the store holds, no row of the discarded future
         assert ctx.index_info()["descriptors"] == sum(len(d) for d in entries.values())
@@ -353,3 +356,19 @@ def test_twenty_copies_of_one_image_are_one_group(ctx: LocalContext) -> None:
     assert [len(g) for g in got] == [20]
     top = ctx.similar(stored(3), 90, 50)
     assert sorted(h.image_id for h in top) == sorted([*copies, name(3)])
+
+
+def test_a_near_copy_is_found_beside_many_exact_copies_of_its_original(ctx: LocalContext) -> None:
+    entries = fill(ctx)
+    copies = {f"copy{n}.jpg": stored(3) for n in range(6)}
+    ctx.load_descriptors([*copies.items(), ("variant.jpg", resized(3))])
+    entries.update(copies)
+    entries["variant.jpg"] = resized(3)
+    for query in (stored(3), cropped(3)):
+        got = [(h.image_id, h.similarity) for h in ctx.similar(query, 50, 10)]
+        assert got == matching.rank(query, entries, 50, 10)
+    assert "variant.jpg" in [h.image_id for h in ctx.similar(stored(3), 50, 10)]
+    # the filed copy deleted: another takes its place in the index
+    for image_id in [name(3), *sorted(copies)[:5]]:
+        ctx.delete_features(image_id)
+    assert [h.image_id for h in ctx.similar(stored(3), 50, 2)] == ["copy5.jpg", "variant.jpg"]

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from featsync.errors import AlreadyExists, Fatal, ItemRejected, NotFound
 from featsync.localcontext.extractor import Extractor, default_workers
+from featsync.localcontext.storeschema import SCHEMA, SCHEMA_VERSION, columns, digest, upgrade
 from featsync.model import ImageData, ImageFeatures, SearchResult
 from featsync.sqlitefiles import read_only_uri
 
@@ -34,26 +35,6 @@ if TYPE_CHECKING:
 # The extractor, the matcher and the index (numpy, Pillow, OpenCV, FAISS) are imported
 # where they are used: a no-change reconcile never extracts or matches, and these
 # imports would be most of its start-up time.
-
-# A row's slot is new on every add and update and never reused (AUTOINCREMENT): the
-# search index files descriptors by slot (featsync.localcontext.searchindex).
-_FEATURES = """
-CREATE TABLE IF NOT EXISTS features (
-    slot INTEGER PRIMARY KEY AUTOINCREMENT,
-    image_id TEXT NOT NULL UNIQUE,
-    count INTEGER NOT NULL,
-    descriptors BLOB NOT NULL,
-    updated_at REAL NOT NULL
-);
-"""
-_SCHEMA = (
-    """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS tags (name TEXT PRIMARY KEY, descriptors BLOB NOT NULL);
-"""
-    + _FEATURES
-)
-SCHEMA_VERSION = 2  # 1: no slots (image_id was the key); upgraded in place on open
 
 
 class LocalContext:
@@ -85,15 +66,14 @@ class LocalContext:
             self._db.execute("PRAGMA busy_timeout = 10000")
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = NORMAL")
-            self._db.executescript(_SCHEMA)
+            self._db.executescript(SCHEMA)
             row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if row is not None and int(row[0]) > SCHEMA_VERSION:
                 raise Fatal(
                     f"search context store {path!r} has schema version {row[0]}, newer than "
                     f"this featsync understands ({SCHEMA_VERSION})"
                 )
-            if "slot" not in self._columns():
-                self._upgrade_to_slots()
+            upgrade(self._db, 10000)
             self._db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
@@ -109,37 +89,18 @@ class LocalContext:
             raise Fatal(f"cannot open search context store {path!r}: {exc}") from exc
         self._searcher = self._make_searcher(writable=True)
 
-    def _columns(self) -> list[str]:
-        return [str(r[1]) for r in self._db.execute("PRAGMA table_info(features)")]
-
-    def _upgrade_to_slots(self) -> None:
-        """Schema 1 -> 2: the features table gets its slot column (one copy, once)."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._db.execute("ALTER TABLE features RENAME TO features_v1")
-            self._db.execute(_FEATURES)
-            self._db.execute(
-                "INSERT INTO features (image_id, count, descriptors, updated_at) "
-                "SELECT image_id, count, descriptors, updated_at FROM features_v1 "
-                "ORDER BY image_id"
-            )
-            self._db.execute("DROP TABLE features_v1")
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-
     def _make_searcher(self, writable: bool) -> Searcher:
         from featsync.localcontext.searchindex import Searcher, StoreReader
 
-        slot = "slot" if "slot" in self._columns() else "rowid"  # schema 1, read in place
-        reader = StoreReader(self._db, self._lock, slot)
+        have = columns(self._db)
+        slot = "slot" if "slot" in have else "rowid"  # schema 1, read in place
+        reader = StoreReader(self._db, self._lock, slot, digests="digest" in have)
         on_disk = os.path.exists(self.path) and slot == "slot"
 
         def own_reader() -> StoreReader:
             db = sqlite3.connect(read_only_uri(self.path), uri=True, check_same_thread=False)
             db.execute("PRAGMA busy_timeout = 10000")
-            return StoreReader(db, threading.Lock(), slot)
+            return StoreReader(db, threading.Lock(), slot, digests="digest" in have)
 
         rebuild_reader = own_reader if on_disk else None
         return Searcher(
@@ -158,7 +119,7 @@ class LocalContext:
         try:
             if not os.path.exists(path):
                 self._db = sqlite3.connect(":memory:", check_same_thread=False)
-                self._db.executescript(_SCHEMA)
+                self._db.executescript(SCHEMA)
                 row = None
             else:
                 self._db = sqlite3.connect(
@@ -203,10 +164,11 @@ class LocalContext:
                 if not must_exist and old is not None:
                     raise AlreadyExists(f"features for image {image_id!r} already exist")
                 # REPLACE deletes the old row and inserts one with a new slot.
+                blob = desc.tobytes()
                 cur = self._db.execute(
-                    "INSERT OR REPLACE INTO features (image_id, count, descriptors, updated_at) "
-                    "VALUES (?, ?, ?, ?)",
-                    (image_id, len(desc), desc.tobytes(), time.time()),
+                    "INSERT OR REPLACE INTO features "
+                    "(image_id, count, descriptors, updated_at, digest) VALUES (?, ?, ?, ?, ?)",
+                    (image_id, len(desc), blob, time.time(), digest(blob)),
                 )
                 new = int(cur.lastrowid or 0)
             except sqlite3.Error as exc:
@@ -246,10 +208,12 @@ class LocalContext:
                         _check_id(image_id)
                         if self._slot_of(image_id) is not None:
                             raise AlreadyExists(f"features for image {image_id!r} already exist")
+                        blob = desc.tobytes()
                         cur = self._db.execute(
-                            "INSERT INTO features (image_id, count, descriptors, updated_at) "
-                            "VALUES (?, ?, ?, ?)",
-                            (image_id, len(desc), desc.tobytes(), now),
+                            "INSERT INTO features "
+                            "(image_id, count, descriptors, updated_at, digest) "
+                            "VALUES (?, ?, ?, ?, ?)",
+                            (image_id, len(desc), blob, now, digest(blob)),
                         )
                         slots.append(int(cur.lastrowid or 0))
                     self._db.execute("COMMIT")

@@ -20,7 +20,6 @@ that in the background). Codes are descriptors padded to 64 bytes
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -32,6 +31,8 @@ import numpy as np
 
 from featsync.localcontext.codes import BITS, CODE_BYTES, Codes, faiss, pad
 from featsync.localcontext.features import DESCRIPTOR_BYTES
+from featsync.localcontext.storeschema import DIGEST_BYTES
+from featsync.localcontext.storeschema import digest as row_digest
 from featsync.localcontext.vocabulary import Tree
 
 Descriptors = Codes
@@ -42,8 +43,8 @@ GROWTH = 8  # a new vocabulary when the collection has grown this many times
 MIN_WORDS, MAX_WORDS = 16, 8192
 SAMPLE_PER_WORD = 32  # vocabulary training sample: this many descriptors per word
 WEAK = 32  # descriptors: an image with fewer can hardly collect votes, but scores high
-FORMAT = 3
-_MAGIC = b"FSIDX003"
+FORMAT = 4
+_MAGIC = b"FSIDX004"
 _TRAILER = struct.Struct("<Q8s")  # length of the metadata, magic
 
 
@@ -69,6 +70,7 @@ class DescriptorIndex:
         counts: dict[int, int],
         built_for: int,
         digests: dict[int, bytes] | None = None,
+        filed: set[int] | None = None,
     ) -> None:
         self._ivf = ivf
         self._ivf.nprobe = NPROBE
@@ -77,6 +79,7 @@ class DescriptorIndex:
         self.built_for = built_for  # descriptors the vocabulary was sized for
         self.dead: dict[int, int] = {}  # removed slots still in the lists -> entries
         self.weak = {s for s, n in counts.items() if 0 < n < WEAK}  # slots of weak images
+        self.filed = set(counts) if filed is None else filed  # slots whose entries are in
         # Exact twins (the same descriptors under several IDs: one file copied): a
         # query's nearest neighbours tie among them, and only a few would get votes.
         self.digests: dict[int, bytes] = digests or {}
@@ -110,7 +113,9 @@ class DescriptorIndex:
         return slot in self.counts
 
     def add(self, items: Iterable[tuple[int, Descriptors]]) -> None:
-        """File each (slot, descriptors); a slot is added once (slots are never reused)."""
+        """Take each (slot, descriptors); a slot is added once (slots are never reused).
+        An exact twin of a slot already filed is only known as its twin: filed, it
+        would take the nearest-neighbour places from every other image."""
         slots: list[Slots] = []
         codes: list[Descriptors] = []
         for slot, desc in items:
@@ -119,12 +124,16 @@ class DescriptorIndex:
             self.counts[slot] = len(desc)
             digest = _digest(desc)
             self.digests[slot] = digest
-            self.twins.setdefault(digest, set()).add(slot)
+            twins = self.twins.setdefault(digest, set())
+            has_filed = any(t in self.filed for t in twins)
+            twins.add(slot)
             if 0 < len(desc) < WEAK:
                 self.weak.add(slot)
-            if len(desc):
-                slots.append(np.full(len(desc), slot, dtype=np.int64))
-                codes.append(pad(desc))
+            if not has_filed:
+                self.filed.add(slot)
+                if len(desc):
+                    slots.append(np.full(len(desc), slot, dtype=np.int64))
+                    codes.append(pad(desc))
         if codes:
             x, ids = np.concatenate(codes), np.concatenate(slots)
             _, leaves = self.tree.assign(x, 1)
@@ -133,22 +142,45 @@ class DescriptorIndex:
                 len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists)
             )
 
-    def remove(self, slots: Iterable[int]) -> None:
-        """Drop slots from the answers now; purge their entries when they are many."""
+    def remove(self, slots: Iterable[int]) -> list[int]:
+        """Drop slots from the answers now; purge their entries when they are many.
+        Returns the twins to file in place of a filed slot removed (the caller reads
+        their descriptors and gives them to `add_filed`)."""
+        orphans: list[int] = []
         for slot in slots:
             self.weak.discard(slot)
+            held = self.counts.pop(slot, None)
+            filed = slot in self.filed
+            self.filed.discard(slot)
+            if filed and held:
+                self.dead[slot] = held  # entries to purge
             digest = self.digests.pop(slot, None)
             if digest is not None:
                 twins = self.twins[digest]
                 twins.discard(slot)
                 if not twins:
                     del self.twins[digest]
-            held = self.counts.pop(slot, None)
-            if held is not None and held > 0:
-                self.dead[slot] = held
-            # A slot with no descriptors has no entries to purge.
-        if self.dead and sum(self.dead.values()) * 8 >= max(1, self.entries):
+                elif filed and not any(t in self.filed for t in twins):
+                    orphans.append(min(twins))
+        # A twin about to be filed would share its neighbours' places with the removed
+        # one's identical entries (and lose every vote to them): purged first.
+        if self.dead and (orphans or sum(self.dead.values()) * 8 >= max(1, self.entries)):
             self.purge()
+        return [o for o in dict.fromkeys(orphans) if o in self.counts and o not in self.filed]
+
+    def add_filed(self, items: Iterable[tuple[int, Descriptors]]) -> None:
+        """File the descriptors of twins `remove` named (known slots, not yet filed)."""
+        for slot, desc in items:
+            if slot in self.counts and slot not in self.filed and slot not in self.dead:
+                self.filed.add(slot)
+                if len(desc):
+                    x = pad(desc)
+                    ids = np.full(len(desc), slot, dtype=np.int64)
+                    _, leaves = self.tree.assign(x, 1)
+                    lists = np.ascontiguousarray(leaves[:, 0])
+                    self._ivf.add_core(
+                        len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists)
+                    )
 
     def purge(self) -> None:
         if self.dead:
@@ -237,6 +269,7 @@ class DescriptorIndex:
             slots=slots,
             counts=held,
             digests=digests,
+            filed=np.fromiter((s in self.filed for s in self.counts), dtype=bool, count=len(slots)),
             ntotal=np.array([self.entries], dtype=np.int64),
         )
         tmp = f"{path}.tmp-{os.getpid()}"
@@ -285,14 +318,18 @@ class DescriptorIndex:
         if raw.shape != (len(slots), _DIGEST):
             return None
         digests = {s: bytes(d) for s, d in zip(slots, raw, strict=True)}
-        return cls(ivf, tree, counts, int(header["built_for"]), digests)
+        flags = meta["filed"]
+        if flags.shape != (len(slots),):
+            return None
+        filed = {s for s, f in zip(slots, flags.tolist(), strict=True) if f}
+        return cls(ivf, tree, counts, int(header["built_for"]), digests, filed)
 
 
-_DIGEST = 16
+_DIGEST = DIGEST_BYTES
 
 
 def _digest(desc: Descriptors) -> bytes:
-    return hashlib.blake2b(np.ascontiguousarray(desc).tobytes(), digest_size=_DIGEST).digest()
+    return row_digest(np.ascontiguousarray(desc).tobytes())  # as the store computes it
 
 
 def _ivf(tree: Tree) -> Any:

@@ -40,6 +40,7 @@ from featsync.localcontext.index import (
     Descriptors,
     words_for,
 )
+from featsync.localcontext.storeschema import as_bytes
 
 STALE = 0.01  # save when more than this share of images changed since the file
 STALE_MIN = 256  # ... and at least this many
@@ -51,7 +52,7 @@ Row = tuple[int, str, Descriptors]  # slot, image ID, descriptors
 def as_descriptors(blob: Any) -> Descriptors:
     from featsync.localcontext.features import DESCRIPTOR_BYTES
 
-    data = bytes(blob)
+    data = as_bytes(blob)
     whole = len(data) - len(data) % DESCRIPTOR_BYTES  # a damaged row's tail is dropped
     return np.frombuffer(data[:whole], dtype=np.uint8).reshape(-1, DESCRIPTOR_BYTES)
 
@@ -72,8 +73,15 @@ class IndexInfo(TypedDict):
 class StoreReader:
     """Reads of the store the index needs, over one SQLite connection and its lock."""
 
-    def __init__(self, db: sqlite3.Connection, lock: threading.Lock, slot: str = "slot") -> None:
+    def __init__(
+        self,
+        db: sqlite3.Connection,
+        lock: threading.Lock,
+        slot: str = "slot",
+        digests: bool = True,
+    ) -> None:
         self.db, self.lock = db, lock
+        self.digests = digests  # the store has a digest column
         if slot not in ("slot", "rowid"):
             raise ValueError(f"not a slot column: {slot!r}")
         self.slot = slot  # the slot column (a store of schema 1 read in place: rowid)
@@ -82,6 +90,15 @@ class StoreReader:
         with self.lock:
             sql = f"SELECT {self.slot}, count FROM features"  # noqa: S608 (a known column)
             return dict(self.db.execute(sql).fetchall())
+
+    def fingerprints(self) -> dict[int, tuple[int, bytes | None]]:
+        """Slot -> (descriptors, digest): what tells that a slot is still the row the
+        index filed (the digest None where the store has none)."""
+        digest = "digest" if self.digests else "NULL"
+        sql = f"SELECT {self.slot}, count, {digest} FROM features"  # noqa: S608 (known)
+        with self.lock:
+            rows = self.db.execute(sql).fetchall()
+        return {int(s): (int(n), None if d is None else bytes(d)) for s, n, d in rows}
 
     def rows(self, slots: list[int]) -> list[Row]:
         out: list[Row] = []
@@ -191,7 +208,7 @@ class Searcher:
             if self._index is None:
                 return
             if old is not None:
-                self._index.remove([old])
+                self._file_orphans(self._index, self._index.remove([old]))
             self._index.add([(new, desc)])
             self._unsaved += 1
             self._maybe_grow()
@@ -199,20 +216,29 @@ class Searcher:
     def deleted(self, old: int) -> None:
         with self._lock:
             if self._index is not None:
-                self._index.remove([old])
+                self._file_orphans(self._index, self._index.remove([old]))
                 self._unsaved += 1
+
+    def _file_orphans(self, index: DescriptorIndex, orphans: list[int]) -> None:
+        if orphans:
+            index.add_filed((s, d) for s, _, d in self.reader.rows(orphans))
 
     def _catch_up(self, index: DescriptorIndex) -> int:
         """Bring `index` to the store's slots; how many slots changed."""
-        counts = self.reader.counts()
-        gone = [s for s in index.counts if s not in counts]
-        # A slot whose descriptor count differs is not the row the index filed (a store
-        # put back from a copy, whose numbering went on differently): filed anew.
-        changed = [s for s, n in counts.items() if index.counts.get(s, n) != n]
-        index.remove(gone + changed)
+        prints = self.reader.fingerprints()
+        gone = [s for s in index.counts if s not in prints]
+        # A slot whose count or digest differs is not the row the index filed (a store
+        # put back from a copy numbers its new rows again from where the copy stood).
+        changed = [
+            s
+            for s, (n, d) in prints.items()
+            if s in index.counts
+            and (index.counts[s] != n or (d is not None and index.digests.get(s) != d))
+        ]
+        self._file_orphans(index, index.remove(gone + changed))
         if changed:
-            index.purge()
-        new = [s for s in counts if not index.holds(s)]
+            index.purge()  # so that the changed slots can be filed again
+        new = [s for s in prints if not index.holds(s)]
         for rows in self.reader.batches(new):
             index.add((s, d) for s, _, d in rows)
         return len(gone) + len(new)  # a changed slot counts in both
