@@ -372,3 +372,39 @@ def test_a_near_copy_is_found_beside_many_exact_copies_of_its_original(ctx: Loca
     for image_id in [name(3), *sorted(copies)[:5]]:
         ctx.delete_features(image_id)
     assert [h.image_id for h in ctx.similar(stored(3), 50, 2)] == ["copy5.jpg", "variant.jpg"]
+
+
+def test_damage_anywhere_in_the_index_file_means_a_rebuild_never_an_error(store: str) -> None:
+    queries = [cropped(s) for s in range(0, N, 7)]
+    ctx = LocalContext(store)
+    fill(ctx)
+    before = answers(ctx, queries)
+    ctx.close()
+    index = store + ".index"
+    good = Path(index).read_bytes()
+    rng = np.random.default_rng(7)
+    for offset in [*rng.integers(0, len(good), 10).tolist(), 100, len(good) - 20]:
+        damaged = bytearray(good)
+        damaged[offset] ^= 0x5A
+        Path(index).write_bytes(bytes(damaged))
+        again = LocalContext(store)
+        try:
+            assert answers(again, queries) == before, offset
+            assert again.index_info()["source"] == "built", offset
+        finally:
+            again.close()
+        assert Path(index).read_bytes() == good  # rebuilt and saved again
+
+
+def test_a_fifo_or_a_killed_saves_leftover_beside_the_store_hangs_or_keeps_nothing(
+    store: str,
+) -> None:
+    os.mkfifo(store + ".index")
+    Path(store + ".index.tmp-999999999").write_bytes(b"half a save")
+    ctx = LocalContext(store)
+    try:
+        fill(ctx, range(10))
+        assert ctx.similar(resized(2), 60, 1)[0].image_id == name(2)  # no wait on the FIFO
+    finally:
+        ctx.close()
+    assert not os.path.exists(store + ".index.tmp-999999999")

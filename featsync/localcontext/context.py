@@ -305,10 +305,19 @@ class LocalContext:
         from featsync.localcontext import matching, searches
 
         pairs = searches.duplicate_pairs(self._searcher, self._searcher.reader, threshold)
-        groups = matching.groups(
-            pairs, threshold, lambda a, b: matching.similarity(self._stored(a), self._stored(b))
-        )
-        return [[SearchResult(i, s) for i, s in g] for g in groups]
+
+        def score(a: str, b: str) -> float:
+            try:
+                return matching.similarity(self._stored(a), self._stored(b))
+            except NotFound:
+                return -1.0  # deleted while the groups were made: left out below
+
+        out: list[list[SearchResult]] = []
+        for group in matching.groups(pairs, threshold, score):
+            members = [SearchResult(i, s) for i, s in group if s >= 0]
+            if len(members) > 1:
+                out.append(members)
+        return out
 
     def compare(self, image_id: str, other: str | None = None, image: bytes | None = None) -> float:
         """Similarity of a stored image to another stored one or to uploaded bytes."""

@@ -20,12 +20,15 @@ that in the background). Codes are descriptors padded to 64 bytes
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import stat
 import struct
+import zlib
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -43,8 +46,8 @@ GROWTH = 8  # a new vocabulary when the collection has grown this many times
 MIN_WORDS, MAX_WORDS = 16, 8192
 SAMPLE_PER_WORD = 32  # vocabulary training sample: this many descriptors per word
 WEAK = 32  # descriptors: an image with fewer can hardly collect votes, but scores high
-FORMAT = 4
-_MAGIC = b"FSIDX004"
+FORMAT = 5
+_MAGIC = b"FSIDX005"
 _TRAILER = struct.Struct("<Q8s")  # length of the metadata, magic
 
 
@@ -252,29 +255,36 @@ class DescriptorIndex:
 
     def save(self, path: str, store_id: str) -> None:
         """Write the index to `path` atomically (a temporary file renamed over it):
-        the FAISS index, then its metadata (the slots it holds) and a trailer."""
+        the FAISS index, then its metadata (the slots it holds, a CRC-32 of the FAISS
+        part) and a trailer."""
         self.purge()
-        meta = io.BytesIO()
-        slots = np.fromiter(self.counts, dtype=np.int64, count=len(self.counts))
-        held = np.fromiter(self.counts.values(), dtype=np.int64, count=len(self.counts))
-        digests = np.frombuffer(
-            b"".join(self.digests[s] for s in self.counts), dtype=np.uint8
-        ).reshape(-1, _DIGEST)
-        header = {"format": FORMAT, "store_id": store_id, "built_for": self.built_for}
-        np.savez(
-            meta,
-            header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
-            coarse=self.tree.coarse,
-            fine=self.tree.fine,
-            slots=slots,
-            counts=held,
-            digests=digests,
-            filed=np.fromiter((s in self.filed for s in self.counts), dtype=bool, count=len(slots)),
-            ntotal=np.array([self.entries], dtype=np.int64),
-        )
+        _remove_stale_temporaries(path)
         tmp = f"{path}.tmp-{os.getpid()}"
         try:
             faiss.write_index_binary(self._ivf, tmp)
+            crc, size = _crc(tmp, None)
+            header = {
+                "format": FORMAT,
+                "store_id": store_id,
+                "built_for": self.built_for,
+                "crc": crc,
+                "faiss_bytes": size,
+            }
+            slots = np.fromiter(self.counts, dtype=np.int64, count=len(self.counts))
+            meta = io.BytesIO()
+            np.savez(
+                meta,
+                header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+                coarse=self.tree.coarse,
+                fine=self.tree.fine,
+                slots=slots,
+                counts=np.fromiter(self.counts.values(), dtype=np.int64, count=len(slots)),
+                digests=np.frombuffer(
+                    b"".join(self.digests[s] for s in self.counts), dtype=np.uint8
+                ).reshape(-1, _DIGEST),
+                filed=np.fromiter((s in self.filed for s in self.counts), bool, len(slots)),
+                ntotal=np.array([self.entries], dtype=np.int64),
+            )
             with open(tmp, "ab") as fh:
                 blob = meta.getvalue()
                 fh.write(blob)
@@ -289,40 +299,99 @@ class DescriptorIndex:
     @classmethod
     def load(cls, path: str, store_id: str) -> DescriptorIndex | None:
         """The index saved at `path` for this store, or None when there is none, or it
-        is another store's, another format's, or damaged (the caller rebuilds)."""
+        is another store's, another format's, not a regular file, or damaged in any
+        way (the caller rebuilds: the file is only a cache)."""
         try:
-            with open(path, "rb") as fh:
-                size = fh.seek(0, os.SEEK_END)
-                if size < _TRAILER.size:
-                    return None
-                fh.seek(size - _TRAILER.size)
-                length, magic = _TRAILER.unpack(fh.read(_TRAILER.size))
-                if magic != _MAGIC or length > size - _TRAILER.size:
-                    return None
-                fh.seek(size - _TRAILER.size - length)
-                meta = np.load(io.BytesIO(fh.read(length)), allow_pickle=False)
-                header = json.loads(bytes(meta["header"]).decode())
-                if header.get("format") != FORMAT or header.get("store_id") != store_id:
-                    return None
-                ivf = faiss.read_index_binary(path)
-        except (OSError, ValueError, KeyError, RuntimeError, struct.error):
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
             return None
+        try:
+            with open(fd, "rb", closefd=False) as fh:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    return None  # a FIFO or a device: never waited on
+                return cls._load(fh, fd, store_id)
+        except Exception:  # damage can make any reader raise anything
+            return None
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def _load(cls, fh: BinaryIO, fd: int, store_id: str) -> DescriptorIndex | None:
+        size = fh.seek(0, os.SEEK_END)
+        if size < _TRAILER.size:
+            return None
+        fh.seek(size - _TRAILER.size)
+        length, magic = _TRAILER.unpack(fh.read(_TRAILER.size))
+        if magic != _MAGIC or length > size - _TRAILER.size:
+            return None
+        fh.seek(size - _TRAILER.size - length)
+        meta = np.load(io.BytesIO(fh.read(length)), allow_pickle=False)
+        header = json.loads(bytes(meta["header"]).decode())
+        if header.get("format") != FORMAT or header.get("store_id") != store_id:
+            return None
+        faiss_bytes = int(header["faiss_bytes"])
+        if faiss_bytes + length + _TRAILER.size != size or _crc(fh, faiss_bytes)[0] != int(
+            header["crc"]
+        ):
+            return None
+        # the open file itself (the path may have been replaced since)
+        ivf = faiss.read_index_binary(f"/proc/self/fd/{fd}")
         if int(ivf.ntotal) != int(meta["ntotal"][0]) or not isinstance(ivf, faiss.IndexBinaryIVF):
             return None
         tree = Tree(meta["coarse"], meta["fine"])
-        if tree.leaves != int(ivf.nlist):
-            return None
         slots = meta["slots"].tolist()
+        raw, flags = meta["digests"], meta["filed"]
+        if (
+            tree.leaves != int(ivf.nlist)
+            or raw.shape != (len(slots), _DIGEST)
+            or flags.shape != (len(slots),)
+        ):
+            return None
         counts = dict(zip(slots, meta["counts"].tolist(), strict=True))
-        raw = meta["digests"]
-        if raw.shape != (len(slots), _DIGEST):
-            return None
         digests = {s: bytes(d) for s, d in zip(slots, raw, strict=True)}
-        flags = meta["filed"]
-        if flags.shape != (len(slots),):
-            return None
         filed = {s for s, f in zip(slots, flags.tolist(), strict=True) if f}
         return cls(ivf, tree, counts, int(header["built_for"]), digests, filed)
+
+
+def _crc(source: str | BinaryIO, length: int | None) -> tuple[int, int]:
+    """CRC-32 of a file's first `length` bytes (all of it: None), and how many."""
+    fh = open(source, "rb") if isinstance(source, str) else source  # noqa: SIM115
+    try:
+        fh.seek(0)
+        crc, done = 0, 0
+        while length is None or done < length:
+            want = 1 << 22 if length is None else min(1 << 22, length - done)
+            chunk = fh.read(want)
+            if not chunk:
+                break
+            crc, done = zlib.crc32(chunk, crc), done + len(chunk)
+        return crc, done
+    finally:
+        if isinstance(source, str):
+            fh.close()
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Temporary files of saves whose process is gone (killed in the middle)."""
+    folder, base = os.path.split(os.path.abspath(path))
+    prefix = base + ".tmp-"
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix) :]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still there (saving, perhaps)
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue  # another user's process: alive
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(folder, name))
 
 
 _DIGEST = DIGEST_BYTES
