@@ -205,6 +205,8 @@ def search(
         raise
     except FeatsyncError as exc:  # Transient (retries spent) and the rest: an error here
         raise Fatal(f"search: {printable(str(exc))}") from None
+    except Exception as exc:  # a fault in the context: exit 2, never 1 ("nothing found")
+        raise Fatal(f"search: the context failed ({_fault(exc)})") from exc
     return [r for r in found if r.image_id != image_id][:max_count]
 
 
@@ -216,7 +218,13 @@ def duplicates(context: SearchContext, threshold: float) -> list[list[SearchResu
         raise
     except FeatsyncError as exc:
         raise Fatal(f"duplicates: {printable(str(exc))}") from None
+    except Exception as exc:  # a fault in the context: exit 2, never 1 ("nothing found")
+        raise Fatal(f"duplicates: the context failed ({_fault(exc)})") from exc
     return sorted((g for g in groups if g), key=lambda g: (-len(g), g[0].image_id))
+
+
+def _fault(exc: Exception) -> str:
+    return printable(f"{type(exc).__name__}: {exc}")
 
 
 def paths_of(ledger: SqlLedger, image_ids: Iterable[str]) -> dict[str, str | None]:

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -318,3 +319,18 @@ def test_ctrl_c_exits_130_quietly(ws: Workspace, tmp_path: Path) -> None:
         assert len(finds) == 1  # the call in flight was let finish
     finally:
         srv.stop()
+
+
+def test_a_context_that_fails_inside_is_exit_2_never_nothing_found(ws: Workspace) -> None:
+    ws.write_config(sync={"folder": "images"})
+    for n in range(3):
+        _put(ws.images / f"img{n}.jpg", textured_bytes(700 + n))
+    assert featsync("reconcile", cwd=ws.base).returncode == 0
+    store = ws.base / "featsync-context.db"
+    assert store.exists()
+    with sqlite3.connect(store) as db:  # a store broken by hand: its table gone
+        db.execute("DROP TABLE features")
+    for args in (["search", str(ws.images / "img1.jpg")], ["duplicates"]):
+        r = featsync(*args, cwd=ws.base)
+        assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+        assert "the context failed" in r.stderr and "no such table" in r.stderr
