@@ -244,6 +244,11 @@ def restart(
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"the restarted process failed:\n{done.stderr[-2000:]}")
+    for line in (done.stdout + done.stderr).splitlines():
+        if "index_" in line and not line.startswith(
+            "{"
+        ):  # the index's own events (index_loaded: where it came from)
+            say(f"    restarted process: {line.strip()}")
     found: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     found["answers"] = [[(i, s) for i, s in a] for a in found["answers"]]
     return found

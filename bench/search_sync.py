@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
+
 from bench import search_data as sd
 from featsync.localcontext.context import LocalContext
 
@@ -57,6 +59,32 @@ def toml_config(run: str, folder: str, context: dict[str, Any] | None) -> str:
     return path
 
 
+def serve_pid() -> int:
+    """The `featsync serve` this process started (its child)."""
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", encoding="ascii") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{name}/cmdline", "rb") as fh:
+                argv = fh.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == me and b"serve" in argv:
+            return int(name)
+    raise SystemExit("cannot find the featsync serve process")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (not its children: serve's extraction
+    workers are apart, so this is serve's own work: requests, store, index)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def sync_part(args: argparse.Namespace, base: str) -> dict[str, Any]:
     from bench.http_throughput import new_context_id, remote, serving
     from featsync import config
@@ -81,8 +109,9 @@ def sync_part(args: argparse.Namespace, base: str) -> dict[str, Any]:
         f"\n== the first sync of {n:,} textured 640x480 JPEGs, `featsync reconcile` against "
         f"`featsync serve`, index loaded before the sync or not, alternating, {args.sync_runs} each"
     )
-    out: dict[str, Any] = {"loaded": [], "cold": [], "first_search": []}
+    out: dict[str, Any] = {"loaded": [], "cold": [], "first_search": [], "cpu": {}}
     with serving("featsync-search-bench-", 0.0, 16) as (sbase, url):
+        pid = serve_pid()
         for turn in range(args.sync_runs):
             for warm in (True, False) if turn % 2 == 0 else (False, True):
                 work = os.path.join(str(sbase), f"run{turn}-{'loaded' if warm else 'cold'}")
@@ -97,7 +126,9 @@ def sync_part(args: argparse.Namespace, base: str) -> dict[str, Any]:
                             image=probe, threshold=args.threshold, max_count=args.max
                         )
                         out["first_search"].append(time.perf_counter() - started)
+                    cpu = cpu_s(pid)
                     secs = reconcile(toml_config(os.path.join(work, "c"), folder, context))
+                    cpu = cpu_s(pid) - cpu
                     hits = client.find_similar(
                         image=probe, threshold=args.threshold, max_count=args.max
                     )
@@ -105,7 +136,11 @@ def sync_part(args: argparse.Namespace, base: str) -> dict[str, Any]:
                     client.close()
                 assert hits and hits[0].image_id.endswith("img00000.jpg"), hits
                 out["loaded" if warm else "cold"].append(secs)
-                say(f"  run {turn + 1}, index {'loaded' if warm else 'not loaded'}: {secs:.1f} s")
+                out["cpu"].setdefault(warm, []).append(cpu)
+                say(
+                    f"  run {turn + 1}, index {'loaded' if warm else 'not loaded'}: {secs:.1f} s; "
+                    f"serve's own CPU {cpu:.1f} s"
+                )
     run = os.path.join(base, "sync-embedded")
     shutil.rmtree(run, ignore_errors=True)
     out["embedded"] = reconcile(toml_config(run, folder, None))
@@ -129,6 +164,12 @@ def sync_part(args: argparse.Namespace, base: str) -> dict[str, Any]:
     pairs = [a / b for a, b in zip(out["loaded"], out["cold"], strict=True)]
     out["pair_ratios"] = pairs
     say(f"  each run's loaded / not loaded: {', '.join(f'{r:.3f}' for r in pairs)}")
+    warm_cpu, cold_cpu = (float(np.median(out["cpu"][w])) for w in (True, False))
+    out["cpu_ratio"] = warm_cpu / cold_cpu
+    say(
+        f"  serve's own CPU per sync (median; extraction workers not counted): index loaded "
+        f"{warm_cpu:.1f} s, not loaded {cold_cpu:.1f} s: {out['cpu_ratio']:.3f}x"
+    )
     say(
         f"  embedded reconcile (no serve): {out['embedded']:.1f} s; then its first search "
         f"(index {out['embedded_source']}): {out['embedded_first_search']:.2f} s"
@@ -146,6 +187,12 @@ def sync_rows(sync: dict[str, Any], args: argparse.Namespace) -> list[Row]:
             + ")",
             f"<= {SYNC_RATIO}x",
             ratio <= SYNC_RATIO,
+        ),
+        (
+            "serve's own CPU per sync (median), index loaded / not",
+            f"{sync['cpu_ratio']:.3f}x",
+            "",
+            None,
         ),
         (
             "embedded reconcile; then its first search",
