@@ -408,3 +408,86 @@ def test_a_fifo_or_a_killed_saves_leftover_beside_the_store_hangs_or_keeps_nothi
     finally:
         ctx.close()
     assert not os.path.exists(store + ".index.tmp-999999999")
+
+
+def test_searches_score_only_the_indexs_candidates(
+    store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from featsync.localcontext import searches
+
+    many = 120
+    ctx = LocalContext(store)
+    try:
+        entries = fill(ctx, range(many))
+        want = matching.rank(resized(7), entries, 60, 10)
+        scored: list[int] = []
+        real = matching.similarity
+
+        def counting(a: np.ndarray, b: np.ndarray) -> float:
+            scored.append(1)
+            return real(a, b)
+
+        monkeypatch.setattr(matching, "similarity", counting)
+        got = [(h.image_id, h.similarity) for h in ctx.similar(resized(7), 60, 10)]
+        assert got == want and got[0][0] == name(7)
+        assert 0 < len(scored) <= searches.CANDIDATES < many
+        scored.clear()
+        ctx.find_duplicates(90)
+        assert 0 < len(scored) <= many * searches.DUPLICATE_CANDIDATES // 2 < many * (many - 1) // 2
+    finally:
+        ctx.close()
+
+
+def test_a_first_search_building_the_index_never_holds_up_an_add(
+    store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from featsync.localcontext import searchindex
+
+    ctx = LocalContext(store)
+    try:
+        fill(ctx, range(20))
+        building, go = threading.Event(), threading.Event()
+        real_build = searchindex.build
+
+        def slow_build(*args: object, **kw: object) -> object:
+            building.set()
+            assert go.wait(60)
+            return real_build(*args, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(searchindex, "build", slow_build)
+        found: list[object] = []
+        first = threading.Thread(target=lambda: found.extend(ctx.similar(resized(30), 60, 1)))
+        first.start()
+        assert building.wait(30)
+        added = threading.Thread(target=lambda: ctx.load_descriptors([(name(30), stored(30))]))
+        added.start()
+        added.join(30)
+        assert not added.is_alive()  # the add went on while the index was being built
+        go.set()
+        first.join(60)
+        assert [h.image_id for h in found] == [name(30)]  # type: ignore[attr-defined]
+        ctx.update_features(name(30), textured_bytes(31, size=(400, 300)))
+        assert ctx.similar(stored(31), 60, 1)[0].image_id == name(30)
+    finally:
+        ctx.close()
+
+
+def test_a_look_builds_an_outgrown_vocabulary_anew_and_keeps_it(store: str) -> None:
+    ctx = LocalContext(store)
+    fill(ctx, range(2))
+    small = ctx.index_info()["lists"]
+    ctx.close()  # the file: a vocabulary for two images
+    grower = LocalContext(store)  # a sync: adds, never searches
+    grower.load_descriptors((name(s), stored(s)) for s in range(2, N))
+    grower.close()
+    for _ in range(2):
+        look = LocalContext(store, read_only=True)  # `featsync search`
+        try:
+            assert look.similar(resized(9), 60, 1)[0].image_id == name(9)
+            info = look.index_info()
+            assert info["lists"] > small and info["state"] == "ready"
+        finally:
+            look.close()
+    assert info["source"] == "file"  # the second look read what the first saved

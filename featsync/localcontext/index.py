@@ -138,12 +138,13 @@ class DescriptorIndex:
                     slots.append(np.full(len(desc), slot, dtype=np.int64))
                     codes.append(pad(desc))
         if codes:
-            x, ids = np.concatenate(codes), np.concatenate(slots)
-            _, leaves = self.tree.assign(x, 1)
-            lists = np.ascontiguousarray(leaves[:, 0])
-            self._ivf.add_core(
-                len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists)
-            )
+            self._file(np.concatenate(codes), np.concatenate(slots))
+
+    def _file(self, x: Codes, ids: Slots) -> None:
+        """Each code into the list of its nearest word (the tree assigns it)."""
+        _, leaves = self.tree.assign(x, 1)
+        lists = np.ascontiguousarray(leaves[:, 0])
+        self._ivf.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
 
     def remove(self, slots: Iterable[int]) -> list[int]:
         """Drop slots from the answers now; purge their entries when they are many.
@@ -177,13 +178,7 @@ class DescriptorIndex:
             if slot in self.counts and slot not in self.filed and slot not in self.dead:
                 self.filed.add(slot)
                 if len(desc):
-                    x = pad(desc)
-                    ids = np.full(len(desc), slot, dtype=np.int64)
-                    _, leaves = self.tree.assign(x, 1)
-                    lists = np.ascontiguousarray(leaves[:, 0])
-                    self._ivf.add_core(
-                        len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists)
-                    )
+                    self._file(pad(desc), np.full(len(desc), slot, dtype=np.int64))
 
     def purge(self) -> None:
         if self.dead:

@@ -100,33 +100,26 @@ class StoreReader:
             rows = self.db.execute(sql).fetchall()
         return {int(s): (int(n), None if d is None else bytes(d)) for s, n, d in rows}
 
-    def rows(self, slots: list[int]) -> list[Row]:
-        out: list[Row] = []
+    def _by_slot(self, columns: str, slots: list[int]) -> list[tuple[Any, ...]]:
+        out: list[tuple[Any, ...]] = []
         for start in range(0, len(slots), 500):
             part = slots[start : start + 500]
             marks = ",".join("?" * len(part))
             sql = (
-                f"SELECT {self.slot}, image_id, descriptors FROM features "  # noqa: S608
-                f"WHERE {self.slot} IN ({marks})"  # a known column, and marks
+                f"SELECT {self.slot}, {columns} FROM features "  # noqa: S608
+                f"WHERE {self.slot} IN ({marks})"  # known columns, and marks
             )
             with self.lock:
-                found = self.db.execute(sql, part).fetchall()
-            out.extend((int(s), str(i), as_descriptors(b)) for s, i, b in found)
+                out.extend(self.db.execute(sql, part).fetchall())
         return out
+
+    def rows(self, slots: list[int]) -> list[Row]:
+        found = self._by_slot("image_id, descriptors", slots)
+        return [(int(s), str(i), as_descriptors(b)) for s, i, b in found]
 
     def ids(self, slots: list[int]) -> dict[int, str]:
         """Slot -> image ID, for the slots the store holds (no descriptors read)."""
-        out: dict[int, str] = {}
-        for start in range(0, len(slots), 500):
-            part = slots[start : start + 500]
-            marks = ",".join("?" * len(part))
-            sql = (
-                f"SELECT {self.slot}, image_id FROM features "  # noqa: S608
-                f"WHERE {self.slot} IN ({marks})"  # a known column, and marks
-            )
-            with self.lock:
-                out.update((int(s), str(i)) for s, i in self.db.execute(sql, part))
-        return out
+        return {int(s): str(i) for s, i in self._by_slot("image_id", slots)}
 
     def batches(self, slots: list[int]) -> Iterator[list[Row]]:
         for start in range(0, len(slots), BATCH):
@@ -190,8 +183,14 @@ class Searcher:
         self.saves = saves  # False: slots that an upgrade renumbers (schema 1)
         self.quiet = quiet  # a look: a file it cannot write is no news
         self._open_reader = open_reader  # a connection of its own, for the rebuild thread
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the index, once loaded
+        self._load_lock = threading.Lock()  # one loader at a time (not under _lock)
+        # While the index loads, this process's changes wait here (an add never waits
+        # for a load): applied once it is in place. None: not loading.
+        self._pending_lock = threading.Lock()
+        self._pending: list[tuple[int | None, int | None, Descriptors | None]] | None = None
         self._index: DescriptorIndex | None = None
+        self._retry_at = 0  # live entries a failed background rebuild waits for
         self._seen_version = -1
         self._unsaved = 0
         self._must_save = False
@@ -204,20 +203,31 @@ class Searcher:
 
     def stored(self, old: int | None, new: int, desc: Descriptors) -> None:
         """This process stored `desc` as slot `new` (replacing slot `old`)."""
-        with self._lock:
-            if self._index is None:
-                return
-            if old is not None:
-                self._file_orphans(self._index, self._index.remove([old]))
-            self._index.add([(new, desc)])
-            self._unsaved += 1
-            self._maybe_grow()
+        self._follow(old, new, desc)
 
     def deleted(self, old: int) -> None:
+        self._follow(old, None, None)
+
+    def _follow(self, old: int | None, new: int | None, desc: Descriptors | None) -> None:
+        with self._pending_lock:
+            if self._pending is not None:
+                self._pending.append((old, new, desc))
+                return
         with self._lock:
             if self._index is not None:
-                self._file_orphans(self._index, self._index.remove([old]))
-                self._unsaved += 1
+                self._apply(self._index, old, new, desc)
+                self._maybe_grow()
+
+    def _apply(
+        self, index: DescriptorIndex, old: int | None, new: int | None, desc: Descriptors | None
+    ) -> None:
+        if old is not None:
+            self._file_orphans(index, index.remove([old]))
+        # Two writes of one image ID in two threads can report out of order: a slot the
+        # store no longer holds is not filed (results are read from the store anyway).
+        if new is not None and desc is not None and self.reader.ids([new]):
+            index.add([(new, desc)])
+        self._unsaved += 1
 
     def _file_orphans(self, index: DescriptorIndex, orphans: list[int]) -> None:
         if orphans:
@@ -243,33 +253,55 @@ class Searcher:
             index.add((s, d) for s, _, d in rows)
         return len(gone) + len(new)  # a changed slot counts in both
 
-    def ready(self) -> DescriptorIndex:
-        """The index, loaded or built and up to date with the store. Call with the
-        lock held."""
-        version = self.reader.data_version()
-        if self._index is None:
-            started = time.monotonic()
-            loaded = DescriptorIndex.load(self.path, self.store_id)
-            if loaded is None:
-                self._index = build(self.reader, self.reader.counts())
-                self._unsaved = len(self._index.counts)
-                self._must_save = True  # the file is missing, another store's or damaged
-                self.source = "built"
-            else:
-                self._index = loaded
-                self.source = "file"
-                self._unsaved = self._catch_up(loaded)
-            self._seen_version = version
+    def _load(self) -> None:
+        """Load the index (or build it) outside the lock that adds and searches take:
+        a first search at 100,000 images takes a minute, and this process's adds go on
+        meanwhile (their changes are applied when it is in place). A vocabulary the
+        collection has outgrown GROWTH times is built anew here (a look, such as
+        `featsync search`, ends before a background rebuild would)."""
+        with self._load_lock:
+            if self._index is not None:
+                return
+            with self._pending_lock:
+                self._pending = []
+            try:
+                started = time.monotonic()
+                version = self.reader.data_version()
+                index = DescriptorIndex.load(self.path, self.store_id)
+                caught_up = 0
+                if index is not None:
+                    caught_up = self._catch_up(index)
+                    if index.needs_new_vocabulary():
+                        index = None  # outgrown: built anew from the store
+                source = "file" if index is not None else "built"
+                if index is None:
+                    index = build(self.reader, self.reader.counts())
+            except BaseException:
+                with self._pending_lock:
+                    self._pending = None
+                raise
+            with self._lock:
+                with self._pending_lock:
+                    pending, self._pending = self._pending or [], None
+                for old, new, desc in pending:
+                    self._apply(index, old, new, desc)
+                self._index, self._seen_version, self.source = index, version, source
+                self._unsaved = caught_up + len(pending)
+                self._must_save = source == "built"  # missing, damaged, outgrown, another's
             logs.get().info(
                 "index_loaded",
                 store=self.path[: -len(".index")],
-                source=self.source,
-                images=len(self._index.counts),
-                caught_up=self._unsaved if self.source == "file" else 0,
+                source=source,
+                images=len(index.counts),
+                caught_up=caught_up,
                 seconds=round(time.monotonic() - started, 2),
             )
-            self._maybe_grow()
-        elif version != self._seen_version:
+
+    def ready(self) -> DescriptorIndex:
+        """The index, up to date with the store. Call with the lock held, after _load."""
+        assert self._index is not None
+        version = self.reader.data_version()
+        if version != self._seen_version:
             self._unsaved += self._catch_up(self._index)
             self._seen_version = version
             self._maybe_grow()
@@ -277,6 +309,8 @@ class Searcher:
 
     def search(self, fn: Callable[[DescriptorIndex], Any]) -> Any:
         """`fn(index)` with the index up to date, under the lock."""
+        if self._index is None:
+            self._load()
         with self._lock:
             return fn(self.ready())
 
@@ -288,6 +322,7 @@ class Searcher:
             index is None
             or self._open_reader is None
             or self._rebuild is not None
+            or index.live_entries() < self._retry_at
             or not index.needs_new_vocabulary()
         ):
             return
@@ -323,10 +358,16 @@ class Searcher:
             )
         except Stopped:
             pass  # closing: the index it would replace is saved instead
-        except (sqlite3.Error, OSError, RuntimeError, MemoryError) as exc:
-            # The old index goes on answering; the next growth check tries again.
+        except Exception as exc:  # sqlite3.Error, OSError, MemoryError, a FAISS error...
+            # The old index goes on answering; tried again once the collection has
+            # grown by half again (not on every add).
+            with self._lock:
+                if self._index is not None:
+                    self._retry_at = self._index.live_entries() * 3 // 2
             logs.get().warning(
-                "index_rebuild_failed", store=self.path[: -len(".index")], error=str(exc)
+                "index_rebuild_failed",
+                store=self.path[: -len(".index")],
+                error=f"{type(exc).__name__}: {exc}",
             )
         finally:
             with self._lock:
@@ -372,6 +413,8 @@ class Searcher:
                 self._save_locked()
 
     def info(self) -> IndexInfo:
+        if self._index is None:
+            self._load()
         with self._lock:
             index = self.ready()
             return IndexInfo(
