@@ -79,7 +79,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="groups of near-duplicate images in the context",
         description="Ask the configured context for its near-duplicate groups (one "
-        "call; the embedded context compares every pair of images), largest group "
+        "call; the embedded context queries its index once per image), largest group "
         "first, each image with its similarity to the group's first one and its path in "
         "the folder. Read-only. " + _CODES,
     )

@@ -111,6 +111,11 @@ class Contexts:
             for suffix in ("", "-wal", "-shm", ".index"):
                 if os.path.exists(path + suffix):
                     os.remove(path + suffix)
+            folder, base = os.path.split(path)
+            for left in os.listdir(folder):  # a save killed in the middle left these
+                if left.startswith(base + ".index.tmp-"):
+                    with contextlib.suppress(OSError):
+                        os.remove(os.path.join(folder, left))
 
     def _context(self, path: str) -> LocalContext:
         return LocalContext(path, self.extractor)
