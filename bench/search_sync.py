@@ -4,7 +4,10 @@ The first sync of --sync-images textured 640x480 JPEGs by ``featsync reconcile``
 process) against ``featsync serve`` (no injected latency), each time into a fresh
 context: one whose index was loaded by a findSimilar call before the sync (the index
 is then kept in step by every add), one never searched (no index in memory),
-alternating, --sync-runs of each; the ratio of the best of each. Then the embedded
+alternating, --sync-runs of each; the ratio of the best of each, each run's ratio, and
+the median of serve's own CPU seconds per sync (its extraction workers are other
+processes: what is left is requests, the store and the index, and a busy machine
+disturbs it less than the wall-clock). Then the embedded
 reconcile (no serve) and the time of its first search, which brings the index up to
 date with the store.
 """
