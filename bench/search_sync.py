@@ -7,9 +7,8 @@ is then kept in step by every add), one never searched (no index in memory),
 alternating, --sync-runs of each; the ratio of the best of each, each run's ratio, and
 the median of serve's own CPU seconds per sync (its extraction workers are other
 processes: what is left is requests, the store and the index, and a busy machine
-disturbs it less than the wall-clock). Then the embedded
-reconcile (no serve) and the time of its first search, which brings the index up to
-date with the store.
+disturbs it less than the wall-clock). Then the embedded reconcile (no serve) and the
+time of its first search, which brings the index up to date with the store.
 """
 
 from __future__ import annotations
