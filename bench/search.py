@@ -207,7 +207,7 @@ def similar_part(args: argparse.Namespace, data: Data, base: str) -> dict[str, A
     )
     out["extract_ms"] = query_extraction_ms(data.query_picks, 20)
     say(f"  a query's extraction (this process, median of 20): {out['extract_ms']:.0f} ms")
-    out.update(recall(args, data, answers))
+    out.update(sd.recall(args, data, answers, say))
     out["peak_rss_mb"] = peak_rss_mb()
     started = time.perf_counter()
     ctx.close()
@@ -270,60 +270,6 @@ def restarted(path: str, qpath: str, threshold: float, max_count: int) -> None:
         ctx.close()
     out["reload_peak_mb"] = peak_rss_mb()
     print(json.dumps(out))
-
-
-def recall(
-    args: argparse.Namespace, data: Data, answers: list[list[tuple[str, float]]]
-) -> dict[str, Any]:
-    """Recall of the index's answers (over every image) against the exhaustive matcher
-    over the first --subset collection images, for the queries of those: no other
-    stored image is a copy of a query's source, so the exhaustive answer over the
-    whole store would be the same."""
-    k = min(args.subset, len(data.collection))
-    subset = {real_id(s): data.collection[s] for s in range(k)}
-    picked = [n for n, (s, _) in enumerate(data.query_picks) if s < k]
-    if not picked:
-        return {}
-    started = time.perf_counter()
-    queries = [data.queries[n] for n in picked]
-    unrelated = [
-        data.unrelated[n] for n in range(min(args.exhaustive_unrelated, len(data.unrelated)))
-    ]
-    truth = sd.exhaustive(subset, queries, args.threshold, args.max, args.jobs)
-    if unrelated:
-        truth += sd.exhaustive(subset, unrelated, 0.0, 1, args.jobs)
-    took = time.perf_counter() - started
-    at1 = [
-        bool(truth[i]) and bool(answers[n]) and answers[n][0][0] == truth[i][0][0]
-        for i, n in enumerate(picked)
-        if truth[i]
-    ]
-    wanted = sum(len(truth[i]) for i in range(len(picked)))
-    found = sum(
-        len({x for x, _ in truth[i]} & {x for x, _ in answers[n]}) for i, n in enumerate(picked)
-    )
-    mismatched = sum(
-        1
-        for i, n in enumerate(picked)
-        for x, s in truth[i]
-        for y, t in answers[n]
-        if x == y and s != t
-    )
-    out = {
-        "recall1": (sum(at1), len(at1)),
-        "recall10": (found, wanted),
-        "exhaustive_s": took,
-        "exhaustive_unrelated": max((s for t in truth[len(picked) :] for _, s in t), default=0.0),
-        "subset": k,
-    }
-    say(
-        f"  exhaustive matcher over {k:,} images, {len(picked)} queries + {len(unrelated)} "
-        f"unrelated: {took:.0f} s ({took / len(truth):.1f} s per query, {args.jobs} processes); "
-        f"recall@1 {sum(at1)}/{len(at1)}, recall@10 {found}/{wanted}, similarities differing "
-        f"{mismatched}; its highest similarity to an unrelated image: "
-        f"{out['exhaustive_unrelated']:.2f}"
-    )
-    return out
 
 
 def duplicates_part(args: argparse.Namespace, data: Data, base: str) -> dict[str, Any]:
