@@ -46,8 +46,8 @@ GROWTH = 8  # a new vocabulary when the collection has grown this many times
 MIN_WORDS, MAX_WORDS = 16, 8192
 SAMPLE_PER_WORD = 32  # vocabulary training sample: this many descriptors per word
 WEAK = 32  # descriptors: an image with fewer can hardly collect votes, but scores high
-FORMAT = 5
-_MAGIC = b"FSIDX005"
+FORMAT = 6
+_MAGIC = b"FSIDX006"
 _TRAILER = struct.Struct("<Q8s")  # length of the metadata, magic
 
 
