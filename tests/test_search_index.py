@@ -228,8 +228,11 @@ def test_duplicates_are_the_exhaustive_matchers_groups(ctx: LocalContext) -> Non
 
 
 def test_the_vocabulary_is_rebuilt_in_the_background_as_the_collection_grows(
-    ctx: LocalContext,
+    ctx: LocalContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from featsync.localcontext import index
+
+    monkeypatch.setattr(index, "MIN_BUILT_FOR", 1)  # forty images grow it here
     fill(ctx, range(2))
     first = ctx.index_info()
     fill(ctx, range(2, N))  # twenty times the descriptors the index was built for
@@ -474,7 +477,12 @@ def test_a_first_search_building_the_index_never_holds_up_an_add(
         ctx.close()
 
 
-def test_a_look_builds_an_outgrown_vocabulary_anew_and_keeps_it(store: str) -> None:
+def test_a_look_builds_an_outgrown_vocabulary_anew_and_keeps_it(
+    store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from featsync.localcontext import index
+
+    monkeypatch.setattr(index, "MIN_BUILT_FOR", 1)
     ctx = LocalContext(store)
     fill(ctx, range(2))
     small = ctx.index_info()["lists"]
