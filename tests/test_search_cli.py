@@ -334,3 +334,36 @@ def test_a_context_that_fails_inside_is_exit_2_never_nothing_found(ws: Workspace
         r = featsync(*args, cwd=ws.base)
         assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
         assert "the context failed" in r.stderr and "no such table" in r.stderr
+
+
+def test_through_serve_an_index_in_use_follows_updates_and_deletes(
+    ws: Workspace, server: Server
+) -> None:
+    """featsync serve's index is loaded by the first search, then kept in step by the
+    syncs that follow it: a replaced image is found by its new content only, a deleted
+    one never again."""
+    use_server(ws, server)
+    for n in range(12):
+        _put(ws.images / f"img{n}.jpg", textured_bytes(800 + n))
+    assert featsync("reconcile", cwd=ws.base, env=CREDS).returncode == 0
+    queries = ws.base / "queries"
+    old, new, gone = (
+        _put(queries / "old.jpg", _smaller(803)),
+        _put(queries / "new.jpg", _smaller(850)),
+        _put(queries / "gone.jpg", _smaller(807)),
+    )
+
+    def found(query: Path) -> list[str]:
+        r = featsync("search", str(query), "--json", cwd=ws.base, env=CREDS)
+        assert r.returncode in (0, 1), r.stderr[-2000:]
+        return [hit["imageId"] for hit in json.loads(r.stdout)["results"]]
+
+    assert found(old)[:1] == ["img3.jpg"]  # serve's index loaded
+    _put(ws.images / "img3.jpg", textured_bytes(850))  # replaced by other content
+    set_mtime_past(ws.images / "img3.jpg")
+    (ws.images / "img7.jpg").unlink()
+    r = featsync("reconcile", cwd=ws.base, env=CREDS)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert found(new)[:1] == ["img3.jpg"]
+    assert "img3.jpg" not in found(old)
+    assert "img7.jpg" not in found(gone)
