@@ -58,9 +58,14 @@ def first_sync(base: Path, images: Path) -> float:
     (run / "featsync.toml").write_text(
         f'[sync]\nfolder = "{images}"\n[log]\nlevel = "warning"\n', encoding="utf-8"
     )
+    return timed_reconcile(str(run / "featsync.toml"))
+
+
+def timed_reconcile(config_path: str) -> float:
+    """Seconds `featsync reconcile --config CONFIG_PATH` takes as a new process."""
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "featsync", "reconcile", "--config", str(run / "featsync.toml")],
+        [sys.executable, "-m", "featsync", "reconcile", "--config", config_path],
         capture_output=True,
         text=True,
         check=False,

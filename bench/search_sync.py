@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
-import sys
 import time
 from typing import Any
 
 import numpy as np
 
 from bench import search_data as sd
+from bench.extract import timed_reconcile
 from featsync.localcontext.context import LocalContext
 
 SYNC_RATIO = 1.10
@@ -35,17 +34,7 @@ def say(text: str = "") -> None:
 
 
 def reconcile(config_path: str) -> float:
-    started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "featsync", "reconcile", "--config", config_path],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    took = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"featsync reconcile failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    return took
+    return timed_reconcile(config_path)
 
 
 def toml_config(run: str, folder: str, context: dict[str, Any] | None) -> str:
