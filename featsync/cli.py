@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from featsync import __version__, backup_cli, jsonout, lifecycle, logs, serving
+from featsync.argtypes import whole_number
 from featsync.config import Settings, config_path, load
 from featsync.errors import (
     AlreadyExists,
@@ -150,21 +151,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return n
-
-
 SAMPLE_MAX = 1_000_000_000  # verify --sample N at most (--all checks every image)
 
 
 def _sample_size(text: str) -> int:
-    n = _positive(text)
+    n = whole_number(1)(text)
     if n > SAMPLE_MAX:
         raise argparse.ArgumentTypeError(
             f"{text!r} is more than {SAMPLE_MAX:,} images (--all checks every image)"

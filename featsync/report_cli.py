@@ -8,6 +8,7 @@ import tempfile
 from typing import Any
 
 from featsync import jsonout, logs
+from featsync.argtypes import percent, whole_number
 from featsync.config import Settings
 from featsync.errors import Fatal
 from featsync.escapes import printable
@@ -40,13 +41,16 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "--html", type=_html_path, metavar="FILE", help="write a self-contained HTML page to FILE"
     )
     rep.add_argument(
-        "--probe", type=_probe_size, metavar="N", help="search for N random images (N calls)"
+        "--probe",
+        type=whole_number(1, PROBE_MAX),
+        metavar="N",
+        help="search for N random images (N calls)",
     )
     rep.add_argument(
         "--duplicates",
         nargs="?",
         const=DUPLICATES_THRESHOLD,
-        type=_percent,
+        type=percent,
         metavar="PERCENT",
         help=f"near-duplicate groups at this similarity (default {DUPLICATES_THRESHOLD:g})",
     )
@@ -56,26 +60,6 @@ def _html_path(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("an empty path names no file")
     return text
-
-
-def _probe_size(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if not 1 <= n <= PROBE_MAX:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to {PROBE_MAX}")
-    return n
-
-
-def _percent(text: str) -> float:
-    try:
-        p = float(text)
-    except ValueError:
-        p = -1.0
-    if not 0 <= p <= 100:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a similarity from 0 to 100")
-    return p
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:

@@ -15,7 +15,6 @@ config or an error (the file, the image ID, the context); 130 / 143 stopped by S
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import stat
 import sys
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from featsync import jsonout, logs
+from featsync.argtypes import percent, whole_number
 from featsync.config import Settings
 from featsync.errors import Fatal, FeatsyncError, ItemRejected, NotFound
 from featsync.escapes import printable
@@ -61,14 +61,14 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--id", dest="image_id", metavar="IMAGE_ID", help="a stored image instead")
     s.add_argument(
         "--threshold",
-        type=_percent,
+        type=percent,
         default=SEARCH_THRESHOLD,
         metavar="PERCENT",
         help=f"least similarity shown (default {SEARCH_THRESHOLD:g})",
     )
     s.add_argument(
         "--max",
-        type=_count,
+        type=whole_number(1, MAX_LIMIT),
         default=SEARCH_MAX,
         metavar="N",
         help=f"results at most, 1 to {MAX_LIMIT} (default {SEARCH_MAX})",
@@ -85,32 +85,12 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     d.add_argument(
         "--threshold",
-        type=_percent,
+        type=percent,
         default=DUPLICATES_THRESHOLD,
         metavar="PERCENT",
         help=f"least similarity within a group (default {DUPLICATES_THRESHOLD:g})",
     )
     d.add_argument("--json", action="store_true", help="print one JSON document")
-
-
-def _percent(text: str) -> float:
-    try:
-        p = float(text)
-    except ValueError:
-        p = math.nan
-    if not 0 <= p <= 100:  # nan and the infinities fail too
-        raise argparse.ArgumentTypeError(f"{text!r} is not a similarity from 0 to 100")
-    return p
-
-
-def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if not 1 <= n <= MAX_LIMIT:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to {MAX_LIMIT}")
-    return n
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
