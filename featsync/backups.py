@@ -35,7 +35,7 @@ from typing import Any
 
 from featsync.errors import Fatal
 from featsync.model import ImageFeatures
-from featsync.sqlitefiles import read_only_uri
+from featsync.sqlitefiles import LookDb
 
 SCHEMA_VERSION = 2  # 1: a development build's layout (one record per version)
 _CHUNK = 1 << 20  # bytes per read when an image file is copied
@@ -106,16 +106,15 @@ class BackupStore:
         self._lock = threading.Lock()
         if os.path.lexists(folder) and not os.path.isdir(folder):
             raise Fatal(f"backups folder {folder!r} is not a directory")
+        self._look: LookDb | None = None  # a look at a store on disk: its reads
         try:
-            if read_only:
-                uri = (
-                    read_only_uri(self.db_path)
-                    if os.path.exists(self.db_path)
-                    else "file::memory:?mode=memory"
-                )
-                self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
-                if not os.path.exists(self.db_path):
-                    self._create()
+            if read_only and os.path.exists(self.db_path):
+                self._look = LookDb(self.db_path, 10000)  # never torn by a sync's writes
+                self._db = sqlite3.connect(":memory:", check_same_thread=False)
+                return  # (the memory database is never used: reads go to the look)
+            if read_only:  # no store yet: an empty one
+                self._db = sqlite3.connect(":memory:", check_same_thread=False)
+                self._create()
                 return
             os.makedirs(folder, exist_ok=True)
             self._db = sqlite3.connect(self.db_path, check_same_thread=False, timeout=10.0)
@@ -151,10 +150,14 @@ class BackupStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._look is not None:
+                self._look.close()
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
         """One transaction on the store (under its lock: workers share it)."""
+        if self._look is not None:
+            raise Fatal(f"backups {self.db_path!r} are open only to look")
         with self._lock:
             try:
                 with self._db:
@@ -261,50 +264,67 @@ class BackupStore:
 
     # -- reading -------------------------------------------------------------------------
 
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """The rows of one read, whole."""
+        if self._look is None:
+            with self.tx() as db:
+                return db.execute(sql, params).fetchall()
+        with self._lock:
+            try:
+                return self._look.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise Fatal(f"backups {self.db_path!r}: {exc}") from exc
+
     def records(self, image_id: str) -> list[Backup]:
         """Every record kept for one image ID, oldest first."""
-        with self.tx() as db:
-            rows = db.execute(
-                f"SELECT {_COLUMNS} FROM backups WHERE image_id = ? "  # noqa: S608
-                "ORDER BY taken_at, id",
-                (image_id,),
-            ).fetchall()
+        rows = self._all(
+            f"SELECT {_COLUMNS} FROM backups WHERE image_id = ? "  # noqa: S608
+            "ORDER BY taken_at, id",
+            (image_id,),
+        )
         return [_backup(r) for r in rows]
 
     def features(self, backup_id: int) -> ImageFeatures | None:
-        with self.tx() as db:
-            row = db.execute(
-                "SELECT image_id, features_count, feature_length_in_bits, data FROM backups "
-                "WHERE id = ?",
-                (backup_id,),
-            ).fetchone()
-        if row is None:
+        rows = self._all(
+            "SELECT image_id, features_count, feature_length_in_bits, data FROM backups "
+            "WHERE id = ?",
+            (backup_id,),
+        )
+        if not rows:
             return None
+        row = rows[0]
         return ImageFeatures(row[0], int(row[1]), int(row[2]), zlib.decompress(row[3]))
 
     def kept_images(self, digests: Iterable[str]) -> set[str]:
         """Those of `digests` whose image copy is kept."""
         wanted = [d for d in set(digests) if d]
         found: set[str] = set()
-        with self.tx() as db:
-            for start in range(0, len(wanted), 500):
-                chunk = wanted[start : start + 500]
-                marks = _marks(chunk)
-                found.update(
-                    r[0]
-                    for r in db.execute(
-                        f"SELECT digest FROM kept_images WHERE digest IN ({marks})",  # noqa: S608
-                        chunk,
-                    )
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = _marks(chunk)
+            found.update(
+                r[0]
+                for r in self._all(
+                    f"SELECT digest FROM kept_images WHERE digest IN ({marks})",  # noqa: S608
+                    chunk,
                 )
+            )
         return {d for d in found if os.path.exists(self.image_path(d))}
 
-    def cursor(self, sql: str, params: Sequence[Any] = ()) -> Iterator[tuple[Any, ...]]:
-        """The rows of one query, fetched a few at a time (a look, or the prune: not
+    def cursor(
+        self, sql: str, params: Sequence[Any] = (), size: int = 500
+    ) -> Iterator[tuple[Any, ...]]:
+        """The rows of one query, fetched `size` at a time (a look, or the prune: not
         while workers write)."""
+        if self._look is not None:
+            try:
+                yield from self._look.stream(sql, params, size)
+            except sqlite3.Error as exc:
+                raise Fatal(f"backups {self.db_path!r}: {exc}") from exc
+            return
         cur = self._db.execute(sql, params)
         try:
-            while batch := cur.fetchmany(500):
+            while batch := cur.fetchmany(size):
                 yield from batch
         finally:
             cur.close()
@@ -330,19 +350,16 @@ class BackupStore:
         if ids is not None:
             where.append(f"image_id IN ({_marks(ids)})")
             params.extend(ids)
-        cur = self._db.execute(
+        rows = self.cursor(
             f"SELECT {_COLUMNS}, feature_length_in_bits, data FROM backups "  # noqa: S608
             f"WHERE {' AND '.join(where)} ORDER BY image_id, taken_at, id",
             params,
+            size=100,
         )
-        try:
-            while batch := cur.fetchmany(100):
-                for *head, bits, data in batch:
-                    b = _backup(head)
-                    held = zlib.decompress(data)
-                    yield b, ImageFeatures(b.image_id, b.features_count, bits, held)
-        finally:
-            cur.close()
+        for *head, bits, data in rows:
+            b = _backup(head)
+            held = zlib.decompress(data)
+            yield b, ImageFeatures(b.image_id, b.features_count, bits, held)
 
     def per_image(self, image_ids: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
         """Per image ID (all, or those given): the versions kept, the newest backup's
@@ -351,33 +368,28 @@ class BackupStore:
         groups: list[list[str] | None] = [ids[i : i + 500] for i in range(0, len(ids), 500)]
         for chunk in groups or [None]:
             where = "" if chunk is None else f"WHERE image_id IN ({_marks(chunk)})"
-            cur = self._db.execute(
+            rows = self.cursor(
                 "SELECT image_id, GROUP_CONCAT(version), MAX(taken_at), SUM(size), COUNT(*) "  # noqa: S608
                 f"FROM backups {where} GROUP BY image_id ORDER BY image_id",
                 chunk or [],
             )
-            try:
-                while batch := cur.fetchmany(500):
-                    for r in batch:
-                        yield {
-                            "image_id": r[0],
-                            "versions": sorted({int(v) for v in str(r[1]).split(",")}),
-                            "records": r[4],
-                            "newest_at": r[2],
-                            "size": r[3],
-                        }
-            finally:
-                cur.close()
+            for r in rows:
+                yield {
+                    "image_id": r[0],
+                    "versions": sorted({int(v) for v in str(r[1]).split(",")}),
+                    "records": r[4],
+                    "newest_at": r[2],
+                    "size": r[3],
+                }
 
     def totals(self) -> dict[str, int]:
         """The whole store: records and bytes, image copies and bytes."""
-        with self.tx() as db:
-            n, size, images = db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0), COUNT(DISTINCT image_id) FROM backups"
-            ).fetchone()
-            copies, copy_bytes = db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM kept_images"
-            ).fetchone()
+        (n, size, images), *_ = self._all(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0), COUNT(DISTINCT image_id) FROM backups"
+        )
+        (copies, copy_bytes), *_ = self._all(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM kept_images"
+        )
         return {
             "backups": n,
             "backup_bytes": size,

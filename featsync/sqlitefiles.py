@@ -16,8 +16,8 @@ import os
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 from featsync.errors import Fatal
 
@@ -86,6 +86,131 @@ def private_copy(path: str, busy_ms: int, attempts: int = 5) -> sqlite3.Connecti
             return copy
         copy.close()  # written to while copied: again
     raise sqlite3.OperationalError(f"{path} kept changing while it was read")
+
+
+LOOK_ATTEMPTS = 8  # reads of a look tried again while its file keeps being written
+
+
+class Rows:
+    """The rows of one statement of a look, read whole (what a cursor offers of them)."""
+
+    lastrowid: int | None = None  # a look inserts nothing
+
+    def __init__(self, rows: list[Any]) -> None:
+        self._rows = rows
+        self._next = 0
+
+    def fetchone(self) -> Any:
+        if self._next >= len(self._rows):
+            return None
+        self._next += 1
+        return self._rows[self._next - 1]
+
+    def fetchall(self) -> list[Any]:
+        rest, self._next = self._rows[self._next :], len(self._rows)
+        return rest
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.fetchall())
+
+
+class LookDb:
+    """A look at an SQLite file (nothing written, nothing created) that never answers
+    from pages of two states.
+
+    Opened ``immutable`` (no ``-wal`` beside the file, see read_only_uri), SQLite
+    takes no lock and trusts the file not to change; a writer that starts meanwhile (a
+    cron reconcile) and checkpoints into it leaves the look reading a torn B-tree:
+    "database disk image is malformed", or rows that were never there together. So
+    while the look is immutable, each statement's rows are read whole and kept only if
+    the file, and the absence of a ``-wal``, are as they were when the connection was
+    opened; else the look opens the file again (``mode=ro`` once a ``-wal`` is there:
+    SQLite's own locks then keep every statement consistent) and reads again. A stream
+    (rows a batch at a time, memory flat) cannot be read again once given out: a
+    change under an immutable stream raises an error that says so.
+
+    `data_version()` is SQLite's ``PRAGMA data_version``, moved on by every reopening
+    too (a new connection counts from its own start)."""
+
+    def __init__(self, path: str, busy_ms: int) -> None:
+        self.path = path
+        self._busy_ms = int(busy_ms)
+        self._opens = 0
+        self._conn: sqlite3.Connection | None = None
+        self._open()
+
+    def _open(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._state = _file_state(self.path)
+        uri = read_only_uri(self.path)  # the mode is decided once: what the checks trust
+        self._locked = "mode=ro" in uri
+        conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+        self._conn, self._opens = conn, self._opens + 1
+
+    def _steady(self) -> bool:
+        """Whether what the connection reads is still the file as it was opened."""
+        return self._locked or _file_state(self.path) == self._state
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise sqlite3.ProgrammingError(f"{self.path}: the look is closed")
+        if not self._steady():
+            self._open()  # written since: a fresh connection, fresh pages
+        assert self._conn is not None
+        return self._conn
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ()) -> Rows:
+        for _ in range(LOOK_ATTEMPTS):
+            conn = self._connection()
+            try:
+                rows = conn.execute(sql, parameters).fetchall()
+            except sqlite3.DatabaseError:
+                if self._steady():
+                    raise  # a fault of the file or the statement, not of a writer
+                continue
+            if self._steady():
+                return Rows(rows)
+        raise sqlite3.OperationalError(f"{self.path} kept changing while it was read")
+
+    def stream(self, sql: str, parameters: Sequence[Any], size: int) -> Iterator[Any]:
+        cur = self._connection().execute(sql, parameters)
+        try:
+            while True:
+                try:
+                    batch = cur.fetchmany(size)
+                except sqlite3.DatabaseError:
+                    if self._steady():
+                        raise
+                    batch = []
+                if not self._steady():
+                    raise sqlite3.OperationalError(
+                        f"{self.path} was written while it was read (a sync began): "
+                        "run the command again"
+                    )
+                if not batch:
+                    return
+                yield from batch
+        finally:
+            cur.close()
+
+    def data_version(self) -> int:
+        real = int(self.execute("PRAGMA data_version").fetchall()[0][0])
+        return (self._opens << 40) + real
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def data_version(db: sqlite3.Connection | LookDb) -> int:
+    """SQLite's ``PRAGMA data_version`` of a connection or a look."""
+    if isinstance(db, LookDb):
+        return db.data_version()
+    return int(db.execute("PRAGMA data_version").fetchone()[0])
 
 
 P = ParamSpec("P")

@@ -26,7 +26,7 @@ from featsync.errors import AlreadyExists, Fatal, ItemRejected, NotFound
 from featsync.localcontext.extractor import Extractor, default_workers
 from featsync.localcontext.storeschema import SCHEMA, SCHEMA_VERSION, columns, digest, upgrade
 from featsync.model import ImageData, ImageFeatures, SearchResult
-from featsync.sqlitefiles import read_only_uri
+from featsync.sqlitefiles import LookDb
 
 if TYPE_CHECKING:
     from featsync.localcontext import matching
@@ -56,34 +56,34 @@ class LocalContext:
         self._owns_extractor = extractor is None or owns_extractor
         self._extractor = extractor or Extractor(default_workers(4))
         self._lock = threading.Lock()
+        self._db: sqlite3.Connection | LookDb
         if read_only:
             self._open_read_only(path)
             return
         try:
             parent = os.path.dirname(os.path.abspath(path))
             os.makedirs(parent, exist_ok=True)
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA busy_timeout = 10000")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            self._db.executescript(SCHEMA)
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db = db
+            db.execute("PRAGMA busy_timeout = 10000")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+            db.executescript(SCHEMA)
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if row is not None and int(row[0]) > SCHEMA_VERSION:
                 raise Fatal(
                     f"search context store {path!r} has schema version {row[0]}, newer than "
                     f"this featsync understands ({SCHEMA_VERSION})"
                 )
-            upgrade(self._db, 10000)
-            self._db.execute(
+            upgrade(db, 10000)
+            db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
             # The store's own random ID, made once: a ledger records which context it
             # mirrors, and a new or replaced store is not the one it knew.
-            self._db.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex,)
-            )
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex,))
             self._store_id = str(
-                self._db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
+                db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
             )
         except (sqlite3.Error, OSError) as exc:
             raise Fatal(f"cannot open search context store {path!r}: {exc}") from exc
@@ -98,8 +98,7 @@ class LocalContext:
         on_disk = os.path.exists(self.path) and slot == "slot"
 
         def own_reader() -> StoreReader:
-            db = sqlite3.connect(read_only_uri(self.path), uri=True, check_same_thread=False)
-            db.execute("PRAGMA busy_timeout = 10000")
+            db = LookDb(self.path, 10000)
             return StoreReader(db, threading.Lock(), slot, digests="digest" in have)
 
         rebuild_reader = own_reader if on_disk else None
@@ -118,14 +117,12 @@ class LocalContext:
         self._store_id = "(none yet)"
         try:
             if not os.path.exists(path):
-                self._db = sqlite3.connect(":memory:", check_same_thread=False)
-                self._db.executescript(SCHEMA)
+                memory = sqlite3.connect(":memory:", check_same_thread=False)
+                memory.executescript(SCHEMA)
+                self._db = memory
                 row = None
             else:
-                self._db = sqlite3.connect(
-                    read_only_uri(path), uri=True, check_same_thread=False, isolation_level=None
-                )
-                self._db.execute("PRAGMA busy_timeout = 10000")
+                self._db = LookDb(path, 10000)  # never reads a store torn by a sync
                 row = self._db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
         except (sqlite3.Error, OSError) as exc:
             raise Fatal(f"cannot open search context store {path!r}: {exc}") from exc

@@ -41,6 +41,7 @@ from featsync.localcontext.index import (
     words_for,
 )
 from featsync.localcontext.storeschema import as_bytes
+from featsync.sqlitefiles import LookDb, data_version
 
 STALE = 0.01  # save when more than this share of images changed since the file
 STALE_MIN = 256  # ... and at least this many
@@ -75,7 +76,7 @@ class StoreReader:
 
     def __init__(
         self,
-        db: sqlite3.Connection,
+        db: sqlite3.Connection | LookDb,
         lock: threading.Lock,
         slot: str = "slot",
         digests: bool = True,
@@ -127,7 +128,7 @@ class StoreReader:
 
     def data_version(self) -> int:
         with self.lock:
-            return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+            return data_version(self.db)
 
 
 class Stopped(Exception):

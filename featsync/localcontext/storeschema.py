@@ -13,6 +13,8 @@ import hashlib
 import sqlite3
 from typing import Any
 
+from featsync.sqlitefiles import LookDb
+
 FEATURES = """
 CREATE TABLE IF NOT EXISTS features (
     slot INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -42,7 +44,7 @@ def digest(blob: bytes) -> bytes:
     return hashlib.blake2b(blob, digest_size=DIGEST_BYTES).digest()
 
 
-def columns(db: sqlite3.Connection) -> list[str]:
+def columns(db: sqlite3.Connection | LookDb) -> list[str]:
     return [str(r[1]) for r in db.execute("PRAGMA table_info(features)")]
 
 

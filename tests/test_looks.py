@@ -1,0 +1,162 @@
+"""A look (search, report, verify, history, export) reads the embedded store and the
+backups while a sync may start writing them: it never answers from a torn file.
+
+A store with no ``-wal`` beside it (no writer since the last clean close) is read
+``immutable``: SQLite takes no lock and trusts the file not to change. A cron
+reconcile that starts during the look and checkpoints into the file left the look
+with "database disk image is malformed" on 299 of 300 reads, and an image list of
+the state before. Real store files, a second real connection writing them.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featsync.backups import BackupStore
+from featsync.errors import Fatal, NotFound
+from featsync.localcontext import LocalContext
+from featsync.model import ImageFeatures
+from featsync.sqlitefiles import LookDb
+
+rng = np.random.default_rng(7)
+DESCRIPTORS = {f"old{i:04d}": rng.integers(0, 256, (400, 61), dtype=np.uint8) for i in range(300)}
+NEW = {f"new{i:04d}": rng.integers(0, 256, (400, 61), dtype=np.uint8) for i in range(300)}
+
+
+def checkpoint(db: sqlite3.Connection) -> None:
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> str:
+    path = str(tmp_path / "ctx.search")
+    ctx = LocalContext(path)
+    ctx.load_descriptors(DESCRIPTORS.items())
+    ctx.close()
+    assert not os.path.exists(path + "-wal")  # closed cleanly: a look reads it immutable
+    return path
+
+
+def sync_writes(path: str) -> None:
+    """What a reconcile that starts now does to the store: 300 adds, 150 deletes, and
+    the checkpoints that move them into the file itself."""
+    writer = LocalContext(path)
+    try:
+        writer.load_descriptors(NEW.items())
+        for image_id in list(DESCRIPTORS)[::2]:
+            writer.delete_features(image_id)
+        checkpoint(writer._db)  # type: ignore[arg-type]
+    finally:
+        writer.close()
+
+
+def test_a_look_at_the_store_reads_what_a_sync_wrote_after_it_began(store: str) -> None:
+    look = LocalContext(store, read_only=True)
+    try:
+        assert len(look.image_ids()) == 300
+        first = look.find_similar(image_id="old0000", threshold=50, max_count=3)
+        assert [r.image_id for r in first][:1] == ["old0000"]  # the index is loaded now
+        sync_writes(store)
+        ids = look.image_ids()
+        assert len(ids) == 450 and "new0299" in ids and "old0000" not in ids
+        for image_id in ids:  # every row whole: none "malformed", none of another state
+            held = look.get_features(image_id)
+            want = (NEW | DESCRIPTORS)[image_id]
+            assert held.features == want.tobytes(), image_id
+        with pytest.raises(NotFound):
+            look.get_features("old0000")
+        # The index loaded before the sync follows it: a new image is found, a
+        # deleted one is never returned.
+        found = look.find_similar(image_id="new0007", threshold=50, max_count=3)
+        assert [r.image_id for r in found][:1] == ["new0007"]
+        query = DESCRIPTORS["old0000"]
+        assert all(r.image_id != "old0000" for r in look.similar(query, 0, 10))
+    finally:
+        look.close()
+    assert sorted(os.listdir(os.path.dirname(store))) == ["ctx.search", "ctx.search.index"]
+
+
+def test_a_statement_torn_by_a_checkpoint_in_its_middle_is_read_again(store: str) -> None:
+    look = LookDb(store, 10000)
+    writer = sqlite3.connect(store, isolation_level=None)
+    fired: list[bool] = []
+
+    def write_in_the_middle() -> int:
+        if not fired:
+            fired.append(True)
+            writer.execute("DELETE FROM features WHERE image_id >= 'old0100'")
+            checkpoint(writer)
+        return 0
+
+    try:
+        conn = look._conn
+        assert conn is not None
+        conn.set_progress_handler(write_in_the_middle, 200)
+        rows = look.execute("SELECT image_id, length(descriptors) FROM features").fetchall()
+        assert fired  # the file changed while the statement ran
+        assert sorted(r[0] for r in rows) == sorted(DESCRIPTORS)[:100]
+        assert {r[1] for r in rows} == {400 * 61}
+    finally:
+        writer.close()
+        look.close()
+
+
+def held(image_id: str, n: int) -> ImageFeatures:
+    data = bytes(rng.integers(0, 256, n * 61, dtype=np.uint8))
+    return ImageFeatures(image_id, n, 488, data)
+
+
+def fill_backups(folder: str, prefix: str, count: int) -> None:
+    store = BackupStore(folder)
+    try:
+        for i in range(count):
+            store.put(f"{prefix}{i:04d}", 1, "d" * 64, "update", held(f"{prefix}{i:04d}", 300), 1.0)
+        with store.tx() as db:
+            checkpoint(db)
+    finally:
+        store.close()
+
+
+def test_a_look_at_the_backups_reads_what_a_sync_kept_after_it_began(tmp_path: Path) -> None:
+    folder = str(tmp_path / "backups")
+    fill_backups(folder, "old", 200)
+    assert not os.path.exists(os.path.join(folder, "features.db-wal"))
+    look = BackupStore(folder, read_only=True)
+    try:
+        assert look.totals()["backups"] == 200
+        fill_backups(folder, "new", 200)
+        assert look.totals()["backups"] == 400
+        [record] = look.records("new0150")
+        features = look.features(record.id)
+        assert features is not None and features.features_count == 300
+        assert sum(1 for _ in look.per_image()) == 400
+        with pytest.raises(Fatal, match="open only to look"):
+            look.put("x", 1, None, "update", held("x", 1), 1.0)
+    finally:
+        look.close()
+
+
+def test_an_export_that_a_sync_writes_under_stops_and_says_so(tmp_path: Path) -> None:
+    folder = str(tmp_path / "backups")
+    fill_backups(folder, "old", 300)
+    look = BackupStore(folder, read_only=True)
+    try:
+        rows = look.stream()
+        first, _ = next(rows)
+        assert first.image_id == "old0000"
+        fill_backups(folder, "new", 300)  # the batch read ahead is not what is now there
+        with pytest.raises(Fatal, match=r"written while it was read .*run the command again"):
+            for _ in rows:
+                pass
+    finally:
+        look.close()
+    again = BackupStore(folder, read_only=True)
+    try:
+        assert sum(1 for _ in again.stream()) == 600  # run again: whole
+    finally:
+        again.close()
