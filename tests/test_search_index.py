@@ -207,11 +207,18 @@ def test_a_damaged_or_foreign_index_file_is_rebuilt_from_the_store(
         shutil.copyfile(foreign + ".index", index)
     again = LocalContext(store)
     try:
-        assert answers(again, queries) == before
+        with capture_logs() as logged:
+            assert answers(again, queries) == before
         assert again.index_info()["source"] == "built"
     finally:
         again.close()
-    assert DescriptorIndex.load(index, "not this store") is None
+    [loaded] = [e for e in logged if e["event"] == "index_loaded"]
+    why = "of another store" if damage == "another store's" else "damaged"
+    assert loaded["source"] == "built" and why in loaded["why"], loaded
+    assert DescriptorIndex.load(index, "not this store") == (
+        None,
+        "the index file is of another store",
+    )
 
 
 def test_duplicates_are_the_exhaustive_matchers_groups(ctx: LocalContext) -> None:

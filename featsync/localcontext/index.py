@@ -297,47 +297,52 @@ class DescriptorIndex:
                 os.unlink(tmp)
 
     @classmethod
-    def load(cls, path: str, store_id: str) -> DescriptorIndex | None:
-        """The index saved at `path` for this store, or None when there is none, or it
-        is another store's, another format's, not a regular file, or damaged in any
-        way (the caller rebuilds: the file is only a cache)."""
+    def load(cls, path: str, store_id: str) -> tuple[DescriptorIndex | None, str]:
+        """The index saved at `path` for this store; or None and why not: there is
+        none, or it is another store's, another format's, not a regular file, or
+        damaged in any way (the caller rebuilds: the file is only a cache)."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return None
+        except FileNotFoundError:
+            return None, "no index file"
+        except OSError as exc:
+            return None, f"cannot open the index file: {exc.strerror}"
         try:
             with open(fd, "rb", closefd=False) as fh:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    return None  # a FIFO or a device: never waited on
+                    return None, "the index file is not a regular file"  # never waited on
                 return cls._load(fh, fd, store_id)
-        except Exception:  # damage can make any reader raise anything
-            return None
+        except Exception as exc:  # damage can make any reader raise anything
+            return None, f"the index file is damaged ({type(exc).__name__})"
         finally:
             os.close(fd)
 
     @classmethod
-    def _load(cls, fh: BinaryIO, fd: int, store_id: str) -> DescriptorIndex | None:
+    def _load(cls, fh: BinaryIO, fd: int, store_id: str) -> tuple[DescriptorIndex | None, str]:
+        damaged = "the index file is damaged"
         size = fh.seek(0, os.SEEK_END)
         if size < _TRAILER.size:
-            return None
+            return None, damaged
         fh.seek(size - _TRAILER.size)
         length, magic = _TRAILER.unpack(fh.read(_TRAILER.size))
         if magic != _MAGIC or length > size - _TRAILER.size:
-            return None
+            return None, damaged
         fh.seek(size - _TRAILER.size - length)
         meta = np.load(io.BytesIO(fh.read(length)), allow_pickle=False)
         header = json.loads(bytes(meta["header"]).decode())
-        if header.get("format") != FORMAT or header.get("store_id") != store_id:
-            return None
+        if header.get("format") != FORMAT:
+            return None, f"the index file is of format {header.get('format')}, not {FORMAT}"
+        if header.get("store_id") != store_id:
+            return None, "the index file is of another store"
         faiss_bytes = int(header["faiss_bytes"])
         if faiss_bytes + length + _TRAILER.size != size or _crc(fh, faiss_bytes)[0] != int(
             header["crc"]
         ):
-            return None
+            return None, damaged + " (its checksum)"
         # the open file itself (the path may have been replaced since)
         ivf = faiss.read_index_binary(f"/proc/self/fd/{fd}")
         if int(ivf.ntotal) != int(meta["ntotal"][0]) or not isinstance(ivf, faiss.IndexBinaryIVF):
-            return None
+            return None, damaged
         tree = Tree(meta["coarse"], meta["fine"])
         slots = meta["slots"].tolist()
         raw, flags = meta["digests"], meta["filed"]
@@ -346,11 +351,11 @@ class DescriptorIndex:
             or raw.shape != (len(slots), _DIGEST)
             or flags.shape != (len(slots),)
         ):
-            return None
+            return None, damaged
         counts = dict(zip(slots, meta["counts"].tolist(), strict=True))
         digests = {s: bytes(d) for s, d in zip(slots, raw, strict=True)}
         filed = {s for s, f in zip(slots, flags.tolist(), strict=True) if f}
-        return cls(ivf, tree, counts, int(header["built_for"]), digests, filed)
+        return cls(ivf, tree, counts, int(header["built_for"]), digests, filed), ""
 
 
 def _crc(source: str | BinaryIO, length: int | None) -> tuple[int, int]:

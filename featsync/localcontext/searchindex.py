@@ -268,12 +268,12 @@ class Searcher:
             try:
                 started = time.monotonic()
                 version = self.reader.data_version()
-                index = DescriptorIndex.load(self.path, self.store_id)
+                index, why = DescriptorIndex.load(self.path, self.store_id)
                 caught_up = 0
                 if index is not None:
                     caught_up = self._catch_up(index)
                     if index.needs_new_vocabulary():
-                        index = None  # outgrown: built anew from the store
+                        index, why = None, "the collection has outgrown its vocabulary"
                 source = "file" if index is not None else "built"
                 if index is None:
                     index = build(self.reader, self.reader.counts())
@@ -293,6 +293,7 @@ class Searcher:
                 "index_loaded",
                 store=self.path[: -len(".index")],
                 source=source,
+                **({"why": why} if source == "built" else {}),
                 images=len(index.counts),
                 caught_up=caught_up,
                 seconds=round(time.monotonic() - started, 2),
