@@ -11,15 +11,15 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from typing import IO, Any
 
 from featsync import logs, progress, retention
-from featsync.backups import BackupStore, current_umask
+from featsync.backups import BackupStore
 from featsync.config import Settings
 from featsync.errors import Fatal
 from featsync.looks import EXIT_OK, when
+from featsync.wholefile import written_whole
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -152,19 +152,8 @@ def _export(
 def _write_whole(
     store: BackupStore, out: str, since: float | None, image_ids: list[str], sink: progress.Sink
 ) -> int:
-    folder = os.path.dirname(os.path.abspath(out))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".partial", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            n = _write(store, fh, since, image_ids, sink)
-            fh.flush()
-            os.fchmod(fh.fileno(), 0o666 & ~current_umask())
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return n
+    with written_whole(out, prefix=f".{os.path.basename(out)}.") as fh:
+        return _write(store, fh, since, image_ids, sink)
 
 
 def _write(

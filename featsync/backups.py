@@ -399,13 +399,6 @@ class BackupStore:
         }
 
 
-def current_umask() -> int:
-    """The process's umask (for a file made with a temporary name, then renamed)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _backup(row: Sequence[Any]) -> Backup:
     b = Backup(*row)
     return b if b.digest else dataclasses.replace(b, digest=None)

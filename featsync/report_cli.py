@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from typing import Any
 
 from featsync import jsonout, logs
@@ -13,6 +12,7 @@ from featsync.config import Settings
 from featsync.errors import Fatal
 from featsync.escapes import printable
 from featsync.report import DUPLICATES_THRESHOLD, as_json, build, exit_code, lines
+from featsync.wholefile import written_whole
 
 PROBE_MAX = 100_000  # --probe N at most
 
@@ -119,24 +119,8 @@ def write_page(path: str, text: str) -> None:
                 f"--html {printable(path)!r}: cannot write it: {exc.strerror or exc}"
             ) from None
         return
-    where = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".featsync-report-", suffix=".tmp", dir=where)
-    except OSError as exc:
-        raise Fatal(
-            f"--html {printable(path)!r}: cannot write there: {exc.strerror or exc}"
-        ) from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with written_whole(path, prefix=".featsync-report-") as fh:
             fh.write(text)
-        os.chmod(tmp, 0o644 & ~_umask())
-        os.replace(tmp, path)
     except OSError as exc:
-        os.unlink(tmp)
         raise Fatal(f"--html {printable(path)!r}: cannot write it: {exc.strerror or exc}") from None
-
-
-def _umask() -> int:
-    from featsync.backups import current_umask
-
-    return current_umask()

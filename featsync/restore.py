@@ -6,7 +6,6 @@ is not a regular file.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import os
@@ -15,12 +14,12 @@ import sys
 import tempfile
 from typing import Any
 
-from featsync.backups import current_umask
 from featsync.config import Settings
 from featsync.errors import NotFound
 from featsync.lifecycle import SENT, Looked, look
 from featsync.looks import EXIT_NOT_IN_STEP, EXIT_OK
 from featsync.model import State
+from featsync.wholefile import mode_for
 
 
 def restore(
@@ -172,10 +171,7 @@ def _put(source: str, target: str, digest: str, replace: bool) -> None:
     A replaced file's mode is kept; a new file gets the umask's."""
     folder = os.path.dirname(target)
     os.makedirs(folder, exist_ok=True)
-    mode = 0o666 & ~current_umask()
-    if replace:
-        with contextlib.suppress(OSError):
-            mode = stat.S_IMODE(os.stat(target).st_mode)
+    mode = mode_for(target, keep=replace)
     fd, tmp = tempfile.mkstemp(prefix=".featsync-restore-", suffix=".tmp", dir=folder)
     try:
         h = hashlib.sha256()

@@ -300,6 +300,13 @@ def test_export_writes_through_a_symlink_and_stops_quietly_at_a_closed_pipe(
     r = featsync("backup", "export", "--out", str(link), cwd=ws.base)
     assert r.returncode == 0, r.stderr
     assert link.is_symlink() and len(real.read_text().splitlines()) == 30
+    private = ws.base / "private.jsonl"
+    private.write_text("")
+    private.chmod(0o600)
+    r = featsync("backup", "export", "--out", str(private), cwd=ws.base)
+    assert r.returncode == 0, r.stderr
+    assert len(private.read_text().splitlines()) == 30
+    assert (private.stat().st_mode & 0o777) == 0o600  # replaced, its mode kept
     env = {k: v for k, v in os.environ.items() if k != "FEATSYNC_CONFIG"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "featsync", "backup", "export"],

@@ -94,6 +94,24 @@ def test_html_writes_through_a_symbolic_link_and_never_replaces_it(ws: Workspace
         assert dest.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
 
 
+def test_html_replacing_a_private_page_keeps_it_private(ws: Workspace) -> None:
+    """The page is renamed over the old one; it keeps the old one's mode (a report
+    made 0600 is not opened to every user by the next one); a new page gets 0666 less
+    the umask, as any file the user makes."""
+    page = ws.base / "private.html"
+    page.write_text("old", encoding="utf-8")
+    page.chmod(0o600)
+    r = featsync("report", "--html", "private.html", cwd=ws.base)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert page.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert stat.S_IMODE(page.stat().st_mode) == 0o600
+    umask = ("sh", "-c", 'umask 027 && exec "$@"', "sh")
+    made = featsync("report", "--html", "new.html", cwd=ws.base, prefix=umask)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert stat.S_IMODE((ws.base / "new.html").stat().st_mode) == 0o640
+    assert not [p.name for p in ws.base.iterdir() if p.name.startswith(".featsync-report-")]
+
+
 CAT = "import shutil, sys; shutil.copyfileobj(open(sys.argv[1], 'rb'), sys.stdout.buffer)"
 
 
