@@ -80,7 +80,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         print("\n".join(printable(x) for x in lines(data)))
         if args.html is not None:
             print(f"report written to {printable(args.html)}")
-    return stop.exit_code if data["stopped"] else exit_code(data)
+    # A signal after the probe's end but before the handlers went is a stop too.
+    return stop.exit_code if stop.signum is not None else exit_code(data)
 
 
 def writable(path: str) -> None:

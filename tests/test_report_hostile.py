@@ -8,6 +8,7 @@ told to)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -372,6 +373,27 @@ def test_ctrl_c_during_a_probe_reports_what_was_probed_and_exits_130(
     assert hostile.finds == 1
     assert "probe of 5 images (stopped after 1)" in out
     assert "stopped (a signal)" in out
+
+
+def test_ctrl_c_after_the_probe_ended_still_exits_130(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The signal lands after build() has read the stop flag, while the handlers are
+    still in place: it was heard, so the exit says so (it was 0)."""
+    from featsync import report, report_cli
+
+    real = report.build
+
+    def build_then_ctrl_c(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        data = real(*args, **kwargs)
+        assert not data["stopped"]
+        os.kill(os.getpid(), signal.SIGINT)  # handled before the next line runs
+        return data
+
+    monkeypatch.setattr(report_cli, "build", build_then_ctrl_c)
+    args = argparse.Namespace(html=None, json=True, probe=None, duplicates=None)
+    assert report_cli.run(ws.settings(), args) == 130
+    assert json.loads(capsys.readouterr().out)["totals"]
 
 
 _seen: dict[int, str] = {}
