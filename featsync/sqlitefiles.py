@@ -151,8 +151,12 @@ class LookDb:
         self._conn, self._opens = conn, self._opens + 1
 
     def _steady(self) -> bool:
-        """Whether what the connection reads is still the file as it was opened."""
-        return self._locked or _file_state(self.path) == self._state
+        """Whether what the connection reads is still the file as it was opened (or the
+        path is gone: the connection holds the removed file open, as it was)."""
+        if self._locked:
+            return True
+        now = _file_state(self.path)
+        return now is None or now == self._state
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:

@@ -106,6 +106,25 @@ def test_a_statement_torn_by_a_checkpoint_in_its_middle_is_read_again(store: str
         look.close()
 
 
+def test_a_look_whose_store_is_removed_or_replaced_reads_on(store: str, tmp_path: Path) -> None:
+    """Removed: the look reads on from the file it holds open (one state, whole).
+    Replaced by another store: the look reads the new one, from its start."""
+    look = LocalContext(store, read_only=True)
+    try:
+        assert len(look.image_ids()) == 300
+        os.rename(store, store + ".gone")
+        assert len(look.image_ids()) == 300
+        assert look.get_features("old0299").features_count == 400
+        other = str(tmp_path / "other.search")
+        ctx = LocalContext(other)
+        ctx.load_descriptors(list(NEW.items())[:5])
+        ctx.close()
+        os.replace(other, store)
+        assert look.image_ids() == sorted(NEW)[:5]
+    finally:
+        look.close()
+
+
 def held(image_id: str, n: int) -> ImageFeatures:
     data = bytes(rng.integers(0, 256, n * 61, dtype=np.uint8))
     return ImageFeatures(image_id, n, 488, data)
