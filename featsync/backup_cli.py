@@ -152,7 +152,7 @@ def _export(
 def _write_whole(
     store: BackupStore, out: str, since: float | None, image_ids: list[str], sink: progress.Sink
 ) -> int:
-    with written_whole(out, prefix=f".{os.path.basename(out)}.") as fh:
+    with written_whole(out, prefix=f".{os.path.basename(out)}.", suffix=".partial") as fh:
         return _write(store, fh, since, image_ids, sink)
 
 

@@ -110,8 +110,7 @@ class BackupStore:
         try:
             if read_only and os.path.exists(self.db_path):
                 self._look = LookDb(self.db_path, 10000)  # never torn by a sync's writes
-                self._db = sqlite3.connect(":memory:", check_same_thread=False)
-                return  # (the memory database is never used: reads go to the look)
+                return
             if read_only:  # no store yet: an empty one
                 self._db = sqlite3.connect(":memory:", check_same_thread=False)
                 self._create()
@@ -149,9 +148,7 @@ class BackupStore:
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
-            if self._look is not None:
-                self._look.close()
+            (self._look or self._db).close()
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
@@ -264,8 +261,9 @@ class BackupStore:
 
     # -- reading -------------------------------------------------------------------------
 
-    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        """The rows of one read, whole."""
+    def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """The rows of one read, whole (a look reads again what a sync began writing
+        under it)."""
         if self._look is None:
             with self.tx() as db:
                 return db.execute(sql, params).fetchall()
@@ -277,7 +275,7 @@ class BackupStore:
 
     def records(self, image_id: str) -> list[Backup]:
         """Every record kept for one image ID, oldest first."""
-        rows = self._all(
+        rows = self.read(
             f"SELECT {_COLUMNS} FROM backups WHERE image_id = ? "  # noqa: S608
             "ORDER BY taken_at, id",
             (image_id,),
@@ -285,7 +283,7 @@ class BackupStore:
         return [_backup(r) for r in rows]
 
     def features(self, backup_id: int) -> ImageFeatures | None:
-        rows = self._all(
+        rows = self.read(
             "SELECT image_id, features_count, feature_length_in_bits, data FROM backups "
             "WHERE id = ?",
             (backup_id,),
@@ -304,7 +302,7 @@ class BackupStore:
             marks = _marks(chunk)
             found.update(
                 r[0]
-                for r in self._all(
+                for r in self.read(
                     f"SELECT digest FROM kept_images WHERE digest IN ({marks})",  # noqa: S608
                     chunk,
                 )
@@ -384,10 +382,10 @@ class BackupStore:
 
     def totals(self) -> dict[str, int]:
         """The whole store: records and bytes, image copies and bytes."""
-        (n, size, images), *_ = self._all(
+        (n, size, images), *_ = self.read(
             "SELECT COUNT(*), COALESCE(SUM(size), 0), COUNT(DISTINCT image_id) FROM backups"
         )
-        (copies, copy_bytes), *_ = self._all(
+        (copies, copy_bytes), *_ = self.read(
             "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM kept_images"
         )
         return {

@@ -70,6 +70,9 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     # Ctrl-C: search no more, report what was probed, exit 130 (SIGTERM: 143).
     with stop_on_signals("report") as stop:
         data = build(settings, args.probe, args.duplicates, logs.get(), stop)
+    # A signal after the probe's end but before the handlers went is a stop too: the
+    # output says so, as the exit does.
+    data["stopped"] = data["stopped"] or stop.signum is not None
     if args.html is not None:
         from featsync.report_html import page
 
@@ -80,8 +83,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         print("\n".join(printable(x) for x in lines(data)))
         if args.html is not None:
             print(f"report written to {printable(args.html)}")
-    # A signal after the probe's end but before the handlers went is a stop too.
-    return stop.exit_code if stop.signum is not None else exit_code(data)
+    return stop.exit_code if data["stopped"] else exit_code(data)
 
 
 def writable(path: str) -> None:

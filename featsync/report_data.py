@@ -437,7 +437,7 @@ def _records(store: BackupStore, image_ids: Iterable[str]) -> dict[str, list[Bac
             "SELECT id, image_id, version, digest, reason, taken_at, features_count, size "  # noqa: S608 (only ? marks)
             f"FROM backups WHERE image_id IN ({marks}) ORDER BY image_id, taken_at, id"
         )
-        for row in store.cursor(sql, chunk):
+        for row in store.read(sql, chunk):
             b = Backup(*row)
             out.setdefault(b.image_id, []).append(b)
     return out

@@ -11,6 +11,7 @@ writer may be at work, and ``mode=ro`` reads through its WAL.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sqlite3
@@ -114,6 +115,26 @@ class Rows:
         return iter(self.fetchall())
 
 
+def _look_state(path: str) -> tuple[int | bool, ...] | None:
+    """What changes when a writer changes the file: its stat, and whether a ``-wal``
+    is beside it (None: the path is gone)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    wal = os.access(path + "-wal", os.F_OK)
+    return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size, wal
+
+
+@dataclasses.dataclass
+class _Opened:
+    """One connection of a look, and the file as it was when it was opened."""
+
+    conn: sqlite3.Connection
+    state: tuple[int | bool, ...] | None
+    locked: bool  # mode=ro: SQLite's locks keep each statement consistent
+
+
 class LookDb:
     """A look at an SQLite file (nothing written, nothing created) that never answers
     from pages of two states.
@@ -126,8 +147,9 @@ class LookDb:
     the file, and the absence of a ``-wal``, are as they were when the connection was
     opened; else the look opens the file again (``mode=ro`` once a ``-wal`` is there:
     SQLite's own locks then keep every statement consistent) and reads again. A stream
-    (rows a batch at a time, memory flat) cannot be read again once given out: a
-    change under an immutable stream raises an error that says so.
+    (rows a batch at a time, memory flat) has a connection of its own and is read
+    again only until its first batch is given out; a change after that raises an error
+    that says so. A removed file is read on as it was (the connection holds it open).
 
     `data_version()` is SQLite's ``PRAGMA data_version``, moved on by every reopening
     too (a new connection counts from its own start)."""
@@ -135,79 +157,73 @@ class LookDb:
     def __init__(self, path: str, busy_ms: int) -> None:
         self.path = path
         self._busy_ms = int(busy_ms)
-        self._opens = 0
-        self._conn: sqlite3.Connection | None = None
-        self._open()
+        self._opens = 1
+        self._main: _Opened | None = self._connect()
 
-    def _open(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        self._state = _file_state(self.path)
+    def _connect(self) -> _Opened:
+        state = _look_state(self.path)
         uri = read_only_uri(self.path)  # the mode is decided once: what the checks trust
-        self._locked = "mode=ro" in uri
         conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
         conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
-        self._conn, self._opens = conn, self._opens + 1
+        return _Opened(conn, state, "mode=ro" in uri)
 
-    def _steady(self) -> bool:
-        """Whether what the connection reads is still the file as it was opened (or the
-        path is gone: the connection holds the removed file open, as it was)."""
-        if self._locked:
+    def _steady(self, opened: _Opened) -> bool:
+        if opened.locked:
             return True
-        now = _file_state(self.path)
-        return now is None or now == self._state
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise sqlite3.ProgrammingError(f"{self.path}: the look is closed")
-        if not self._steady():
-            self._open()  # written since: a fresh connection, fresh pages
-        assert self._conn is not None
-        return self._conn
+        now = _look_state(self.path)
+        return now is None or now == opened.state
 
     def execute(self, sql: str, parameters: Sequence[Any] = ()) -> Rows:
         for _ in range(LOOK_ATTEMPTS):
-            conn = self._connection()
+            main = self._main
+            if main is None:
+                raise sqlite3.ProgrammingError(f"{self.path}: the look is closed")
             try:
-                rows = conn.execute(sql, parameters).fetchall()
+                rows = main.conn.execute(sql, parameters).fetchall()
             except sqlite3.DatabaseError:
-                if self._steady():
+                if self._steady(main):
                     raise  # a fault of the file or the statement, not of a writer
-                continue
-            if self._steady():
-                return Rows(rows)
+            else:
+                if self._steady(main):
+                    return Rows(rows)
+            fresh = self._connect()  # written since it was opened: fresh pages
+            self._main, self._opens = fresh, self._opens + 1
+            main.conn.close()
         raise sqlite3.OperationalError(f"{self.path} kept changing while it was read")
 
     def stream(self, sql: str, parameters: Sequence[Any], size: int) -> Iterator[Any]:
-        cur = self._connection().execute(sql, parameters)
-        try:
-            while True:
-                try:
-                    batch = cur.fetchmany(size)
-                except sqlite3.DatabaseError:
-                    if self._steady():
-                        raise
-                    batch = []
-                if not self._steady():
-                    raise sqlite3.OperationalError(
-                        f"{self.path} was written while it was read (a sync began): "
-                        "run the command again"
-                    )
-                if not batch:
-                    return
-                yield from batch
-        finally:
-            cur.close()
+        for _ in range(LOOK_ATTEMPTS):
+            opened, given = self._connect(), False
+            try:
+                cur = opened.conn.execute(sql, parameters)
+                while batch := cur.fetchmany(size):
+                    if not self._steady(opened):
+                        break
+                    given = True
+                    yield from batch
+                else:
+                    if self._steady(opened):
+                        return
+            except sqlite3.DatabaseError:
+                if self._steady(opened):
+                    raise
+            finally:
+                opened.conn.close()
+            if given:
+                raise sqlite3.OperationalError(
+                    f"{self.path} was written while it was read (a sync began): "
+                    "run the command again"
+                )
+        raise sqlite3.OperationalError(f"{self.path} kept changing while it was read")
 
     def data_version(self) -> int:
         real = int(self.execute("PRAGMA data_version").fetchall()[0][0])
         return (self._opens << 40) + real
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._main is not None:
+            self._main.conn.close()
+            self._main = None
 
 
 def data_version(db: sqlite3.Connection | LookDb) -> int:

@@ -41,11 +41,11 @@ def mode_for(path: str, keep: bool = True) -> int:
 
 
 @contextlib.contextmanager
-def written_whole(path: str, prefix: str) -> Iterator[IO[str]]:
+def written_whole(path: str, prefix: str, suffix: str = ".tmp") -> Iterator[IO[str]]:
     """A text file to write that becomes `path` when the block ends without an error
     (and is removed when it raises). OSError from making it is the caller's to word."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             yield fh

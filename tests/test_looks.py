@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -94,15 +96,78 @@ def test_a_statement_torn_by_a_checkpoint_in_its_middle_is_read_again(store: str
         return 0
 
     try:
-        conn = look._conn
-        assert conn is not None
-        conn.set_progress_handler(write_in_the_middle, 200)
+        assert look._main is not None
+        look._main.conn.set_progress_handler(write_in_the_middle, 200)
         rows = look.execute("SELECT image_id, length(descriptors) FROM features").fetchall()
         assert fired  # the file changed while the statement ran
         assert sorted(r[0] for r in rows) == sorted(DESCRIPTORS)[:100]
         assert {r[1] for r in rows} == {400 * 61}
     finally:
         writer.close()
+        look.close()
+
+
+def test_a_look_sees_what_a_sync_committed_before_any_checkpoint(store: str) -> None:
+    """The sync's rows are only in its -wal: the look, opened before it, reads them
+    too (through SQLite's locks, once a -wal is there)."""
+    look = LookDb(store, 10000)
+    writer = sqlite3.connect(store, isolation_level=None)
+    try:
+        assert look.execute("SELECT COUNT(*) FROM features").fetchall() == [(300,)]
+        writer.execute("PRAGMA wal_autocheckpoint = 0")
+        writer.execute("DELETE FROM features WHERE image_id >= 'old0100'")
+        assert os.path.getsize(store + "-wal") > 0  # committed, not checkpointed
+        assert look.execute("SELECT COUNT(*) FROM features").fetchall() == [(100,)]
+    finally:
+        writer.close()
+        look.close()
+
+
+class HookedLook(LookDb):
+    """A look whose streams' connections run `hook` every 200 SQLite steps."""
+
+    hook: Callable[[], int] = staticmethod(lambda: 0)
+
+    def _connect(self) -> Any:
+        opened = super()._connect()
+        opened.conn.set_progress_handler(self.hook, 200)
+        return opened
+
+
+def test_a_stream_torn_before_its_first_rows_are_given_is_read_again(store: str) -> None:
+    writer = sqlite3.connect(store, isolation_level=None)
+    fired: list[bool] = []
+
+    def write_in_the_middle() -> int:
+        if not fired:
+            fired.append(True)
+            writer.execute("DELETE FROM features WHERE image_id >= 'old0100'")
+            checkpoint(writer)
+        return 0
+
+    look = HookedLook(store, 10000)
+    look.hook = write_in_the_middle
+    try:
+        sql = "SELECT image_id FROM features ORDER BY descriptors"  # a sort: reads all first
+        got = [r[0] for r in look.stream(sql, (), 50)]
+        assert fired and sorted(got) == sorted(DESCRIPTORS)[:100]
+    finally:
+        writer.close()
+        look.close()
+
+
+def test_a_stream_outlives_a_reopening_of_the_look(store: str) -> None:
+    """A read that reopens the look's connection leaves a stream's own alone: the
+    stream says what happened under it, not "closed database"."""
+    look = LookDb(store, 10000)
+    try:
+        rows = look.stream("SELECT image_id FROM features ORDER BY image_id", (), 50)
+        assert next(rows)[0] == "old0000"
+        sync_writes(store)
+        assert look.execute("SELECT COUNT(*) FROM features").fetchall() == [(450,)]
+        with pytest.raises(sqlite3.OperationalError, match="run the command again"):
+            list(rows)
+    finally:
         look.close()
 
 

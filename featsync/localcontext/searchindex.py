@@ -343,9 +343,10 @@ class Searcher:
             finally:
                 reader.db.close()
             with self._lock:
+                version = self.reader.data_version()  # before: a change after it is seen
                 self._catch_up(fresh)
                 self._index = fresh
-                self._seen_version = self.reader.data_version()
+                self._seen_version = version
                 self.rebuilds += 1
                 self._must_save = True
                 if self.saves:
