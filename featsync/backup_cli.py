@@ -183,7 +183,8 @@ def _write(
 
 def listing(settings: Settings, image_ids: list[str], as_json: bool) -> int:
     """Per image ID, streamed (a store of a million IDs prints in flat memory); the
-    totals: of the IDs named, or of the whole store."""
+    totals: of the IDs named, or of the whole store. The records' totals are summed
+    from the rows listed, so they agree with them even when a sync writes meanwhile."""
     store = BackupStore(settings.backup.path, read_only=True)
     try:
         n = size = ids = 0
@@ -202,10 +203,9 @@ def listing(settings: Settings, image_ids: list[str], as_json: bool) -> int:
         whole = store.totals()
     finally:
         store.close()
-    if image_ids:
-        totals: dict[str, Any] = {"backups": n, "backup_bytes": size, "image_ids": ids}
-    else:
-        totals = whole
+    totals: dict[str, Any] = {"backups": n, "backup_bytes": size, "image_ids": ids}
+    if not image_ids:
+        totals |= {k: whole[k] for k in ("image_copies", "image_bytes")}
     if as_json:
         sys.stdout.write("\n], " + json.dumps({"totals": totals})[1:] + "\n")
         return EXIT_OK
@@ -214,8 +214,8 @@ def listing(settings: Settings, image_ids: list[str], as_json: bool) -> int:
         print(f"{n} backup(s) of {ids} of the {named} image ID(s) named, {_size(size)}")
     else:
         print(
-            f"{whole['backups']} backup(s) of {whole['image_ids']} image IDs, "
-            f"{_size(whole['backup_bytes'])}; {whole['image_copies']} image copies, "
+            f"{n} backup(s) of {ids} image IDs, {_size(size)}; "
+            f"{whole['image_copies']} image copies, "
             f"{_size(whole['image_bytes'])}; in {settings.backup.path}"
         )
     return EXIT_OK

@@ -109,8 +109,14 @@ class BackupStore:
         self._look: LookDb | None = None  # a look at a store on disk: its reads
         try:
             if read_only and os.path.exists(self.db_path):
-                self._look = LookDb(self.db_path, 10000)  # never torn by a sync's writes
-                return
+                look = LookDb(self.db_path, 10000)  # never torn by a sync's writes
+                tables = "SELECT name FROM sqlite_master WHERE type = 'table'"
+                made = {r[0] for r in look.execute(tables)}
+                versioned = "meta" in made and look.execute("SELECT 1 FROM meta").fetchall()
+                if versioned or {"backups", "kept_images", "meta"} <= made:
+                    self._look = look  # (a damaged store's reads say what is wrong)
+                    return
+                look.close()  # one a first backup is making (tables, then version): empty
             if read_only:  # no store yet: an empty one
                 self._db = sqlite3.connect(":memory:", check_same_thread=False)
                 self._create()

@@ -56,12 +56,14 @@ def read_only(url: str, where: str) -> Engine | None:
     missing = folder_missing(f"ledger {where}", db, "[ledger] url")
     if missing is not None:
         raise missing
+    # Whether the file exists is asked once: a first sync may make it at any moment.
+    exists = os.path.exists(db)
     try:
-        copy = private_copy(db, BUSY_TIMEOUT_MS) if os.path.exists(db) else None
+        copy = private_copy(db, BUSY_TIMEOUT_MS) if exists else None
     except sqlite3.Error as exc:
         raise Fatal(f"cannot open ledger {where}: {exc}") from exc
     try:
-        if copy is None and os.path.exists(db):  # too big to copy: read in place
+        if copy is None and exists:  # too big to copy: read in place
             uri = read_only_uri(db)
             engine = sa.create_engine(
                 "sqlite://",
@@ -74,12 +76,16 @@ def read_only(url: str, where: str) -> Engine | None:
                 "sqlite://", poolclass=sa.pool.StaticPool, creator=lambda: mem
             )
         with engine.begin() as conn:
-            if copy is not None or not os.path.exists(db):
+            # No file, or one a first sync is making (none but featsync's tables, made
+            # one by one, and no schema version yet): an empty ledger.
+            made = set(sa.inspect(conn).get_table_names()) if copy is not None else set()
+            fresh = not exists or (copy is not None and made <= set(metadata.tables))
+            if copy is not None or not exists:
                 metadata.create_all(conn)  # in memory only: an empty or a copied one
             found = conn.execute(
                 sa.select(meta.c.value).where(meta.c.key == "schema_version")
             ).scalar()
-            if found is None and copy is None and not os.path.exists(db):
+            if found is None and fresh:
                 conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
                 found = str(SCHEMA_VERSION)
             version = schema_number(found)

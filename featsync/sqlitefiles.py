@@ -27,8 +27,15 @@ BUSY_WAIT_S = 120.0  # a call that still finds the database locked is tried agai
 
 def read_only_uri(path: str) -> str:
     """An SQLite URI (for ``sqlite3.connect(..., uri=True)``) that only reads `path`."""
-    mode = "mode=ro" if os.path.exists(path + "-wal") else "immutable=1"
+    # mode=ro with immutable too: an immutable open of a path removed meanwhile would
+    # otherwise create an empty database there.
+    mode = "mode=ro" if os.path.exists(path + "-wal") else "mode=ro&immutable=1"
     return f"file:{urllib.parse.quote(os.path.abspath(path))}?{mode}"
+
+
+def locked(uri: str) -> bool:
+    """Whether a read_only_uri reads through SQLite's locks (not immutable)."""
+    return "immutable=1" not in uri
 
 
 # A look copies a ledger up to this size into memory (below); a bigger one is read in
@@ -68,7 +75,7 @@ def private_copy(path: str, busy_ms: int, attempts: int = 5) -> sqlite3.Connecti
         if before is None or before[3] + max(before[4], 0) > PRIVATE_COPY_MAX:
             return None
         uri = read_only_uri(path)  # the mode is decided once: what the check below trusts
-        locked = "mode=ro" in uri
+        through_locks = locked(uri)
         copy = sqlite3.connect(":memory:", check_same_thread=False)
         try:
             source = sqlite3.connect(uri, uri=True, check_same_thread=False)
@@ -83,7 +90,7 @@ def private_copy(path: str, busy_ms: int, attempts: int = 5) -> sqlite3.Connecti
                 raise
             time.sleep(0.05 * (attempt + 1))
             continue
-        if locked or _file_state(path) == before:
+        if through_locks or _file_state(path) == before:
             return copy
         copy.close()  # written to while copied: again
     raise sqlite3.OperationalError(f"{path} kept changing while it was read")
@@ -149,7 +156,8 @@ class LookDb:
     SQLite's own locks then keep every statement consistent) and reads again. A stream
     (rows a batch at a time, memory flat) has a connection of its own and is read
     again only until its first batch is given out; a change after that raises an error
-    that says so. A removed file is read on as it was (the connection holds it open).
+    that says so. A file removed or replaced (another inode at the path) is read on as
+    it was, the connection holding it open; a stream begun after that says so.
 
     `data_version()` is SQLite's ``PRAGMA data_version``, moved on by every reopening
     too (a new connection counts from its own start)."""
@@ -158,20 +166,29 @@ class LookDb:
         self.path = path
         self._busy_ms = int(busy_ms)
         self._opens = 1
+        self._inode: int | bool | None = None  # the file the look reads, by its inode
         self._main: _Opened | None = self._connect()
+        self._inode = None if self._main.state is None else self._main.state[0]
 
     def _connect(self) -> _Opened:
         state = _look_state(self.path)
+        if self._inode is not None and (state is None or state[0] != self._inode):
+            gone = "removed" if state is None else "replaced by another file"
+            raise sqlite3.OperationalError(
+                f"{self.path} was {gone} while it was read: run the command again"
+            )
         uri = read_only_uri(self.path)  # the mode is decided once: what the checks trust
         conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
         conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
-        return _Opened(conn, state, "mode=ro" in uri)
+        return _Opened(conn, state, locked(uri))
 
     def _steady(self, opened: _Opened) -> bool:
         if opened.locked:
             return True
         now = _look_state(self.path)
-        return now is None or now == opened.state
+        if now is None or opened.state is None or now[0] != opened.state[0]:
+            return True  # removed or replaced: the connection reads the file it holds
+        return now == opened.state
 
     def execute(self, sql: str, parameters: Sequence[Any] = ()) -> Rows:
         for _ in range(LOOK_ATTEMPTS):

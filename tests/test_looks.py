@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 
 from featsync.backups import BackupStore
 from featsync.errors import Fatal, NotFound
@@ -172,22 +173,81 @@ def test_a_stream_outlives_a_reopening_of_the_look(store: str) -> None:
 
 
 def test_a_look_whose_store_is_removed_or_replaced_reads_on(store: str, tmp_path: Path) -> None:
-    """Removed: the look reads on from the file it holds open (one state, whole).
-    Replaced by another store: the look reads the new one, from its start."""
+    """Removed, or replaced by another store: the look reads on from the file it holds
+    open (one store, one state, whole), never half of one store and half of another;
+    a stream begun after that says what happened; nothing is created at the path."""
     look = LocalContext(store, read_only=True)
     try:
         assert len(look.image_ids()) == 300
         os.rename(store, store + ".gone")
         assert len(look.image_ids()) == 300
         assert look.get_features("old0299").features_count == 400
+        assert not os.path.exists(store)
         other = str(tmp_path / "other.search")
         ctx = LocalContext(other)
         ctx.load_descriptors(list(NEW.items())[:5])
         ctx.close()
         os.replace(other, store)
-        assert look.image_ids() == sorted(NEW)[:5]
+        assert len(look.image_ids()) == 300
+        found = look.find_similar(image_id="old0001", threshold=50, max_count=3)
+        assert [r.image_id for r in found][:1] == ["old0001"]
     finally:
         look.close()
+    look2 = LookDb(store, 10000)
+    try:
+        os.replace(store + ".gone", store)  # replaced again, under this look
+        with pytest.raises(sqlite3.OperationalError, match="replaced by another file"):
+            list(look2.stream("SELECT image_id FROM features", (), 50))
+        os.rename(store, store + ".gone")
+        with pytest.raises(sqlite3.OperationalError, match="removed while it was read"):
+            list(look2.stream("SELECT image_id FROM features", (), 50))
+        assert not os.path.exists(store)  # an immutable open never makes the file
+    finally:
+        look2.close()
+
+
+def test_looks_beside_a_first_sync_that_is_making_its_files_see_empty_ones(
+    tmp_path: Path,
+) -> None:
+    """A first sync makes each file, then its tables one by one: a look in between
+    reads an empty ledger, store and backups, not "no such table" or "no featsync
+    ledger"."""
+    from featsync.ledger import SqlLedger
+    from featsync.schema import metadata
+
+    half = tmp_path / "ledger.db"
+    engine = sa.create_engine(f"sqlite:///{half}")
+    metadata.create_all(engine)  # the tables, and no schema version yet
+    engine.dispose()
+    Path(tmp_path / "empty.db").write_bytes(b"")
+    for made in (half, tmp_path / "empty.db"):
+        ledger = SqlLedger(f"sqlite:///{made}", read_only=True)
+        try:
+            assert ledger.load() == {}
+        finally:
+            ledger.close()
+    store = tmp_path / "ctx.search"
+    db = sqlite3.connect(store)
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.close()
+    look = LocalContext(str(store), read_only=True)
+    try:
+        assert look.image_ids() == [] and "(none yet)" in look.identity()
+    finally:
+        look.close()
+    (tmp_path / "backups").mkdir()
+    Path(tmp_path / "backups" / "features.db").write_bytes(b"")
+    backups = BackupStore(str(tmp_path / "backups"), read_only=True)
+    try:
+        assert backups.totals()["backups"] == 0 and list(backups.per_image()) == []
+    finally:
+        backups.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "backups",
+        "ctx.search",
+        "empty.db",
+        "ledger.db",
+    ]
 
 
 def held(image_id: str, n: int) -> ImageFeatures:

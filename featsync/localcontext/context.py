@@ -115,15 +115,21 @@ class LocalContext:
         """Look only (a dry run): create nothing; a missing store is an empty one that
         no ledger can have mirrored yet."""
         self._store_id = "(none yet)"
+        row = None
         try:
-            if not os.path.exists(path):
+            look = LookDb(path, 10000) if os.path.exists(path) else None  # never torn
+            tables = "SELECT name FROM sqlite_master WHERE type = 'table'"
+            made = set() if look is None else {r[0] for r in look.execute(tables)}
+            if look is not None and "meta" in made:
+                row = look.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+            if look is not None and (row is not None or {"features", "meta", "tags"} <= made):
+                self._db = look  # a store (a damaged one's reads say what is wrong)
+            else:  # none, or one a first sync is making (its tables, then its ID)
+                if look is not None:
+                    look.close()
                 memory = sqlite3.connect(":memory:", check_same_thread=False)
                 memory.executescript(SCHEMA)
                 self._db = memory
-                row = None
-            else:
-                self._db = LookDb(path, 10000)  # never reads a store torn by a sync
-                row = self._db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
         except (sqlite3.Error, OSError) as exc:
             raise Fatal(f"cannot open search context store {path!r}: {exc}") from exc
         if row is not None:
