@@ -84,10 +84,9 @@ def test_a_look_at_the_store_reads_what_a_sync_wrote_after_it_began(store: str) 
     assert sorted(os.listdir(os.path.dirname(store))) == ["ctx.search", "ctx.search.index"]
 
 
-def test_a_statement_torn_by_a_checkpoint_in_its_middle_is_read_again(store: str) -> None:
-    look = LookDb(store, 10000)
-    writer = sqlite3.connect(store, isolation_level=None)
-    fired: list[bool] = []
+def writes_once(writer: sqlite3.Connection, fired: list[bool]) -> Callable[[], int]:
+    """A progress handler that, the first time SQLite calls it in a look's statement,
+    makes a sync's change to the file: 200 of 300 images deleted, checkpointed."""
 
     def write_in_the_middle() -> int:
         if not fired:
@@ -95,6 +94,15 @@ def test_a_statement_torn_by_a_checkpoint_in_its_middle_is_read_again(store: str
             writer.execute("DELETE FROM features WHERE image_id >= 'old0100'")
             checkpoint(writer)
         return 0
+
+    return write_in_the_middle
+
+
+def test_a_statement_torn_by_a_checkpoint_in_its_middle_is_read_again(store: str) -> None:
+    look = LookDb(store, 10000)
+    writer = sqlite3.connect(store, isolation_level=None)
+    fired: list[bool] = []
+    write_in_the_middle = writes_once(writer, fired)
 
     try:
         assert look._main is not None
@@ -138,13 +146,7 @@ class HookedLook(LookDb):
 def test_a_stream_torn_before_its_first_rows_are_given_is_read_again(store: str) -> None:
     writer = sqlite3.connect(store, isolation_level=None)
     fired: list[bool] = []
-
-    def write_in_the_middle() -> int:
-        if not fired:
-            fired.append(True)
-            writer.execute("DELETE FROM features WHERE image_id >= 'old0100'")
-            checkpoint(writer)
-        return 0
+    write_in_the_middle = writes_once(writer, fired)
 
     look = HookedLook(store, 10000)
     look.hook = write_in_the_middle
