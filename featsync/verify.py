@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 PAGE = 1000  # ledger rows read at a time by `verify --all`
 SETTLED = ("sent", "deleted")  # repair outcomes that leave no drift behind
 NOT_SENT = "not sent"  # marked, and no cycle of this run sent it (stopped, or not planned)
+# With another process syncing, what looks like drift is looked at again this long
+# after it was found: an update that process sent is in the context before its answer
+# is in the ledger, and for that instant the two differ.
+CONFIRM_PAUSE_S = 5.0
 
 
 def run(
@@ -82,6 +86,20 @@ def run(
         left = [o for o in mended["outcomes"].values() if o not in settled]
         return EXIT_NOT_IN_STEP if left or mended["stopped"] else EXIT_OK
     return EXIT_NOT_IN_STEP if found.drifts else EXIT_OK
+
+
+def _let_the_syncer_record(url: str, halt: Callable[[], bool], log: Any, drifts: int) -> None:
+    """When a process syncs (a daemon), wait CONFIRM_PAUSE_S before the drift found is
+    confirmed: an update it sent may be held by the context and not yet recorded."""
+    from featsync.lock import SyncLock
+
+    who = SyncLock(url).who()
+    if who is None:
+        return
+    log.info("verify_confirm_wait", drifts=drifts, seconds=CONFIRM_PAUSE_S, syncing_pid=who.pid)
+    deadline = time.monotonic() + CONFIRM_PAUSE_S
+    while time.monotonic() < deadline and not halt():
+        time.sleep(0.05)
 
 
 def _check(
@@ -136,6 +154,8 @@ def _check(
             # A look reads a private copy of the ledger, as it was when it opened; what
             # looks like drift is confirmed against the ledger as it is now (a daemon
             # may have synced meanwhile), through a new look.
+            if check.found.drifts and not check.found.stopped:
+                _let_the_syncer_record(url, halt, log, len(check.found.drifts))
             now = SqlLedger(url, read_only=True)
             try:
                 found = check.confirm(now.believed_of)
