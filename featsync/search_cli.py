@@ -139,9 +139,18 @@ def _ask(
                 groups = duplicates(context, args.threshold)
         finally:
             context.close()
-        paths = paths_of(ledger, (r.image_id for g in groups for r in g))
+        ids = {r.image_id for g in groups for r in g}
+        paths = paths_of(ledger, ids)
     finally:
         ledger.close()
+    if unknown := ids - paths.keys():
+        # A sync may have added them since the look at the ledger was taken (it records
+        # an add before it sends it): asked again of the ledger as it is now.
+        now = SqlLedger(settings.ledger.url, read_only=True)
+        try:
+            paths |= paths_of(now, unknown)
+        finally:
+            now.close()
     return [[_entry(r, paths) for r in g] for g in groups]
 
 

@@ -6,6 +6,7 @@ exit codes, bad input, a reader going away and Ctrl-C."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -319,6 +320,39 @@ def test_ctrl_c_exits_130_quietly(ws: Workspace, tmp_path: Path) -> None:
         assert len(finds) == 1  # the call in flight was let finish
     finally:
         srv.stop()
+
+
+def test_an_image_a_sync_adds_while_the_search_runs_is_shown_with_its_path(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The ledger is looked at before the search; a sync that adds an image meanwhile
+    records it there before it sends it: the answer names it with its path, never "not
+    in the ledger" (7 of 20 rounds in a drill beside a reconcile)."""
+    from featsync import search_cli
+
+    ws.write_config(sync={"folder": "images"})
+    _put(ws.images / "first.jpg", textured_bytes(950))
+    assert featsync("reconcile", cwd=ws.base).returncode == 0
+    query = _put(ws.base / "query.jpg", textured_bytes(950))
+    real = search_cli.search
+
+    def a_sync_runs_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        _put(ws.images / "new.jpg", textured_bytes(950))
+        r = featsync("reconcile", cwd=ws.base)  # a real one, beside the search's looks
+        assert r.returncode == 0, r.stderr[-2000:]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search_cli, "search", a_sync_runs_meanwhile)
+    args = search_cli_args(file=str(query))
+    assert search_cli.run(ws.settings(), args) == 0
+    got = {r["imageId"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    assert set(got) == {"first.jpg", "new.jpg"}
+    assert got["new.jpg"]["path"] == "new.jpg" and got["new.jpg"]["inLedger"] is True
+
+
+def search_cli_args(**given: Any) -> argparse.Namespace:
+    args = {"command": "search", "file": None, "image_id": None, "threshold": 60.0}
+    return argparse.Namespace(**(args | {"max": 10, "json": True} | given))
 
 
 def test_a_context_that_fails_inside_is_exit_2_never_nothing_found(ws: Workspace) -> None:
