@@ -29,7 +29,7 @@ import os
 import sqlite3
 import threading
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -318,13 +318,10 @@ class BackupStore:
     def cursor(
         self, sql: str, params: Sequence[Any] = (), size: int = 500
     ) -> Iterator[tuple[Any, ...]]:
-        """The rows of one query, fetched `size` at a time (a look, or the prune: not
-        while workers write)."""
+        """The rows of one query, fetched `size` at a time (the prune: not while
+        workers write; a look reads them whole)."""
         if self._look is not None:
-            try:
-                yield from self._look.stream(sql, params, size)
-            except sqlite3.Error as exc:
-                raise Fatal(f"backups {self.db_path!r}: {exc}") from exc
+            yield from self.read(sql, params)
             return
         cur = self._db.execute(sql, params)
         try:
@@ -337,8 +334,9 @@ class BackupStore:
         self, since: float | None = None, image_ids: Sequence[str] = ()
     ) -> Iterator[tuple[Backup, ImageFeatures]]:
         """Every kept version (of `image_ids`, taken at or after `since`), by image ID
-        and version, one at a time: memory stays flat however many there are. A look,
-        not for a store that workers write to at the same time."""
+        and version, one at a time: memory stays flat however many there are. Read a
+        page at a time (see _pages): beside a sync, every record kept throughout comes
+        once and whole."""
         if not image_ids:
             yield from self._stream(since, None)
             return
@@ -354,11 +352,13 @@ class BackupStore:
         if ids is not None:
             where.append(f"image_id IN ({_marks(ids)})")
             params.extend(ids)
-        rows = self.cursor(
-            f"SELECT {_COLUMNS}, feature_length_in_bits, data FROM backups "  # noqa: S608
-            f"WHERE {' AND '.join(where)} ORDER BY image_id, taken_at, id",
+        rows = self._pages(
+            f"SELECT {_COLUMNS}, feature_length_in_bits, data FROM backups",  # noqa: S608
+            where,
             params,
-            size=100,
+            order=("image_id", "taken_at", "id"),
+            key=lambda r: (r[1], r[5], r[0]),
+            size=100,  # features: some 20 KB a record
         )
         for *head, bits, data in rows:
             b = _backup(head)
@@ -367,15 +367,19 @@ class BackupStore:
 
     def per_image(self, image_ids: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
         """Per image ID (all, or those given): the versions kept, the newest backup's
-        time, the bytes; streamed, by image ID."""
+        time, the bytes; streamed, by image ID, a page at a time (see _pages)."""
         ids = sorted(set(image_ids))
         groups: list[list[str] | None] = [ids[i : i + 500] for i in range(0, len(ids), 500)]
         for chunk in groups or [None]:
-            where = "" if chunk is None else f"WHERE image_id IN ({_marks(chunk)})"
-            rows = self.cursor(
-                "SELECT image_id, GROUP_CONCAT(version), MAX(taken_at), SUM(size), COUNT(*) "  # noqa: S608
-                f"FROM backups {where} GROUP BY image_id ORDER BY image_id",
+            rows = self._pages(
+                "SELECT image_id, GROUP_CONCAT(version), MAX(taken_at), SUM(size), COUNT(*) "
+                "FROM backups",
+                [] if chunk is None else [f"image_id IN ({_marks(chunk)})"],
                 chunk or [],
+                order=("image_id",),
+                key=lambda r: (r[0],),
+                size=500,
+                group=" GROUP BY image_id",
             )
             for r in rows:
                 yield {
@@ -385,6 +389,34 @@ class BackupStore:
                     "newest_at": r[2],
                     "size": r[3],
                 }
+
+    def _pages(
+        self,
+        select: str,
+        where: list[str],
+        params: Sequence[Any],
+        order: tuple[str, ...],
+        key: Callable[[Any], tuple[Any, ...]],
+        size: int,
+        group: str = "",
+    ) -> Iterator[Any]:
+        """The rows of `select` (`where`, `group`) in `order`, `size` at a time: each
+        page one read, of the rows after the last one's `key` (the columns of `order`,
+        an index's). Each page is of one state (a look reads it again if a sync wrote
+        under it); between pages a sync may write, and a row that was there throughout
+        still comes once, whole. Memory stays flat however many rows there are."""
+        after: tuple[Any, ...] = ()
+        while True:
+            clauses, args = list(where), list(params)
+            if after:
+                clauses.append(f"({', '.join(order)}) > ({_marks(after)})")
+                args.extend(after)
+            sql = select + (f" WHERE {' AND '.join(clauses)}" if clauses else "")
+            rows = self.read(f"{sql}{group} ORDER BY {', '.join(order)} LIMIT {int(size)}", args)
+            yield from rows
+            if len(rows) < size:
+                return
+            after = tuple(key(rows[-1]))
 
     def totals(self) -> dict[str, int]:
         """The whole store: records and bytes, image copies and bytes."""

@@ -153,11 +153,10 @@ class LookDb:
     while the look is immutable, each statement's rows are read whole and kept only if
     the file, and the absence of a ``-wal``, are as they were when the connection was
     opened; else the look opens the file again (``mode=ro`` once a ``-wal`` is there:
-    SQLite's own locks then keep every statement consistent) and reads again. A stream
-    (rows a batch at a time, memory flat) has a connection of its own and is read
-    again only until its first batch is given out; a change after that raises an error
-    that says so. A file removed or replaced (another inode at the path) is read on as
-    it was, the connection holding it open; a stream begun after that says so.
+    SQLite's own locks then keep every statement consistent) and reads again. Many
+    rows are read a page at a time, each page a statement (BackupStore._pages). A file
+    removed or replaced (another inode at the path) is read on as it was opened, the
+    connection holding it open.
 
     `data_version()` is SQLite's ``PRAGMA data_version``, moved on by every reopening
     too (a new connection counts from its own start)."""
@@ -206,31 +205,6 @@ class LookDb:
             fresh = self._connect()  # written since it was opened: fresh pages
             self._main, self._opens = fresh, self._opens + 1
             main.conn.close()
-        raise sqlite3.OperationalError(f"{self.path} kept changing while it was read")
-
-    def stream(self, sql: str, parameters: Sequence[Any], size: int) -> Iterator[Any]:
-        for _ in range(LOOK_ATTEMPTS):
-            opened, given = self._connect(), False
-            try:
-                cur = opened.conn.execute(sql, parameters)
-                while batch := cur.fetchmany(size):
-                    if not self._steady(opened):
-                        break
-                    given = True
-                    yield from batch
-                else:
-                    if self._steady(opened):
-                        return
-            except sqlite3.DatabaseError:
-                if self._steady(opened):
-                    raise
-            finally:
-                opened.conn.close()
-            if given:
-                raise sqlite3.OperationalError(
-                    f"{self.path} was written while it was read (a sync began): "
-                    "run the command again"
-                )
         raise sqlite3.OperationalError(f"{self.path} kept changing while it was read")
 
     def data_version(self) -> int:

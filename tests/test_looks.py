@@ -14,7 +14,6 @@ import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -132,48 +131,6 @@ def test_a_look_sees_what_a_sync_committed_before_any_checkpoint(store: str) -> 
         look.close()
 
 
-class HookedLook(LookDb):
-    """A look whose streams' connections run `hook` every 200 SQLite steps."""
-
-    hook: Callable[[], int] = staticmethod(lambda: 0)
-
-    def _connect(self) -> Any:
-        opened = super()._connect()
-        opened.conn.set_progress_handler(self.hook, 200)
-        return opened
-
-
-def test_a_stream_torn_before_its_first_rows_are_given_is_read_again(store: str) -> None:
-    writer = sqlite3.connect(store, isolation_level=None)
-    fired: list[bool] = []
-    write_in_the_middle = writes_once(writer, fired)
-
-    look = HookedLook(store, 10000)
-    look.hook = write_in_the_middle
-    try:
-        sql = "SELECT image_id FROM features ORDER BY descriptors"  # a sort: reads all first
-        got = [r[0] for r in look.stream(sql, (), 50)]
-        assert fired and sorted(got) == sorted(DESCRIPTORS)[:100]
-    finally:
-        writer.close()
-        look.close()
-
-
-def test_a_stream_outlives_a_reopening_of_the_look(store: str) -> None:
-    """A read that reopens the look's connection leaves a stream's own alone: the
-    stream says what happened under it, not "closed database"."""
-    look = LookDb(store, 10000)
-    try:
-        rows = look.stream("SELECT image_id FROM features ORDER BY image_id", (), 50)
-        assert next(rows)[0] == "old0000"
-        sync_writes(store)
-        assert look.execute("SELECT COUNT(*) FROM features").fetchall() == [(450,)]
-        with pytest.raises(sqlite3.OperationalError, match="run the command again"):
-            list(rows)
-    finally:
-        look.close()
-
-
 def test_a_look_whose_store_is_removed_or_replaced_reads_on(store: str, tmp_path: Path) -> None:
     """Removed, or replaced by another store: the look reads on from the file it holds
     open (one store, one state, whole), never half of one store and half of another;
@@ -195,14 +152,12 @@ def test_a_look_whose_store_is_removed_or_replaced_reads_on(store: str, tmp_path
         assert [r.image_id for r in found][:1] == ["old0001"]
     finally:
         look.close()
-    look2 = LookDb(store, 10000)
+    look2 = LookDb(store, 10000)  # the other store, now at the path
     try:
         os.replace(store + ".gone", store)  # replaced again, under this look
-        with pytest.raises(sqlite3.OperationalError, match="replaced by another file"):
-            list(look2.stream("SELECT image_id FROM features", (), 50))
+        assert look2.execute("SELECT COUNT(*) FROM features").fetchall() == [(5,)]
         os.rename(store, store + ".gone")
-        with pytest.raises(sqlite3.OperationalError, match="removed while it was read"):
-            list(look2.stream("SELECT image_id FROM features", (), 50))
+        assert look2.execute("SELECT COUNT(*) FROM features").fetchall() == [(5,)]
         assert not os.path.exists(store)  # an immutable open never makes the file
     finally:
         look2.close()
@@ -287,7 +242,12 @@ def test_a_look_at_the_backups_reads_what_a_sync_kept_after_it_began(tmp_path: P
         look.close()
 
 
-def test_an_export_that_a_sync_writes_under_stops_and_says_so(tmp_path: Path) -> None:
+def test_an_export_and_a_listing_that_a_sync_writes_under_give_each_record_once_whole(
+    tmp_path: Path,
+) -> None:
+    """Read a page at a time: a sync that keeps 300 more records between two pages
+    (and checkpoints them into the file) neither tears a page nor repeats a record;
+    every record kept throughout comes once."""
     folder = str(tmp_path / "backups")
     fill_backups(folder, "old", 300)
     look = BackupStore(folder, read_only=True)
@@ -295,14 +255,12 @@ def test_an_export_that_a_sync_writes_under_stops_and_says_so(tmp_path: Path) ->
         rows = look.stream()
         first, _ = next(rows)
         assert first.image_id == "old0000"
-        fill_backups(folder, "new", 300)  # the batch read ahead is not what is now there
-        with pytest.raises(Fatal, match=r"written while it was read .*run the command again"):
-            for _ in rows:
-                pass
+        fill_backups(folder, "new", 300)  # under the export, between its pages
+        rest = list(rows)
+        assert all(len(f.features) == 300 * 61 == f.features_count * 61 for _, f in rest)
+        ids = [first.image_id] + [b.image_id for b, _ in rest]
+        assert len(ids) == len(set(ids)) and set(ids) >= {f"old{i:04d}" for i in range(300)}
+        listed = [p["image_id"] for p in look.per_image()]
+        assert len(listed) == 600 == len(set(listed))
     finally:
         look.close()
-    again = BackupStore(folder, read_only=True)
-    try:
-        assert sum(1 for _ in again.stream()) == 600  # run again: whole
-    finally:
-        again.close()
