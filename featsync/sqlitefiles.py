@@ -11,6 +11,7 @@ writer may be at work, and ``mode=ro`` reads through its WAL.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -122,24 +123,32 @@ class Rows:
         return iter(self.fetchall())
 
 
-def _look_state(path: str) -> tuple[int | bool, ...] | None:
-    """What changes when a writer changes the file: its stat, and whether a ``-wal``
-    is beside it (None: the path is gone)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    wal = os.access(path + "-wal", os.F_OK)
-    return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size, wal
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    """What changes when SQLite writes a file (not the ctime: a rename moves it too)."""
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 @dataclasses.dataclass
 class _Opened:
-    """One connection of a look, and the file as it was when it was opened."""
+    """One connection of a look; the file it reads (a descriptor of our own: the same
+    file as SQLite's, whatever becomes of the path) and its stamp when it was opened,
+    and whether a ``-wal`` was beside it then. Locked (mode=ro): SQLite's locks keep
+    each statement consistent, and no descriptor is kept (-1)."""
 
     conn: sqlite3.Connection
-    state: tuple[int | bool, ...] | None
-    locked: bool  # mode=ro: SQLite's locks keep each statement consistent
+    fd: int
+    stamp: tuple[int, int, int]
+    wal: bool
+
+    @property
+    def locked(self) -> bool:
+        return self.fd < 0
+
+    def close(self) -> None:
+        self.conn.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class LookDb:
@@ -151,12 +160,12 @@ class LookDb:
     cron reconcile) and checkpoints into it leaves the look reading a torn B-tree:
     "database disk image is malformed", or rows that were never there together. So
     while the look is immutable, each statement's rows are read whole and kept only if
-    the file, and the absence of a ``-wal``, are as they were when the connection was
-    opened; else the look opens the file again (``mode=ro`` once a ``-wal`` is there:
-    SQLite's own locks then keep every statement consistent) and reads again. Many
-    rows are read a page at a time, each page a statement (BackupStore._pages). A file
-    removed or replaced (another inode at the path) is read on as it was opened, the
-    connection holding it open.
+    the file it holds (its stat, through a descriptor of the look's own) and the
+    absence of a ``-wal`` are as they were when it was opened; else the look opens the
+    file again (``mode=ro`` once a ``-wal`` is there: SQLite's own locks then keep
+    every statement consistent) and reads again. Many rows are read a page at a time,
+    each page a statement (BackupStore._pages). A file removed or replaced at its path
+    is read on as it was opened, unless it was written to: then the look says so.
 
     `data_version()` is SQLite's ``PRAGMA data_version``, moved on by every reopening
     too (a new connection counts from its own start)."""
@@ -165,29 +174,47 @@ class LookDb:
         self.path = path
         self._busy_ms = int(busy_ms)
         self._opens = 1
-        self._inode: int | bool | None = None  # the file the look reads, by its inode
+        self._inode: int | None = None  # the file the look reads
         self._main: _Opened | None = self._connect()
-        self._inode = None if self._main.state is None else self._main.state[0]
 
     def _connect(self) -> _Opened:
-        state = _look_state(self.path)
-        if self._inode is not None and (state is None or state[0] != self._inode):
-            gone = "removed" if state is None else "replaced by another file"
-            raise sqlite3.OperationalError(
-                f"{self.path} was {gone} while it was read: run the command again"
-            )
-        uri = read_only_uri(self.path)  # the mode is decided once: what the checks trust
-        conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
-        conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
-        return _Opened(conn, state, locked(uri))
+        for _ in range(LOOK_ATTEMPTS):
+            uri = read_only_uri(self.path)  # the mode is decided once: what the checks trust
+            fd = -1
+            if not locked(uri):
+                try:
+                    fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+                except FileNotFoundError:
+                    raise self._gone("removed") from None
+            try:
+                st = os.fstat(fd) if fd >= 0 else os.stat(self.path)
+                if self._inode is not None and st.st_ino != self._inode:
+                    raise self._gone("replaced by another file")
+                conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+            except BaseException:
+                if fd >= 0:
+                    os.close(fd)
+                raise
+            opened = _Opened(conn, fd, _stamp(st), os.access(self.path + "-wal", os.F_OK))
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+            with contextlib.suppress(OSError):
+                if os.stat(self.path).st_ino == st.st_ino:  # SQLite opened this file too
+                    self._inode = st.st_ino
+                    return opened
+            opened.close()  # the path changed between the two opens: again
+        raise sqlite3.OperationalError(f"{self.path} kept changing while it was opened")
+
+    def _gone(self, how: str) -> sqlite3.OperationalError:
+        return sqlite3.OperationalError(
+            f"{self.path} was {how} while it was read: run the command again"
+        )
 
     def _steady(self, opened: _Opened) -> bool:
         if opened.locked:
             return True
-        now = _look_state(self.path)
-        if now is None or opened.state is None or now[0] != opened.state[0]:
-            return True  # removed or replaced: the connection reads the file it holds
-        return now == opened.state
+        if _stamp(os.fstat(opened.fd)) != opened.stamp:
+            return False  # the file it reads was written
+        return os.access(self.path + "-wal", os.F_OK) == opened.wal
 
     def execute(self, sql: str, parameters: Sequence[Any] = ()) -> Rows:
         for _ in range(LOOK_ATTEMPTS):
@@ -204,7 +231,7 @@ class LookDb:
                     return Rows(rows)
             fresh = self._connect()  # written since it was opened: fresh pages
             self._main, self._opens = fresh, self._opens + 1
-            main.conn.close()
+            main.close()
         raise sqlite3.OperationalError(f"{self.path} kept changing while it was read")
 
     def data_version(self) -> int:
@@ -213,7 +240,7 @@ class LookDb:
 
     def close(self) -> None:
         if self._main is not None:
-            self._main.conn.close()
+            self._main.close()
             self._main = None
 
 

@@ -134,7 +134,7 @@ def test_a_look_sees_what_a_sync_committed_before_any_checkpoint(store: str) -> 
 def test_a_look_whose_store_is_removed_or_replaced_reads_on(store: str, tmp_path: Path) -> None:
     """Removed, or replaced by another store: the look reads on from the file it holds
     open (one store, one state, whole), never half of one store and half of another;
-    a stream begun after that says what happened; nothing is created at the path."""
+    nothing is created at the path."""
     look = LocalContext(store, read_only=True)
     try:
         assert len(look.image_ids()) == 300
@@ -161,6 +161,26 @@ def test_a_look_whose_store_is_removed_or_replaced_reads_on(store: str, tmp_path
         assert not os.path.exists(store)  # an immutable open never makes the file
     finally:
         look2.close()
+
+
+def test_a_store_written_and_then_replaced_under_a_look_is_said_not_read(
+    store: str, tmp_path: Path
+) -> None:
+    """The file the look holds was written (its pages are no longer what the look
+    cached) and the path is another file now: neither can be read as one state."""
+    look = LookDb(store, 10000)
+    try:
+        assert look.execute("SELECT COUNT(*) FROM features").fetchall() == [(300,)]
+        sync_writes(store)  # written, checkpointed
+        other = str(tmp_path / "other.search")
+        ctx = LocalContext(other)
+        ctx.load_descriptors(list(NEW.items())[:5])
+        ctx.close()
+        os.replace(other, store)
+        with pytest.raises(sqlite3.OperationalError, match="replaced by another file while"):
+            look.execute("SELECT COUNT(*) FROM features")
+    finally:
+        look.close()
 
 
 def test_looks_beside_a_first_sync_that_is_making_its_files_see_empty_ones(
