@@ -29,7 +29,7 @@ import os
 import sqlite3
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,8 +110,7 @@ class BackupStore:
         try:
             if read_only and os.path.exists(self.db_path):
                 look = LookDb(self.db_path, 10000)  # never torn by a sync's writes
-                tables = "SELECT name FROM sqlite_master WHERE type = 'table'"
-                made = {r[0] for r in look.execute(tables)}
+                made = look.tables()
                 versioned = "meta" in made and look.execute("SELECT 1 FROM meta").fetchall()
                 if versioned or {"backups", "kept_images", "meta"} <= made:
                     self._look = look  # (a damaged store's reads say what is wrong)
@@ -315,17 +314,15 @@ class BackupStore:
             )
         return {d for d in found if os.path.exists(self.image_path(d))}
 
-    def cursor(
-        self, sql: str, params: Sequence[Any] = (), size: int = 500
-    ) -> Iterator[tuple[Any, ...]]:
-        """The rows of one query, fetched `size` at a time (the prune: not while
-        workers write; a look reads them whole)."""
+    def cursor(self, sql: str, params: Sequence[Any] = ()) -> Iterator[tuple[Any, ...]]:
+        """The rows of one query, fetched a few at a time (the prune: not while workers
+        write; a look reads them whole)."""
         if self._look is not None:
             yield from self.read(sql, params)
             return
         cur = self._db.execute(sql, params)
         try:
-            while batch := cur.fetchmany(size):
+            while batch := cur.fetchmany(500):
                 yield from batch
         finally:
             cur.close()
@@ -438,26 +435,6 @@ class BackupStore:
 def _backup(row: Sequence[Any]) -> Backup:
     b = Backup(*row)
     return b if b.digest else dataclasses.replace(b, digest=None)
-
-
-def match(versions: Sequence[Mapping[str, Any]], records: Sequence[Backup]) -> dict[int, Backup]:
-    """Which kept record is the backup of each sent version in `versions` (the ledger's
-    history rows): the earliest with that version and that version's content hash (any
-    hash, when the history has none), preferring one whose features count is the one
-    the version was recorded with (when known)."""
-    out: dict[int, Backup] = {}
-    for h in versions:
-        if h["action"] not in ("add", "update"):
-            continue
-        same = [
-            r
-            for r in records  # oldest first
-            if r.version == h["version"] and (not h["digest"] or r.digest == h["digest"])
-        ]
-        counted = [r for r in same if r.features_count == h.get("features_count")]
-        if counted or same:
-            out[h["version"]] = (counted or same)[0]
-    return out
 
 
 def _marks(values: Sequence[Any]) -> str:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from featsync import jsonout
 from featsync.backup_worker import Backups
-from featsync.backups import Backup, BackupStore, match
+from featsync.backups import Backup, BackupStore
 from featsync.config import Settings
 from featsync.errors import NotFound
 from featsync.looks import EXIT_NOT_IN_STEP, EXIT_OK, when
@@ -287,3 +288,23 @@ def _rows(f: ImageFeatures) -> list[bytes] | None:
         return None
     w = bits // 8
     return [f.features[i : i + w] for i in range(0, len(f.features), w)]
+
+
+def match(versions: Sequence[Mapping[str, Any]], records: Sequence[Backup]) -> dict[int, Backup]:
+    """Which kept record is the backup of each sent version in `versions` (the ledger's
+    history rows): the earliest with that version and that version's content hash (any
+    hash, when the history has none), preferring one whose features count is the one
+    the version was recorded with (when known)."""
+    out: dict[int, Backup] = {}
+    for h in versions:
+        if h["action"] not in ("add", "update"):
+            continue
+        same = [
+            r
+            for r in records  # oldest first
+            if r.version == h["version"] and (not h["digest"] or r.digest == h["digest"])
+        ]
+        counted = [r for r in same if r.features_count == h.get("features_count")]
+        if counted or same:
+            out[h["version"]] = (counted or same)[0]
+    return out

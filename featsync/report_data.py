@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from featsync.backups import Backup, BackupStore, match
+from featsync.backups import Backup, BackupStore
+from featsync.lifecycle import match
 from featsync.model import Kind, State
 from featsync.schema import cycles, history, images
 

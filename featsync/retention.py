@@ -102,7 +102,7 @@ def _delete(store: BackupStore, ids: list[int]) -> None:
 def _versions(store: BackupStore, keep: int, touched: Sequence[str] | None, out: Pruned) -> None:
     """Of each image (of `touched` only, if given), the records kept are the newest
     `keep` by time and, whatever their age, the first record of each of the `keep`
-    newest labels (version and content hash): the one `backups.match` takes for that
+    newest labels (version and content hash): the one `lifecycle.match` takes for that
     version's backup, which a later record under the same label (a change by hand, a
     retried update that had landed) must not push out."""
     groups: list[list[str] | None] = [None]

@@ -234,6 +234,10 @@ class LookDb:
             main.close()
         raise sqlite3.OperationalError(f"{self.path} kept changing while it was read")
 
+    def tables(self) -> set[str]:
+        """The names of the file's tables (a first sync makes them one by one)."""
+        return {r[0] for r in self.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
     def data_version(self) -> int:
         real = int(self.execute("PRAGMA data_version").fetchall()[0][0])
         return (self._opens << 40) + real

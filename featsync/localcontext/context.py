@@ -118,8 +118,7 @@ class LocalContext:
         row = None
         try:
             look = LookDb(path, 10000) if os.path.exists(path) else None  # never torn
-            tables = "SELECT name FROM sqlite_master WHERE type = 'table'"
-            made = set() if look is None else {r[0] for r in look.execute(tables)}
+            made = set() if look is None else look.tables()
             if look is not None and "meta" in made:
                 row = look.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
             if look is not None and (row is not None or {"features", "meta", "tags"} <= made):
